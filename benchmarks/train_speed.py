@@ -1,0 +1,192 @@
+"""Training-step speed side by side: lmforge vs nanoGPT vs transformers' GPT-2 and Llama, one shape.
+
+    python benchmarks/train_speed.py                 # L=4, d=256, 4 heads, T=256, V=8192, batch 16, fp32
+    python benchmarks/train_speed.py --json          # one JSON line per model, then a summary line
+    python benchmarks/train_speed.py --no-compile    # eager models only (skips the inductor builds)
+
+Every model trains on the same random batch with the same AdamW (weight decay on matrices,
+betas 0.9/0.95), timed by `lmforge.train.bench.time_train_steps` (forward + backward +
+optimizer step). Models are interleaved round by round, so drift in machine load (other
+processes on the same cores) hits all of them alike; the reported number is the median of the
+per-round medians. torch.compile time is reported separately and excluded from tokens/s.
+The results go into BENCHMARKS.md ("Training speed, CPU").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.model.transformer import ModelConfig, Transformer
+from lmforge.train.bench import time_train_steps
+from lmforge.train.common import make_optimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM behind the `model(idx, targets) -> (logits, loss)` interface."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, idx, targets):
+        logits = self.hf(input_ids=idx, use_cache=False).logits
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def nanogpt(a):
+    from nanogpt_model import GPT, GPTConfig
+
+    cfg = GPTConfig(
+        block_size=a.seq_len, vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.d_model,
+        dropout=0.0, bias=False,
+    )  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
+        return GPT(cfg)
+
+
+def hf_gpt2(a):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=a.vocab_size, n_positions=a.seq_len, n_embd=a.d_model, n_layer=a.n_layer, n_head=a.n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return HFCausalLM(GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa"))
+
+
+def hf_llama(a):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=a.vocab_size, hidden_size=a.d_model, intermediate_size=a.d_ff, num_hidden_layers=a.n_layer,
+        num_attention_heads=a.n_head, num_key_value_heads=a.n_head, max_position_embeddings=a.seq_len,
+        tie_word_embeddings=True, attention_dropout=0.0,
+    )  # fmt: skip
+    return HFCausalLM(LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa"))
+
+
+def lmforge_tiny(a):
+    cfg = ModelConfig(
+        vocab_size=a.vocab_size, n_layer=a.n_layer, d_model=a.d_model, n_head=a.n_head, d_ff=a.d_ff,
+        max_seq_len=a.seq_len,
+    )  # fmt: skip
+    return Transformer(cfg)
+
+
+def lmforge_gpt2(a):
+    cfg = ModelConfig(
+        vocab_size=a.vocab_size, n_layer=a.n_layer, d_model=a.d_model, n_head=a.n_head, max_seq_len=a.seq_len,
+        pos_encoding="learned", norm="layernorm", mlp="gelu",
+    )  # fmt: skip
+    return Transformer(cfg)
+
+
+# (row name, builder, torch.compile, AdamW(fused=True)); the first row is the baseline of the ratio column.
+# Without fused=True, AdamW on CPU runs its per-parameter for-loop (foreach/fused default on only for CUDA),
+# which is what nanoGPT's configure_optimizers gets on CPU.
+ROWS = [
+    ("nanoGPT", nanogpt, False, False),
+    ("HF GPT2LMHeadModel", hf_gpt2, False, False),
+    ("HF LlamaForCausalLM", hf_llama, False, False),
+    ("lmforge tiny", lmforge_tiny, False, False),
+    ("lmforge gpt2-like", lmforge_gpt2, False, False),
+    ("lmforge tiny, fused AdamW", lmforge_tiny, False, True),
+    ("nanoGPT, fused AdamW", nanogpt, False, True),
+    ("nanoGPT, compiled", nanogpt, True, False),
+    ("lmforge tiny, compiled", lmforge_tiny, True, False),
+    ("lmforge tiny, compiled, fused AdamW", lmforge_tiny, True, True),
+]
+
+
+def _optimizer(model, fused):
+    opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), torch.device("cpu"))
+    if not fused:
+        return opt
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--d-ff", type=int, default=704, help="Llama/lmforge SwiGLU width (GPT-2 style rows use 4*d)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all models")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before round 1")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--only", default=None, help="comma-separated substrings: keep rows whose name contains one")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+
+    rows = [r for r in ROWS if not (a.no_compile and r[2])]
+    if a.only:
+        rows = [r for r in rows if any(s.strip() in r[0] for s in a.only.split(","))]
+    torch.manual_seed(0)
+    idx = torch.randint(0, a.vocab_size, (a.batch_size, a.seq_len))
+    targets = torch.roll(idx, -1, dims=1)
+    entries = []
+    for name, build, compile_, fused in rows:
+        torch.manual_seed(0)
+        model = build(a)
+        params = sum(p.numel() for p in model.parameters())  # parameters() skips the tied duplicate
+        step_model = torch.compile(model) if compile_ else model
+        opt = _optimizer(model, fused)
+        t0 = time.perf_counter()
+        time_train_steps(step_model, idx, targets, steps=0, warmup=1, optimizer=opt)  # compile happens here
+        first_s = time.perf_counter() - t0
+        time_train_steps(step_model, idx, targets, steps=0, warmup=a.warmup - 1, optimizer=opt)
+        entries.append({"model": name, "params": params, "compile_s": first_s if compile_ else None,
+                        "step": (step_model, opt), "rounds": []})  # fmt: skip
+        print(f"built {name}: {params:,} params, first step {first_s:.1f}s", file=sys.stderr)
+    for r in range(a.rounds):
+        order = entries if r % 2 == 0 else entries[::-1]  # alternate direction: no model always runs first
+        for e in order:
+            step_model, opt = e["step"]
+            e["rounds"].append(time_train_steps(step_model, idx, targets, steps=a.steps, warmup=0, optimizer=opt))
+        print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
+
+    base = statistics.median(entries[0]["rounds"])
+    results = []
+    for e in entries:
+        tps = statistics.median(e["rounds"])
+        results.append({"model": e["model"], "params": e["params"], "tokens_per_s": round(tps, 1),
+                        "ratio_to_nanogpt": round(tps / base, 3), "compile_s": e["compile_s"] and round(e["compile_s"], 1),
+                        "per_round": [round(x, 1) for x in e["rounds"]]})  # fmt: skip
+    shape = {k: getattr(a, k) for k in ("n_layer", "d_model", "n_head", "d_ff", "seq_len", "vocab_size", "batch_size")}
+    if a.json:
+        for res in results:
+            print(json.dumps(res))
+        print(json.dumps({"shape": shape, "threads": torch.get_num_threads(), "torch": torch.__version__}))
+        return 0
+    print(f"shape {shape}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"| {'model':<36} | {'params':>10} | {'tokens/s':>9} | {'vs nanoGPT':>10} | {'compile s':>9} |")
+    print(f"|{'-' * 38}|{'-' * 12}:|{'-' * 10}:|{'-' * 11}:|{'-' * 10}:|")
+    for res in results:
+        c = "" if res["compile_s"] is None else f"{res['compile_s']:.0f}"
+        print(
+            f"| {res['model']:<36} | {res['params']:>10,} | {res['tokens_per_s']:>9,.0f} |"
+            f" {res['ratio_to_nanogpt']:>9.2f}x | {c:>9} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

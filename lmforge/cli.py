@@ -1,0 +1,54 @@
+"""`lmforge <stage>`: one subcommand per pipeline stage.
+
+    lmforge --help
+    lmforge run                      # the demo recipe end to end
+    lmforge tokenizer train ...      # then: data tokenize, pretrain, generate
+
+Each stage module defines `register(subparsers)`, which adds its subcommand and
+sets `func` to a function taking the parsed arguments. Any `LmforgeError`
+becomes a one-line message on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmforge.errors import LmforgeError
+
+
+def _command_modules():
+    # Imported here, not at module top, so `import lmforge.cli` stays cheap and side-effect free.
+    from lmforge import params, run
+    from lmforge.data import tokenize_cmd
+    from lmforge.serve import generate_cmd
+    from lmforge.tokenizer import cli as tokenizer_cli
+    from lmforge.train import bench, pretrain
+
+    return [run, tokenizer_cli, tokenize_cmd, params, pretrain, generate_cmd, bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Build a language model end to end.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in _command_modules():
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

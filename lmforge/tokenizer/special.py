@@ -1,0 +1,57 @@
+"""Special tokens every lmforge tokenizer carries, and loading a tokenizer folder.
+
+A tokenizer folder holds `tokenizer.json` (the `tokenizers` model) and
+`tokenizer_config.json` (what transformers' PreTrainedTokenizerFast reads).
+The special tokens take the first ids, in this order, in every tokenizer
+lmforge trains, so later stages can rely on them:
+
+- `<|endoftext|>`: ends a document in pretraining shards (and is the BOS/EOS);
+- `<|pad|>`: padding, never trained on;
+- `<|im_start|>`, `<|im_end|>`: a chat turn's start (followed by the role name
+  `system`, `user` or `assistant` and a newline) and its end (ChatML, the format
+  SmolLM2 and Qwen use, so imported models and ours share one template).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [EOT, PAD, IM_START, IM_END]
+
+# ChatML as a Jinja template (transformers' `apply_chat_template` reads it from tokenizer_config.json):
+# each message is `<|im_start|>{role}\n{content}<|im_end|>\n`; a generation prompt opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tokenizer_hash(tokenizer_dir: str | Path) -> str:
+    """A short content hash of `tokenizer.json`: shards and checkpoints record it to catch mismatches."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        raise LmforgeError(f"{path}: cannot read tokenizer ({e.strerror or e})") from None
+
+
+def load_tokenizer(tokenizer_dir: str | Path):
+    """Load `DIR/tokenizer.json` as a `tokenizers.Tokenizer`, with a one-line error if it is missing or corrupt."""
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise LmforgeError(f"{path}: no tokenizer here (expected a folder made by `lmforge tokenizer train`)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception on bad JSON)
+        raise LmforgeError(f"{path}: not a valid tokenizer file ({str(e).splitlines()[0]})") from None

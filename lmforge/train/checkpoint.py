@@ -1,0 +1,158 @@
+"""Checkpoints: safetensors weights + JSON meta + optimizer/RNG state, written atomically.
+
+A checkpoint is a folder `RUN_DIR/checkpoints/step_00000100/` with
+- `model.safetensors`: the weights (tied head stored once, as `embed_tokens.weight`);
+- `meta.json`: format, step, model and train config, tokenizer (folder + hash),
+  data-loader position, tokens seen;
+- `state.safetensors`: optimizer moments and RNG states (tensors only, so
+  loading never unpickles arbitrary objects), with `optimizer.json` for the
+  optimizer's scalar hyperparameters.
+The folder is built under a temporary name and renamed, so a killed run leaves
+either a whole checkpoint or none. `eval`, `generate`, `chat` and `export`
+need only the path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import LmforgeError
+from lmforge.fileio import atomic_dir
+from lmforge.model.transformer import ModelConfig, Transformer
+
+FORMAT = "lmforge-checkpoint"
+
+
+def model_tensors(state_dict: dict, tied: bool) -> dict[str, torch.Tensor]:
+    """A model state dict as safetensors wants it: contiguous CPU tensors, the tied head stored once."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if tied:
+        sd.pop("lm_head.weight", None)  # same tensor as embed_tokens.weight
+    return sd
+
+
+def optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (`optim.<param id or name>.<key>`) and JSON-able groups."""
+    tensors = {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_tensors: dict[str, torch.Tensor],
+    meta: dict,
+    optimizer_tensors: dict[str, torch.Tensor] | None = None,
+    optimizer_meta: dict | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    final = ckpt_dir / f"step_{step:08d}"
+    with atomic_dir(final) as tmp:
+        save_file(model_tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if optimizer_tensors is not None:
+            save_file({**optimizer_tensors, **_rng_tensors()}, str(tmp / "state.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(optimizer_meta or {}))
+        (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "version": 1, "step": step, **meta}, indent=2))
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders of a killed write are ignored)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.glob("step_*") if (p / "meta.json").is_file())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder (its newest checkpoint) or a checkpoint folder -> the checkpoint folder."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise LmforgeError(f"{path}: no checkpoint found (expected a run folder or a checkpoint folder)")
+    return found[-1]
+
+
+def read_meta(ckpt: Path) -> dict:
+    path = ckpt / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LmforgeError(f"{path}: unreadable checkpoint metadata ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise LmforgeError(f"{path}: not an lmforge checkpoint")
+    return meta
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError, ValueError) as e:
+        raise LmforgeError(f"{path}: corrupt or truncated checkpoint file ({str(e).splitlines()[0]})") from None
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Load `model.safetensors` into `model`, with one-line errors for missing or mis-shaped tensors."""
+    path = ckpt / "model.safetensors"
+    tensors = _load_tensors(path)
+    own = model_tensors(model.state_dict(), model.cfg.tie_embeddings)
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise LmforgeError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, t in tensors.items():
+        if t.shape != own[name].shape:
+            raise LmforgeError(f"{path}: {name} has shape {tuple(t.shape)}, the model wants {tuple(own[name].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_training_state(ckpt: Path) -> dict:
+    """Restore the RNG states saved by `save_checkpoint` and return its optimizer state dict."""
+    tensors = _load_tensors(ckpt / "state.safetensors")
+    try:
+        groups = json.loads((ckpt / "optimizer.json").read_text())["param_groups"]
+    except (OSError, ValueError, KeyError) as e:
+        raise LmforgeError(f"{ckpt / 'optimizer.json'}: unreadable optimizer state ({e})") from None
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            pid, name = key[len("optim.") :].rsplit(".", 1)  # pid: an index, or a parameter name under FSDP
+            state.setdefault(int(pid) if pid.isdigit() else pid, {})[name] = value
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return {"state": state, "param_groups": groups}
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Path, dict]:
+    """(model in eval mode, tokenizer folder, meta) from a run folder or checkpoint folder."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    model = Transformer(ModelConfig.from_dict(meta["model_config"]))
+    load_model_weights(model, ckpt)
+    tok_dir = Path(meta.get("tokenizer", {}).get("dir", ""))
+    if not tok_dir.is_absolute():
+        tok_dir = (ckpt / tok_dir).resolve()
+    return model.to(device).eval(), tok_dir, meta

@@ -1,0 +1,108 @@
+"""Pieces every training stage shares: device choice, distributed setup, optimizer, LR schedule.
+
+Used by `lmforge pretrain` (and later stages); each stage keeps its own loop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lmforge.errors import LmforgeError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """auto: CUDA if present, else Apple MPS, else CPU. An unavailable explicit choice is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmforgeError(f"device {name!r} requested, but CUDA is not available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise LmforgeError(f"device {name!r} requested, but MPS is not available here")
+    return device
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); no-op otherwise."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Dist()
+    d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    if d.world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return d
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas, device: torch.device):
+    """AdamW with weight decay on matrices only (embeddings and linear weights), not on norms or biases.
+
+    Fused kernels on CUDA; the foreach implementation elsewhere.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
+
+
+def lr_at(step: int, *, peak: float, total: int, warmup: int, schedule: str, min_ratio: float, decay_fraction: float):
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine or WSD.
+
+    WSD (warmup-stable-decay, Hu et al. 2024 "MiniCPM"): hold the peak, then decay
+    linearly to min over the last `decay_fraction` of the steps.
+    """
+    floor = peak * min_ratio
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "wsd":
+        decay_start = int(total * (1 - decay_fraction))
+        if step < decay_start:
+            return peak
+        frac = (step - decay_start) / max(1, total - decay_start)
+        return peak - (peak - floor) * min(1.0, frac)
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * frac))
+
+
+# Dense bf16 peak FLOP/s by device name, for MFU. Unknown devices (and CPUs) report no MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)

@@ -1,0 +1,340 @@
+"""Stage 1: pretrain a decoder-only Transformer on token shards (next-token prediction).
+
+    lmforge pretrain --data shards/ --out runs/tiny --preset tiny --max-steps 500
+    lmforge pretrain --data shards/ --out runs/tiny            # again: resumes from the last checkpoint
+    torchrun --nproc_per_node 8 -m lmforge pretrain --data shards/ --out runs/big --preset gpt2-124m
+
+The same command resumes when RUN_DIR holds a checkpoint and logs the same
+losses as a run never interrupted. SIGTERM or Ctrl-C saves a checkpoint and
+exits cleanly. Everything the run needs later (config, tokenizer copy,
+checkpoints, metrics.jsonl, TensorBoard events) lives in RUN_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from lmforge.config import load_yaml, parse_set, resolve_train_config, to_dict
+from lmforge.data.loader import TokenLoader
+from lmforge.data.shards import load_index
+from lmforge.errors import LmforgeError
+from lmforge.eval.loss import bits_per_byte, evaluate_loss
+from lmforge.fileio import atomic_write_text
+from lmforge.model.transformer import Transformer, flops_per_token
+from lmforge.tokenizer.special import tokenizer_hash
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.common import (
+    lr_at,
+    make_optimizer,
+    peak_flops,
+    pick_device,
+    setup_distributed,
+    teardown_distributed,
+)
+from lmforge.train.metrics import MetricsLogger
+
+# Settings that must match for a resume to continue the same run.
+RESUME_FIELDS = ("batch_size", "seq_len", "grad_accum")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pretrain", help="pretrain a model on token shards (resumes if RUN_DIR has a checkpoint)")
+    p.add_argument("--data", help="folder of token shards (`lmforge data tokenize`)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--preset", help="model preset (tiny, gpt2-124m, llama-1b, smollm2-135m)")
+    p.add_argument("--config", help="YAML recipe with TrainConfig fields")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
+    p.add_argument("--max-steps", type=int, dest="max_steps")
+    p.add_argument("--max-seconds", type=float, dest="max_seconds", help="time budget for this invocation")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--seq-len", type=int, dest="seq_len")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    recipe = load_yaml(args.config) if args.config else {}
+    flags = {k: getattr(args, k) for k in ("data", "preset", "max_steps", "max_seconds", "batch_size", "seq_len")}
+    flags.update(seed=args.seed, device=args.device, out=args.out)
+    cfg = resolve_train_config(recipe, flags, parse_set(args.set))
+    pretrain(cfg)
+    return 0
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then checkpoint and exit)."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _check_resume(meta: dict, cfg, path: Path) -> None:
+    saved_model, saved_train = meta["model_config"], meta["train_config"]
+    for key, value in cfg.model.to_dict().items():
+        if saved_model.get(key) != value:
+            raise LmforgeError(
+                f"{path}: cannot resume: model.{key} is {saved_model.get(key)!r} in the checkpoint "
+                f"but {value!r} now (use a new --out, or the same config)"
+            )
+    for key in RESUME_FIELDS:
+        if saved_train.get(key) != getattr(cfg, key):
+            raise LmforgeError(
+                f"{path}: cannot resume: {key} is {saved_train.get(key)!r} in the checkpoint but {getattr(cfg, key)!r} now"
+            )
+
+
+def pretrain(cfg) -> dict:
+    """Run (or resume) pretraining as configured; returns the last metrics record."""
+    if not cfg.data:
+        raise LmforgeError("pretrain needs --data (a folder made by `lmforge data tokenize`)")
+    run_dir = Path(cfg.out)
+    device = pick_device(cfg.device)
+    dd = setup_distributed(device)
+    try:
+        return _train(cfg, run_dir, device, dd)
+    finally:
+        teardown_distributed()
+
+
+def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
+    index = load_index(cfg.data)
+    # The data decides the vocabulary: embedding rows = tokenizer size rounded up to 64 (faster matmuls).
+    cfg.model.vocab_size = 64 * math.ceil(index["vocab_size"] / 64)
+    cfg.validate()
+
+    existing = ckpt.list_checkpoints(run_dir)
+    meta = ckpt.read_meta(existing[-1]) if existing else None
+    if meta is not None:
+        _check_resume(meta, cfg, existing[-1])
+        if meta["tokenizer"]["hash"] != index["tokenizer_hash"]:
+            raise LmforgeError(
+                f"{cfg.data}: shards were made with tokenizer {index['tokenizer_hash']}, "
+                f"but the run in {run_dir} was trained with {meta['tokenizer']['hash']}"
+            )
+
+    # Tokenizer: copied into the run so checkpoints stand alone.
+    tok_src = Path(index.get("tokenizer_dir", ""))
+    tok_dst = run_dir / "tokenizer"
+    if dd.main and not tok_dst.exists():
+        if not (tok_src / "tokenizer.json").is_file():
+            raise LmforgeError(f"{cfg.data}/index.json: tokenizer folder {tok_src} not found")
+        if tokenizer_hash(tok_src) != index["tokenizer_hash"]:
+            raise LmforgeError(f"{tok_src}: tokenizer changed since the shards in {cfg.data} were made")
+        tmp = run_dir / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(tok_src, tmp)
+        tmp.replace(tok_dst)
+    if dd.main:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(cfg.model).to(device)
+    start_step, tokens_seen = 0, 0
+    if meta is not None:
+        ckpt.load_model_weights(model, existing[-1])
+        start_step, tokens_seen = meta["step"], meta["tokens_seen"]
+    raw_model = model
+    fsdp = dd.enabled and cfg.parallel == "fsdp"
+    if fsdp:
+        _fully_shard(model)  # before the optimizer: FSDP2 swaps parameters for sharded ones
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    if meta is not None:
+        _load_optimizer(raw_model, optimizer, ckpt.load_training_state(existing[-1]), fsdp, existing[-1])
+    if cfg.compile:
+        model = torch.compile(model)
+    if dd.enabled and not fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    loader = TokenLoader(
+        cfg.data, "train", cfg.batch_size, cfg.seq_len, dd.rank, dd.world_size, index["tokenizer_hash"], device
+    )
+    if meta is not None:
+        loader.load_state_dict(meta["loader"])
+    val_tokens = sum(s["num_tokens"] for s in index["splits"].get("val", []))
+    val_bytes = sum(s["num_bytes"] for s in index["splits"].get("val", []))
+    val_batches = None
+    if val_tokens > cfg.batch_size * cfg.seq_len + 1 and cfg.eval_batches > 0:
+        vl = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, dd.rank, dd.world_size, device=device)
+        n = max(1, min(cfg.eval_batches, val_tokens // (cfg.batch_size * cfg.seq_len * dd.world_size)))
+        val_batches = [vl.next_batch() for _ in range(n)]
+
+    logger = MetricsLogger(run_dir, resume_step=start_step if meta else None, enabled=dd.main)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * dd.world_size
+    fpt = flops_per_token(cfg.model, cfg.seq_len)
+    peak = peak_flops(device)
+    tok_meta = {"dir": "../../tokenizer", "hash": index["tokenizer_hash"]}
+
+    def save(step: int) -> None:
+        model_sd, optim_sd = _full_state(raw_model, optimizer, fsdp)  # a collective under FSDP: every rank
+        if not dd.main:
+            return
+        model_tensors = ckpt.model_tensors(model_sd, cfg.model.tie_embeddings)
+        opt_tensors, opt_meta = ckpt.optimizer_tensors(optim_sd)
+        ckpt_meta = {
+            "model_config": cfg.model.to_dict(), "train_config": to_dict(cfg), "tokenizer": tok_meta,
+            "data": str(Path(cfg.data).resolve()), "loader": loader.state_dict(), "tokens_seen": tokens_seen,
+            "world_size": dd.world_size,
+        }  # fmt: skip
+        ckpt.save_checkpoint(run_dir, step, model_tensors, ckpt_meta, opt_tensors, opt_meta, cfg.keep_last)
+
+    def run_eval(step: int) -> dict | None:
+        if val_batches is None:
+            return None
+        loss = evaluate_loss(model, val_batches, autocast())
+        if dd.enabled:
+            t = torch.tensor(loss, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.AVG)
+            loss = float(t)
+        rec = {"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
+               "val_bpb": bits_per_byte(loss, val_tokens, val_bytes)}  # fmt: skip
+        logger.log(rec)
+        return rec
+
+    if dd.main:
+        print(
+            f"lmforge pretrain: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params on {device}"
+            f"{f' x{dd.world_size}' if dd.enabled else ''}, {tokens_per_step} tokens/step, "
+            f"steps {start_step}->{cfg.max_steps}; a uniform guess has loss ln(V)={math.log(cfg.model.vocab_size):.2f}",
+            file=sys.stderr,
+        )
+    step, last, skipped = start_step, {}, 0
+    began = time.perf_counter()
+    model.train()
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=start_step,
+        disable=not dd.main,
+        desc="pretrain",
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    with _StopFlag() as stop:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, peak=cfg.lr, total=cfg.max_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule,
+                       min_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)  # fmt: skip
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                x, y = loader.next_batch()
+                sync = micro == cfg.grad_accum - 1
+                ctx = (
+                    model.no_sync()
+                    if dd.enabled and not sync and hasattr(model, "no_sync")
+                    else contextlib.nullcontext()
+                )
+                with ctx, autocast():
+                    _, loss = model(x, y)
+                    loss = loss / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            if dd.enabled:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            loss_value = float(loss_sum)
+            if not math.isfinite(loss_value):
+                if cfg.nan_policy == "stop":
+                    last_ckpt = ckpt.list_checkpoints(run_dir)
+                    where = f"; last good checkpoint: {last_ckpt[-1]}" if last_ckpt else ""
+                    raise LmforgeError(f"loss is {loss_value} at step {step + 1}{where} (or set nan_policy=skip)")
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+            else:
+                if cfg.grad_clip > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                else:
+                    grad_norm = float("nan")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step += 1
+            tokens_seen += tokens_per_step
+            dt = time.perf_counter() - t0
+            tps = tokens_per_step / dt
+            mfu = fpt * tps / (peak * dd.world_size) if peak else None
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                last = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                        "tokens_per_s": tps, "epoch": loader.epoch, "skipped": skipped}  # fmt: skip
+                if mfu is not None:
+                    last["mfu"] = mfu
+                logger.log(last)
+            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - began >= cfg.max_seconds
+            final = step == cfg.max_steps or out_of_time or stop.signal is not None
+            if final or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                save(step)  # before evaluation: an evaluation crash loses nothing
+            if step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                run_eval(step)
+            if stop.signal or out_of_time:
+                reason = stop.signal or f"time budget of {cfg.max_seconds:g}s"
+                bar.write(f"lmforge pretrain: stopped by {reason} at step {step}; checkpoint saved, rerun to resume")
+                break
+    bar.close()
+    logger.close()
+    return last
+
+
+def _fully_shard(model) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    # FSDP2: shard each block, then the root (embeddings, final norm, head).
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts (gathered to CPU under FSDP)."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def _load_optimizer(model, optimizer, state: dict, fsdp: bool, where: Path) -> None:
+    try:
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise LmforgeError(f"{where}: optimizer state does not fit this run ({str(e).splitlines()[0]})") from None

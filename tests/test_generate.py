@@ -1,0 +1,157 @@
+"""The generation engine and the sampling functions: `python -m pytest -q tests/test_generate.py`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model import ModelConfig, Transformer
+from lmforge.serve.generate import generate, generate_no_cache
+from lmforge.serve.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, pick
+
+
+def tiny(pos_encoding="rope", seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    # A large init and an untied head give peaked, varied logits, so greedy text does not just repeat a token.
+    cfg = ModelConfig(
+        vocab_size=101, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=64, pos_encoding=pos_encoding,
+        init_std=0.3, tie_embeddings=False,
+    )  # fmt: skip
+    return Transformer(cfg).eval()
+
+
+PROMPTS = [[5, 17, 3, 99, 42, 8, 1], [7, 7, 23], [60, 2, 31, 4, 90]]
+
+
+@pytest.mark.parametrize("pos", ["rope", "sinusoidal", "learned", "alibi"])
+def test_greedy_cache_matches_full_recompute(pos):
+    model = tiny(pos)
+    for p in PROMPTS:
+        assert generate(model, [p], 20, temperature=0) == [generate_no_cache(model, p, 20)]
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned", "alibi"])
+def test_batched_left_padding_matches_each_prompt_alone(pos):
+    model = tiny(pos)
+    batched = generate(model, PROMPTS, 15, temperature=0)
+    assert batched == [generate(model, [p], 15, temperature=0)[0] for p in PROMPTS]
+    assert batched == [generate_no_cache(model, p, 15) for p in PROMPTS]
+
+
+def test_stop_tokens_end_rows():
+    model = tiny()
+    free = [generate_no_cache(model, p, 20) for p in PROMPTS]
+    stop = free[0][4]  # the 5th token of row 0, its first occurrence
+    assert stop not in free[0][:4]
+    out = generate(model, PROMPTS, 20, temperature=0, stop_ids=[stop])
+    for row, full in zip(out, free):
+        cut = full.index(stop) if stop in full else len(full)
+        assert row == full[:cut]
+    assert len(out[0]) == 4
+    with_stop = generate(model, PROMPTS, 20, temperature=0, stop_ids=[stop], include_stop=True)
+    assert with_stop[0] == free[0][:5]
+    streamed = {}
+    generate(
+        model, PROMPTS, 20, temperature=0, stop_ids=[stop], stream=lambda r, t: streamed.setdefault(r, []).append(t)
+    )
+    assert [streamed.get(r, []) for r in range(3)] == out
+
+
+def test_all_rows_stopped_ends_early():
+    model = tiny()
+    first = generate(model, [PROMPTS[0]], 1, temperature=0)[0][0]
+    calls = []
+    out = generate(model, [PROMPTS[0]], 30, temperature=0, stop_ids=[first], stream=lambda r, t: calls.append(t))
+    assert out == [[]] and calls == []
+
+
+def test_seeded_sampling_is_reproducible():
+    model = tiny()
+    kw = {"temperature": 1.5, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.3}
+    a = generate(model, PROMPTS, 25, seed=123, **kw)
+    b = generate(model, PROMPTS, 25, seed=123, **kw)
+    c = generate(model, PROMPTS, 25, seed=124, **kw)
+    assert a == b and a != c
+    assert all(len(r) == 25 for r in a)
+
+
+def test_length_policy_truncates_prompt_from_left():
+    model = tiny()  # max_seq_len 64
+    long_prompt = list(range(1, 61))
+    out = generate(model, [long_prompt], 10, temperature=0)
+    assert out == generate(model, [long_prompt[-54:]], 10, temperature=0)
+    with pytest.raises(LmforgeError):
+        generate(model, [[1]], 64, temperature=0)
+    with pytest.raises(LmforgeError):
+        generate(model, [[]], 5)
+
+
+# ----------------------------------------------------------------------------- sampling functions
+
+
+def test_sampling_top_k_keeps_k():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    out = apply_top_k(logits, 2)
+    assert torch.equal(torch.isfinite(out), torch.tensor([[False, True, False, True, False]]))
+    assert out[0, 1] == 5.0 and out[0, 3] == 4.0
+    assert torch.equal(apply_top_k(logits, None), logits)
+
+
+def test_sampling_top_p_keeps_smallest_set_with_mass_p():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
+    logits = probs.log()
+    keep = lambda p: torch.isfinite(apply_top_p(logits, p))[0].tolist()
+    assert keep(0.5) == [True, False, False, False]  # 0.5 alone reaches 0.5
+    assert keep(0.6) == [True, False, True, False]  # 0.5 + 0.3 = 0.8 >= 0.6
+    assert keep(0.85) == [True, False, True, True]  # 0.8 + 0.15 = 0.95
+    assert keep(0.99) == [True, True, True, True]
+    assert keep(0.01) == [True, False, False, False]  # the top token is always kept
+
+
+def test_sampling_repetition_penalty_divides_positive_multiplies_negative():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
+
+
+def test_sampling_pick_greedy_and_temperature():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+    assert pick(logits, temperature=0).tolist() == [1, 0]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([pick(logits, temperature=1.0, generator=g) for _ in range(4000)])
+    freq = (draws[:, 0] == 1).float().mean().item()
+    expected = math.exp(3) / (1 + math.exp(3) + math.exp(1))
+    assert abs(freq - expected) < 0.03
+    # top_k=1 is greedy whatever the temperature.
+    assert pick(logits, temperature=5.0, top_k=1, generator=g).tolist() == [1, 0]
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_generate_cli_streams_and_is_seeded(small_shards, tmp_path, capsys):
+    from lmforge.cli import main
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train.checkpoint import model_tensors, save_checkpoint
+
+    tok_dir = small_shards.parent / "tok"
+    cfg = ModelConfig(
+        vocab_size=load_tokenizer(tok_dir).get_vocab_size(), n_layer=1, d_model=32, n_head=4, max_seq_len=64
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    meta = {"model_config": cfg.to_dict(), "tokenizer": {"dir": str(tok_dir)}}
+    save_checkpoint(tmp_path, 1, model_tensors(model.state_dict(), cfg.tie_embeddings), meta)
+    argv = ["generate", str(tmp_path), "--prompt", "To be, or not", "--max-new-tokens", "12", "--device", "cpu"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert first.out.startswith("To be, or not") and "tok/s" in first.err
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first.out
+    assert main([*argv, "--prompt", "Second", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.count("--- prompt") == 2
+    assert main([*argv[:4], "--max-new-tokens", "64"]) == 2  # no room left for the prompt: one-line error

@@ -1,0 +1,130 @@
+"""Pretraining: loss falls, resume is exact after SIGTERM or kill -9, DDP on 2 processes matches 1, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmforge.config import parse_set, resolve_train_config
+from lmforge.train.metrics import read_metrics
+from lmforge.train.pretrain import pretrain
+
+SMALL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.max_seq_len=64", "warmup_steps=2",
+         "log_every=1", "eval_batches=2", "lr=3e-3"]  # fmt: skip
+
+
+def config(shards, out, *sets, **flags):
+    flags = {"data": str(shards), "out": str(out), "batch_size": 4, "seq_len": 64, **flags}
+    return resolve_train_config({}, flags, parse_set(list(SMALL) + list(sets)))
+
+
+def cli(*args, check=True, env=None, **kw):
+    proc = subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc
+
+
+def train_losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_loss_falls_and_run_is_self_describing(small_shards, tmp_path):
+    last = pretrain(config(small_shards, tmp_path / "run", "eval_every=20", max_steps=40))
+    records = read_metrics(tmp_path / "run")
+    losses = [r["loss"] for r in records if "loss" in r]
+    vals = [r for r in records if "val_loss" in r]
+    assert losses[0] > 5.5  # about ln(512) = 6.24 at the start
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.7
+    assert vals and vals[-1]["val_loss"] < vals[0]["val_loss"] + 1e-6 and vals[-1]["val_bpb"] > 0
+    assert last["step"] == 40
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000040"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] == 40 and meta["model_config"]["n_layer"] == 2 and meta["loader"]["position"] > 0
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
+    assert any((tmp_path / "run" / "tb").iterdir())  # TensorBoard events
+
+
+def _args(shards, out, steps):
+    sets = [a for s in SMALL + ["ckpt_every=3", "eval_every=5"] for a in ("--set", s)]
+    return ["pretrain", "--data", shards, "--out", out, "--batch-size", 4, "--seq-len", 64, "--max-steps", steps, *sets]
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "process ended early"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_resume_is_exact(small_shards, tmp_path, how):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    cli(*_args(small_shards, ref, 12))
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", *map(str, _args(small_shards, cut, 12))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for(cut / "checkpoints" / "step_00000003" / "meta.json", proc)
+    proc.send_signal(how)
+    proc.wait(timeout=120)
+    if how == signal.SIGTERM:
+        assert proc.returncode == 0  # checkpoint written, clean exit
+    stopped_at = max(int(p.name[5:]) for p in (cut / "checkpoints").glob("step_*") if (p / "meta.json").exists())
+    assert stopped_at < 12 or how == signal.SIGKILL
+    cli(*_args(small_shards, cut, 12))
+    assert train_losses(cut) == train_losses(ref)  # to the last digit
+    vals = lambda d: [(r["step"], r["val_loss"]) for r in read_metrics(d) if "val_loss" in r]  # noqa: E731
+    assert vals(cut) == vals(ref)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(small_shards, tmp_path, parallel):
+    sets = [a for s in SMALL + [f"parallel={parallel}"] for a in ("--set", s)]
+    common = ["--data", small_shards, "--seq-len", 64, "--max-steps", 6, *sets]
+    cli("pretrain", "--out", tmp_path / "one", "--batch-size", 4, *common)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmforge",
+         "pretrain", "--out", str(tmp_path / "two"), "--batch-size", "2", *map(str, common)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for step in one:
+        assert one[step] == pytest.approx(two[step], rel=1e-4, abs=1e-5)
+
+
+def test_bad_inputs_one_line_exit_2(small_shards, tmp_path):
+    run = tmp_path / "run"
+    cli(*_args(small_shards, run, 3))
+    # A resume with a different model shape.
+    p = cli(*_args(small_shards, run, 6), "--set", "model.n_layer=3", check=False)
+    assert p.returncode == 2 and "model.n_layer" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    # Dimensions that don't divide.
+    p = cli(*_args(small_shards, tmp_path / "x", 3), "--set", "model.n_head=5", check=False)
+    assert p.returncode == 2 and "n_head" in p.stderr and not (tmp_path / "x" / "checkpoints").exists()
+    # Unknown config field.
+    p = cli(*_args(small_shards, tmp_path / "x", 3), "--set", "model.n_layers=5", check=False)
+    assert p.returncode == 2 and "model.n_layers" in p.stderr
+    # A truncated checkpoint.
+    weights = run / "checkpoints" / "step_00000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    p = cli(*_args(small_shards, run, 6), check=False)
+    assert p.returncode == 2 and "model.safetensors" in p.stderr and "Traceback" not in p.stderr
+    # Shards that are not shards.
+    p = cli(*_args(tmp_path, tmp_path / "y", 3), check=False)
+    assert p.returncode == 2 and "index.json" in p.stderr
+
+
+def test_nan_loss_stops_naming_the_step(small_shards, tmp_path):
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match=r"loss is (nan|inf) at step \d+"):
+        pretrain(config(small_shards, tmp_path / "run", "lr=1e30", "grad_clip=0", "warmup_steps=0", max_steps=3))
