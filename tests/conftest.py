@@ -20,9 +20,7 @@ def small_corpus(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
     text = "".join(p.read_text(encoding="utf-8") for p in shakespeare_files()[:3])[:300_000]
-    with open(out, "w", encoding="utf-8") as f:
-        for i in range(0, len(text), 4000):
-            f.write(json.dumps({"text": text[i : i + 4000]}) + "\n")
+    out.write_text("".join(json.dumps({"text": text[i : i + 4000]}) + "\n" for i in range(0, len(text), 4000)))
     return out
 
 

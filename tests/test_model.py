@@ -11,7 +11,7 @@ from lmforge.model.transformer import alibi_slopes
 
 
 def small(**kw):
-    base = dict(vocab_size=97, n_layer=2, d_model=32, n_head=4, max_seq_len=16)
+    base = {"vocab_size": 97, "n_layer": 2, "d_model": 32, "n_head": 4, "max_seq_len": 16}
     return ModelConfig(**{**base, **kw})
 
 
@@ -67,7 +67,9 @@ def test_param_count_tiny_matches_closed_form():
     parts = count_params(Transformer(preset("tiny")))
     cfg = preset("tiny")
     assert parts["embedding"] == cfg.vocab_size * cfg.d_model and parts["head"] == 0  # tied
-    assert abs(parts["total"] - (cfg.vocab_size * cfg.d_model + 12 * cfg.d_model**2 * cfg.n_layer)) / parts["total"] < 0.05
+    assert (
+        abs(parts["total"] - (cfg.vocab_size * cfg.d_model + 12 * cfg.d_model**2 * cfg.n_layer)) / parts["total"] < 0.05
+    )
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -198,8 +198,12 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         dropout = cfg.dropout if self.training else 0.0
         gqa = cfg.n_kv_head != cfg.n_head
-        if mask is None:  # training or a fresh prefill: plain causal attention (flash kernels on GPU)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+        if mask is None:
+            # Training or a fresh prefill: plain causal attention (flash kernels on GPU). A one-token
+            # decode step sees every cached key, so it needs no mask at all (is_causal would align
+            # the mask top-left and hide them).
+            causal = q.shape[2] > 1
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
@@ -283,7 +287,7 @@ class Transformer(nn.Module):
         -slope * distance to the scores.
         """
         alibi = self.cfg.pos_encoding == "alibi"
-        if start == 0 and key_mask is None and not alibi:
+        if key_mask is None and not alibi and (start == 0 or T == 1):
             return None
         q_pos = torch.arange(start, start + T, device=device)[:, None]
         k_pos = torch.arange(start + T, device=device)[None, :]
@@ -304,6 +308,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         loss_reduction: str = "mean",
+        last_only: bool = False,
     ):
         """idx (B, T) token ids -> (logits (B, T, V), loss or None).
 
@@ -330,6 +335,8 @@ class Transformer(nn.Module):
         mask = self._attn_mask(B, T, start, key_mask, x.device, x.dtype)
         for block in self.layers:
             x = block(x, rope, mask, cache)
+        if last_only:
+            x = x[:, -1:]
         x = self.norm(x)
         if cache is not None:
             cache.length += T

@@ -100,10 +100,10 @@ def generate(
         key_mask = torch.ones(B, P + max_new_tokens, dtype=torch.bool, device=device)
         key_mask[:, :P] = real
         positions = (real.long().cumsum(1) - 1).clamp(min=0)
-        logits, _ = model(tokens, cache=cache, positions=positions, key_mask=key_mask[:, :P])
+        logits, _ = model(tokens, cache=cache, positions=positions, key_mask=key_mask[:, :P], last_only=True)
         next_pos = lengths[:, None]
     else:
-        logits, _ = model(tokens, cache=cache)
+        logits, _ = model(tokens, cache=cache, last_only=True)
     logits = logits[:, -1]
 
     stop_set = set(stop_ids)
