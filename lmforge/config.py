@@ -28,6 +28,7 @@ class TrainConfig:
     data: str = ""  # folder of token shards made by `lmforge data tokenize`
     out: str = ""  # run folder: checkpoints, metrics.jsonl, TensorBoard events, resolved config
     preset: str = "tiny"  # model preset the `model` fields start from
+    init_from: str = ""  # start from these weights (run or checkpoint folder; its model config wins); not a resume
     model: ModelConfig = field(default_factory=ModelConfig)
     batch_size: int = 16  # sequences per micro-batch per process
     seq_len: int = 256  # tokens per sequence

@@ -133,3 +133,36 @@ def test_nan_loss_stops_naming_the_step(small_shards, tmp_path):
 
     with pytest.raises(LmforgeError, match=r"loss is (nan|inf) at step \d+"):
         pretrain(config(small_shards, tmp_path / "run", "lr=1e30", "grad_clip=0", "warmup_steps=0", max_steps=3))
+
+
+def test_init_from_grows_vocabulary_after_tokenizer_extend(small_shards, small_corpus, tmp_path):
+    """Continued pretraining with an extended tokenizer keeps the old embedding rows, new ones start at their mean."""
+    import torch
+
+    from lmforge.data.tokenize_cmd import tokenize_corpus
+    from lmforge.tokenizer.extend import extend_tokenizer
+    from lmforge.train.checkpoint import load_tensors, resolve_checkpoint
+    from tests.tok_helpers import chinese_docs
+
+    base_run = tmp_path / "base"
+    pretrain(config(small_shards, base_run, max_steps=2))
+    zh = tmp_path / "zh.jsonl"
+    zh.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in chinese_docs(80)))
+    extend_tokenizer(base_run / "tokenizer", [zh], 100, tmp_path / "tok_zh")
+    tokenize_corpus([small_corpus, zh], tmp_path / "tok_zh", tmp_path / "shards_zh", workers=1, progress=False)
+    grown = tmp_path / "grown"
+    pretrain(config(tmp_path / "shards_zh", grown, "model.n_layer=5", max_steps=1, init_from=str(base_run)))
+    old = load_tensors(resolve_checkpoint(base_run) / "model.safetensors")["embed_tokens.weight"]
+    new = load_tensors(resolve_checkpoint(grown) / "model.safetensors")["embed_tokens.weight"]
+    assert new.shape[0] > old.shape[0] and new.shape[1] == old.shape[1]
+    meta = json.loads((resolve_checkpoint(grown) / "meta.json").read_text())
+    assert meta["model_config"]["n_layer"] == 2  # the init checkpoint's config wins over the preset/overrides
+    assert torch.allclose(new[: old.shape[0]], old, atol=0.05)  # one small step away from the old rows
+    # A tokenizer that is not an extension of the checkpoint's is refused.
+    from lmforge.errors import LmforgeError
+    from lmforge.tokenizer.train import train_tokenizer
+
+    train_tokenizer([zh], 300, tmp_path / "other_tok")
+    tokenize_corpus([zh], tmp_path / "other_tok", tmp_path / "other", workers=1, progress=False)
+    with pytest.raises(LmforgeError, match="nor an extension"):
+        pretrain(config(tmp_path / "other", tmp_path / "bad", max_steps=1, init_from=str(base_run)))

@@ -106,17 +106,17 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (OSError, SafetensorError, ValueError) as e:
         raise LmforgeError(f"{path}: corrupt or truncated checkpoint file ({str(e).splitlines()[0]})") from None
 
 
-def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load `model.safetensors` into `model`, with one-line errors for missing or mis-shaped tensors."""
+def load_model_weights(model: torch.nn.Module, ckpt: Path, tensors: dict | None = None) -> None:
+    """Load `model.safetensors` (or `tensors` read from it) into `model`, with one-line errors for misfits."""
     path = ckpt / "model.safetensors"
-    tensors = _load_tensors(path)
+    tensors = load_tensors(path) if tensors is None else tensors
     own = model_tensors(model.state_dict(), model.cfg.tie_embeddings)
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -130,7 +130,7 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
 def load_training_state(ckpt: Path) -> dict:
     """Restore the RNG states saved by `save_checkpoint` and return its optimizer state dict."""
-    tensors = _load_tensors(ckpt / "state.safetensors")
+    tensors = load_tensors(ckpt / "state.safetensors")
     try:
         groups = json.loads((ckpt / "optimizer.json").read_text())["param_groups"]
     except (OSError, ValueError, KeyError) as e:

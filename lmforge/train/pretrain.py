@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import shutil
 import signal
@@ -32,7 +33,7 @@ from lmforge.data.shards import load_index
 from lmforge.errors import LmforgeError
 from lmforge.eval.loss import bits_per_byte, evaluate_loss
 from lmforge.fileio import atomic_write_text
-from lmforge.model.transformer import Transformer, flops_per_token
+from lmforge.model.transformer import ModelConfig, Transformer, flops_per_token
 from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.common import (
@@ -124,6 +125,7 @@ def pretrain(cfg) -> dict:
 
 def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
     index = load_index(cfg.data)
+    init = _init_source(cfg, index) if cfg.init_from else None
     # The data decides the vocabulary: embedding rows = tokenizer size rounded up to 64 (faster matmuls).
     cfg.model.vocab_size = 64 * math.ceil(index["vocab_size"] / 64)
     cfg.validate()
@@ -155,6 +157,8 @@ def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model).to(device)
+    if init is not None and meta is None:
+        _load_resized(model, init)
     start_step, tokens_seen = 0, 0
     if meta is not None:
         ckpt.load_model_weights(model, existing[-1])
@@ -307,6 +311,43 @@ def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
     bar.close()
     logger.close()
     return last
+
+
+def _init_source(cfg, index: dict) -> Path:
+    """Check `init_from` and adopt its model config; the data's tokenizer must be its own or an extension of it."""
+    src = ckpt.resolve_checkpoint(cfg.init_from)
+    meta = ckpt.read_meta(src)
+    old_hash, new_hash = meta["tokenizer"]["hash"], index["tokenizer_hash"]
+    if old_hash != new_hash:
+        report_path = Path(index.get("tokenizer_dir", "")) / "train_report.json"
+        try:
+            base_hash = json.loads(report_path.read_text()).get("base_tokenizer_hash")
+        except (OSError, ValueError):
+            base_hash = None
+        if base_hash != old_hash:
+            raise LmforgeError(
+                f"{cfg.data}: shards use tokenizer {new_hash}, which is neither {src}'s tokenizer ({old_hash}) "
+                "nor an extension of it (`lmforge tokenizer extend`)"
+            )
+    cfg.model = ModelConfig.from_dict(meta["model_config"])
+    return src
+
+
+def _load_resized(model: Transformer, src: Path) -> None:
+    """Load weights from `src`; a grown vocabulary keeps the old rows and starts new ones at their mean.
+
+    Mean initialization of new rows follows Hewitt (2021), "Initializing new word embeddings
+    for pretrained language models": new tokens start as an average token, not noise.
+    """
+    tensors = ckpt.load_tensors(src / "model.safetensors")
+    own = model.state_dict()
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        old = tensors.get(name)
+        if old is not None and old.shape[0] < own[name].shape[0]:
+            grown = old.mean(0, keepdim=True).expand(own[name].shape[0], -1).clone()
+            grown[: old.shape[0]] = old
+            tensors[name] = grown
+    ckpt.load_model_weights(model, src, tensors)
 
 
 def _fully_shard(model) -> None:
