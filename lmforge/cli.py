@@ -21,11 +21,12 @@ def _command_modules():
     # Imported here, not at module top, so `import lmforge.cli` stays cheap and side-effect free.
     from lmforge import params, run
     from lmforge.data import tokenize_cmd
+    from lmforge.data.clean import cli as clean_cli
     from lmforge.serve import generate_cmd
     from lmforge.tokenizer import cli as tokenizer_cli
     from lmforge.train import bench, pretrain
 
-    return [run, tokenizer_cli, tokenize_cmd, params, pretrain, generate_cmd, bench]
+    return [run, tokenizer_cli, tokenize_cmd, clean_cli, params, pretrain, generate_cmd, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,8 +25,11 @@ def test_every_variant_trains_and_caches(pos, norm, mlp, kv, tie, qk):
     cfg = small(pos_encoding=pos, norm=norm, mlp=mlp, n_kv_head=kv, tie_embeddings=tie, qk_norm=qk)
     model = Transformer(cfg)
     idx = torch.randint(0, 97, (2, 12))
-    logits, loss = model(idx, idx)
+    logits, _ = model(idx)
+    _, loss = model(idx, idx)
     assert logits.shape == (2, 12, 97) and torch.isfinite(loss)
+    # The chunked head+loss equals cross-entropy on the full logits.
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.view(-1, 97), idx.view(-1)))
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     # Prefill 7 tokens then decode one at a time: same logits as the full causal forward.

@@ -74,7 +74,8 @@ def _read_txt(path: Path) -> Iterator[tuple[str, str]]:
     yield text.removeprefix("\ufeff"), str(path)  # a byte-order mark is an encoding artifact, not text
 
 
-def _open_jsonl(path: Path) -> BinaryIO:
+def open_jsonl(path: Path) -> BinaryIO:
+    """Open a `.jsonl`, `.jsonl.gz` or `.jsonl.zst` file for reading binary lines."""
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
@@ -85,15 +86,34 @@ def _open_jsonl(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    offset, nonblank = 0, 0
-    stream_errors: tuple[type[BaseException], ...] = (OSError, EOFError)  # truncated or corrupt .gz/.zst
+def stream_errors(path: Path) -> tuple[type[BaseException], ...]:
+    """The exceptions a truncated or corrupt `.gz`/`.zst` stream raises while its lines are read."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError)
     if path.name.lower().endswith(".zst"):
         import zstandard
 
-        stream_errors += (zstandard.ZstdError,)
+        errors += (zstandard.ZstdError,)
+    return errors
+
+
+def parse_jsonl_line(line: str, where: str, text_field: str) -> tuple[dict, str]:
+    """The record of one JSONL line and its text; an `LmforgeError` naming `where` if either is malformed."""
     try:
-        with _open_jsonl(path) as f:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or text_field not in record:
+        raise LmforgeError(f"{where}: record has no {text_field!r} field")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise LmforgeError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+    return record, text
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    offset, nonblank = 0, 0
+    try:
+        with open_jsonl(path) as f:
             for lineno, raw in enumerate(f, start=1):
                 where = f"{path}:{lineno}"
                 line = _decode(raw, str(path), offset)
@@ -101,18 +121,10 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
                 if not line.strip():
                     continue
                 nonblank += 1
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LmforgeError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise LmforgeError(f"{where}: record has no {text_field!r} field")
-                text = record[text_field]
-                if not isinstance(text, str):
-                    raise LmforgeError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+                _, text = parse_jsonl_line(line, where, text_field)
                 if text:
                     yield text, where
-    except stream_errors as e:
+    except stream_errors(path) as e:
         raise LmforgeError(f"{path}: cannot read ({e})") from None
     if nonblank == 0:
         raise LmforgeError(f"{path}: empty file")

@@ -2,7 +2,8 @@
 
     from lmforge.model import ModelConfig, Transformer, preset
     model = Transformer(preset("tiny"))
-    logits, loss = model(idx, targets)
+    logits, _ = model(idx)                 # (B, T, vocab)
+    _, loss = model(idx, targets)          # training: the loss, without materializing logits
 
 Architecture variants are config fields, not subclasses:
 positional encoding (RoPE, sinusoidal, learned, ALiBi), norm (RMSNorm,
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.model.losses import linear_cross_entropy
 
 POS_ENCODINGS = ("rope", "sinusoidal", "learned", "alibi")
 NORMS = ("rmsnorm", "layernorm")
@@ -109,7 +111,7 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the angles cos/sin (B or 1, 1, T, D)."""
+    """Rotate x (B, T, H, D) by the angles cos/sin, shaped (T, 1, D) or (B, T, 1, D)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -187,13 +189,16 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, cache: KVCache | None):
         B, T, _ = x.shape
         cfg, hd = self.cfg, self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, cfg.n_head, hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, hd).transpose(1, 2)
+        # Norm and RoPE work on the contiguous (B, T, H, D) layout (elementwise ops on the
+        # transposed view run several times slower on CPU); attention wants (B, H, T, D).
+        q = self.q_proj(x).view(B, T, cfg.n_head, hd)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_head, hd)
         v = self.v_proj(x).view(B, T, cfg.n_kv_head, hd).transpose(1, 2)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         dropout = cfg.dropout if self.training else 0.0
@@ -310,7 +315,7 @@ class Transformer(nn.Module):
         loss_reduction: str = "mean",
         last_only: bool = False,
     ):
-        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+        """idx (B, T) token ids -> (logits (B, T, V), None), or (None, loss) when targets are given.
 
         targets (B, T): next-token ids, -100 where no loss is taken. cache: a KVCache
         to read and extend (generation). positions (B, T): position ids (left-padded
@@ -328,9 +333,9 @@ class Transformer(nn.Module):
             x = x + table[pos]
         elif self.cfg.pos_encoding == "rope":
             if positions is None:
-                rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+                rope = (self.rope_cos[start : start + T, None], self.rope_sin[start : start + T, None])
             else:
-                rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+                rope = (self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None])
         x = self.drop(x)
         mask = self._attn_mask(B, T, start, key_mask, x.device, x.dtype)
         for block in self.layers:
@@ -340,13 +345,11 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(x)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction=loss_reduction
-        )
-        return logits, loss
+            return self.lm_head(x), None
+        # Training never materializes the (tokens x vocab) logits: the head and the loss run in chunks.
+        loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), loss_reduction)
+        return None, loss
 
 
 # ----------------------------------------------------------------------------- sizes

@@ -33,8 +33,9 @@ def register(subparsers) -> None:
 class _Printer:
     """Decode one row incrementally: print only text whose UTF-8 bytes are complete (no half characters)."""
 
-    def __init__(self, tok, out=sys.stdout):
-        self.tok, self.out, self.ids, self.printed = tok, out, [], 0
+    def __init__(self, tok, out=None):
+        # sys.stdout looked up now, not at import: it may have been replaced since (pytest capture, redirects).
+        self.tok, self.out, self.ids, self.printed = tok, out or sys.stdout, [], 0
 
     def __call__(self, row: int, token_id: int) -> None:
         self.ids.append(token_id)

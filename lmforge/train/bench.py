@@ -1,7 +1,7 @@
 """Speed of one training step and of generation, for any model shape: `lmforge bench`.
 
     lmforge bench train --json                      # the tiny shape: L=4, d=256, T=256, V=8192, batch 16
-    lmforge bench train --compile --fused-adamw     # what the training loop can switch on
+    lmforge bench train --compile                   # what the training loop can switch on
     lmforge bench generate --batch-size 4 --json    # 128-token prompts, 256 new tokens, greedy
 
 Prints one JSON line (with --json) holding tokens_per_s, params, flops_per_token and mfu
@@ -19,7 +19,7 @@ import time
 import torch
 
 from lmforge.model.transformer import ModelConfig, Transformer, count_params, flops_per_token
-from lmforge.train.common import make_optimizer, peak_flops, pick_device
+from lmforge.train.common import make_optimizer, peak_flops, pick_device, tune_cpu_allocator
 
 
 def _sync(device: torch.device) -> None:
@@ -85,10 +85,9 @@ def bench_train(args) -> dict:
     cfg = _config(args, args.seq_len)
     model = Transformer(cfg).to(device)
     params = count_params(model)["total"]
-    optimizer = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device)
-    if args.fused_adamw:
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-        optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
+    optimizer = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device)  # the training loop's own optimizer
+    if device.type == "cpu":
+        tune_cpu_allocator()  # as `lmforge pretrain` does
     step_model = torch.compile(model) if args.compile else model
     idx = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), device=device)
     targets = torch.roll(idx, -1, dims=1)
@@ -161,7 +160,6 @@ def register(subparsers) -> None:
         q.add_argument("--json", action="store_true", help="print one JSON line")
         if name == "train":
             q.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
-            q.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True); also works on CPU")
         else:
             q.add_argument("--prompt-len", type=int, default=128)
             q.add_argument("--new-tokens", type=int, default=256)

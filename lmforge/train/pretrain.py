@@ -43,6 +43,7 @@ from lmforge.train.common import (
     pick_device,
     setup_distributed,
     teardown_distributed,
+    tune_cpu_allocator,
 )
 from lmforge.train.metrics import MetricsLogger
 
@@ -116,6 +117,8 @@ def pretrain(cfg) -> dict:
         raise LmforgeError("pretrain needs --data (a folder made by `lmforge data tokenize`)")
     run_dir = Path(cfg.out)
     device = pick_device(cfg.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     dd = setup_distributed(device)
     try:
         return _train(cfg, run_dir, device, dd)

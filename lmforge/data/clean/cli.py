@@ -1,0 +1,50 @@
+"""`lmforge data clean`: clean, filter and deduplicate a raw corpus (the work is in `pipeline.py`).
+
+lmforge data clean --input raw/ --out runs/clean [--config pipeline.yaml] [--steps normalize,language]
+                   [--languages en,zh] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from lmforge.data import data_subparsers
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def register(subparsers) -> None:
+    from lmforge.data.clean.steps import DEFAULT_STEPS, STEPS
+
+    p = data_subparsers(subparsers).add_parser("clean", help="clean, filter and deduplicate a raw corpus")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help=".jsonl(.gz/.zst), .txt or .html files, or folders of them")  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder: kept/, rejected/, report.json")
+    p.add_argument("--config", help="pipeline YAML: steps: [{name: gopher_quality, min_words: 50}, ...]")
+    p.add_argument("--steps", type=_csv, metavar="NAME,NAME",
+                   help=f"steps to run, in order (known: {', '.join(STEPS)}; default: config's, "
+                   f"else {','.join(DEFAULT_STEPS)})")  # fmt: skip
+    p.add_argument("--languages", type=_csv, metavar="CODE,CODE", help="languages the `language` step keeps")
+    p.add_argument("--workers", type=int, default=None, help="processes for per-document steps (default: cpu count)")
+    p.add_argument("--text-field", default=None, help="JSONL field holding the text (default text)")
+    p.add_argument("--id-field", default=None, help="JSONL field holding the id (default id, else file:line)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lmforge.data.clean.pipeline import clean_corpus, format_summary, load_config, resolve_steps
+
+    cfg = load_config(args.config) if args.config else {}
+    specs = resolve_steps(cfg.get("steps"), args.steps, args.languages)
+    report = clean_corpus(
+        args.input,
+        args.out,
+        steps=specs,
+        workers=args.workers or cfg.get("workers"),
+        text_field=args.text_field or cfg.get("text_field", "text"),
+        id_field=args.id_field or cfg.get("id_field", "id"),
+    )
+    print(format_summary(report))
+    return 0

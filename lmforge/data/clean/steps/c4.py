@@ -1,0 +1,65 @@
+"""`c4`: the C4 cleaning rules (Raffel et al. 2020, "Exploring the Limits of Transfer Learning", sec. 2.2).
+
+Per line: keep only lines ending in terminal punctuation, with at least `min_words_per_line` words,
+without the word "javascript", and not a cookie/terms/privacy notice; citation markers like `[1]`
+are removed. Per document: reject pages containing "lorem ipsum" or a curly bracket (code), and
+pages left with fewer than `min_sentences` sentences. Deviations: Chinese/Japanese full-width
+terminal punctuation (。！？…) counts as terminal and CJK words are counted as in `text.words`;
+the bad-words list rule is not applied (no list ships with lmforge).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from lmforge.data.clean.document import Document
+from lmforge.data.clean.steps.text import words
+
+TERMINAL = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？", "…", "」", "』")
+CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
+SENTENCE_END = re.compile(r"[.!?。！？]+(?:[\"'”’」』])?(?=\s|$)|[。！？]")
+
+
+@dataclass
+class C4Config:
+    min_words_per_line: int = 5
+    min_sentences: int = 3
+    max_word_length: int = 1000  # lines with a longer "word" are dropped (datatrove's C4 filter does the same)
+    policy_phrases: list[str] = field(
+        default_factory=lambda: ["terms of use", "privacy policy", "cookie policy", "uses cookies",
+                                 "use of cookies", "use cookies"]
+    )  # fmt: skip
+    reject_curly_bracket: bool = True
+    reject_lorem_ipsum: bool = True
+
+
+def c4(doc: Document, cfg: C4Config) -> Document | str:
+    lower = doc.text.lower()
+    if cfg.reject_lorem_ipsum and "lorem ipsum" in lower:
+        return "lorem_ipsum"
+    if cfg.reject_curly_bracket and "{" in doc.text:
+        return "curly_bracket"
+    kept, dropped = [], 0
+    for line in doc.text.split("\n"):
+        line = CITATION.sub("", line).strip()
+        if not line:
+            continue
+        low = line.lower()
+        ws = words(line)
+        if (
+            not line.endswith(TERMINAL)
+            or len(ws) < cfg.min_words_per_line
+            or any(len(w) > cfg.max_word_length for w in ws)
+            or "javascript" in low
+            or any(p in low for p in cfg.policy_phrases)
+        ):
+            dropped += 1
+            continue
+        kept.append(line)
+    text = "\n".join(kept)
+    doc.metadata["c4_lines_dropped"] = dropped
+    if len(SENTENCE_END.findall(text)) < cfg.min_sentences:
+        return "too_few_sentences"
+    doc.text = text
+    return doc

@@ -1,0 +1,141 @@
+"""`gopher_quality` and `gopher_repetition`: the document rules of Gopher's MassiveWeb filter
+(Rae et al. 2021, "Scaling Language Models", appendix A.1.1), thresholds from the paper as defaults.
+
+Deviations for Chinese/Japanese/Korean (the paper's rules are for English): words are counted with
+`text.words` (jieba, else one word per CJK character: see `text.word_backend()`), and for a
+CJK-dominant document the mean-word-length rule is skipped (Chinese words are 1-4 characters, the
+rule's 3-10 band would reject all of them) and the stop-word rule uses `stop_words_cjk`.
+The rules record their measurements in `metadata["gopher"]`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from lmforge.data.clean.document import Document
+from lmforge.data.clean.steps.text import is_cjk_text, words
+
+BULLETS = ("•", "●", "○", "■", "□", "▪", "‣", "–", "-", "*", "·")
+ELLIPSES = ("...", "…")
+
+
+@dataclass
+class GopherQualityConfig:
+    min_words: int = 50
+    max_words: int = 100_000
+    min_mean_word_length: float = 3.0
+    max_mean_word_length: float = 10.0
+    max_symbol_word_ratio: float = 0.1  # '#' and ellipses per word
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    min_alpha_words_ratio: float = 0.8  # words with at least one alphabetic character
+    min_stop_words: int = 2
+    stop_words: list[str] = field(default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"])
+    stop_words_cjk: list[str] = field(
+        default_factory=lambda: ["的", "是", "在", "了", "和", "有", "不", "这", "我", "也"]
+    )
+
+
+def gopher_quality(doc: Document, cfg: GopherQualityConfig) -> Document | str:
+    text = doc.text
+    cjk = is_cjk_text(text)
+    ws = words(text)
+    n = len(ws)
+    stats = doc.metadata.setdefault("gopher", {})
+    stats["words"] = n
+    if n < cfg.min_words:
+        return "too_few_words"
+    if n > cfg.max_words:
+        return "too_many_words"
+    if not cjk:
+        mean = sum(map(len, ws)) / n
+        stats["mean_word_length"] = round(mean, 3)
+        if not cfg.min_mean_word_length <= mean <= cfg.max_mean_word_length:
+            return "mean_word_length"
+    symbols = text.count("#") + sum(text.count(e) for e in ELLIPSES)
+    if symbols / n > cfg.max_symbol_word_ratio:
+        return "symbol_word_ratio"
+    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    if lines and sum(ln.startswith(BULLETS) for ln in lines) / len(lines) > cfg.max_bullet_lines_ratio:
+        return "bullet_lines"
+    if lines and sum(ln.endswith(ELLIPSES) for ln in lines) / len(lines) > cfg.max_ellipsis_lines_ratio:
+        return "ellipsis_lines"
+    if sum(any(c.isalpha() for c in w) for w in ws) / n < cfg.min_alpha_words_ratio:
+        return "alpha_words_ratio"
+    stop = set(cfg.stop_words_cjk if cjk else cfg.stop_words)
+    if sum(w.lower() in stop for w in ws) < cfg.min_stop_words:
+        return "too_few_stop_words"
+    return doc
+
+
+@dataclass
+class GopherRepetitionConfig:
+    max_dup_line_ratio: float = 0.30  # share of lines that repeat an earlier line
+    max_dup_para_ratio: float = 0.30
+    max_dup_line_char_ratio: float = 0.20  # share of characters in repeated lines
+    max_dup_para_char_ratio: float = 0.20
+    # most frequent n-gram's characters / all characters, for n = 2, 3, 4
+    top_ngram_max_ratio: dict = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    # characters in n-grams that occur more than once / all characters, for n = 5..10
+    dup_ngram_max_ratio: dict = field(default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+
+
+def _dup_stats(parts: list[str]) -> tuple[int, int]:
+    """(number of parts that repeat an earlier part, characters in those parts)."""
+    seen: set[str] = set()
+    count = chars = 0
+    for p in parts:
+        if p in seen:
+            count += 1
+            chars += len(p)
+        else:
+            seen.add(p)
+    return count, chars
+
+
+def _top_ngram_chars(ws: list[str], n: int) -> int:
+    grams = Counter(tuple(ws[i : i + n]) for i in range(len(ws) - n + 1))
+    if not grams:
+        return 0
+    gram, count = grams.most_common(1)[0]
+    return count * sum(map(len, gram)) if count > 1 else 0
+
+
+def _dup_ngram_chars(ws: list[str], n: int) -> int:
+    """Characters of the words covered by n-grams seen earlier in the text (each word counted once)."""
+    seen: set[tuple[str, ...]] = set()
+    covered = [False] * len(ws)
+    for i in range(len(ws) - n + 1):
+        gram = tuple(ws[i : i + n])
+        if gram in seen:
+            covered[i : i + n] = [True] * n
+        else:
+            seen.add(gram)
+    return sum(len(w) for w, c in zip(ws, covered) if c)
+
+
+def gopher_repetition(doc: Document, cfg: GopherRepetitionConfig) -> Document | str:
+    text = doc.text
+    total = len(text) or 1
+    paras = [p.strip() for p in re.split(r"\n{2,}", text) if p.strip()]
+    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    for parts, max_ratio, max_chars, what in (
+        (paras, cfg.max_dup_para_ratio, cfg.max_dup_para_char_ratio, "paragraph"),
+        (lines, cfg.max_dup_line_ratio, cfg.max_dup_line_char_ratio, "line"),
+    ):
+        count, chars = _dup_stats(parts)
+        if parts and count / len(parts) > max_ratio:
+            return f"duplicate_{what}s"
+        if chars / total > max_chars:
+            return f"duplicate_{what}_chars"
+    ws = words(text)
+    word_chars = sum(map(len, ws)) or 1
+    for n, max_ratio in sorted(cfg.top_ngram_max_ratio.items()):
+        if _top_ngram_chars(ws, int(n)) / word_chars > max_ratio:
+            return f"top_{n}gram"
+    for n, max_ratio in sorted(cfg.dup_ngram_max_ratio.items()):
+        if _dup_ngram_chars(ws, int(n)) / word_chars > max_ratio:
+            return f"duplicate_{n}grams"
+    return doc
