@@ -305,7 +305,7 @@ def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
             final = step == cfg.max_steps or out_of_time or stop.signal is not None
             if final or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                 save(step)  # before evaluation: an evaluation crash loses nothing
-            if step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0):
+            if step == cfg.max_steps or out_of_time or (cfg.eval_every and step % cfg.eval_every == 0):
                 run_eval(step)
             if stop.signal or out_of_time:
                 reason = stop.signal or f"time budget of {cfg.max_seconds:g}s"
