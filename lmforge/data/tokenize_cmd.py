@@ -22,7 +22,6 @@ as plain text, never as the special id.
 from __future__ import annotations
 
 import argparse
-import collections
 import hashlib
 import multiprocessing
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data import data_subparsers
+from lmforge.data.parallel import ordered_map
 from lmforge.data.readers import iter_texts, list_files
 from lmforge.data.shards import DTYPES, VERSION, ShardWriter, dtype_for_vocab
 from lmforge.errors import LmforgeError
@@ -138,13 +138,7 @@ def _encoded(chunks: Iterator[list[str]], tokenizer_dir: str, val_fraction: floa
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
     with pool:
-        pending: collections.deque = collections.deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) >= 2 * workers:  # bounded read-ahead, results in order
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        yield from ordered_map(pool, _encode_chunk, chunks, ahead=2 * workers)
 
 
 # --- the stage ---

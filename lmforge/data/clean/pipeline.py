@@ -35,6 +35,7 @@ from pathlib import Path
 from lmforge.data.clean.document import Document, Unreadable, list_inputs, read_file
 from lmforge.data.clean.steps import DEFAULT_STEPS, configure
 from lmforge.data.clean.steps.text import word_backend
+from lmforge.data.parallel import ordered_map
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_path, atomic_write_json
 
@@ -131,13 +132,7 @@ def _results(chunks: Iterator[list[Document]], specs: list[dict], workers: int):
         return
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with ctx.Pool(workers, initializer=_init_steps, initargs=(specs,)) as pool:
-        pending: collections.deque = collections.deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_run_chunk, (chunk,)))
-            if len(pending) >= 2 * workers:  # bounded read-ahead, results in order
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        yield from ordered_map(pool, _run_chunk, chunks, ahead=2 * workers)
 
 
 # --- the stage ---
