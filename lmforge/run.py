@@ -3,7 +3,7 @@
     lmforge run                                  # lmforge/recipes/demo.yaml -> runs/demo
     lmforge run --recipe my.yaml --out runs/x --set pretrain.max_steps=50
 
-Stages: tokenizer -> data tokenize -> pretrain (with validation) -> samples.
+Stages: data clean -> tokenizer -> data tokenize -> pretrain (with validation) -> samples.
 Each stage's output lands in OUT/<stage>; a stage whose output is complete is
 skipped when the recipe is run again, and pretraining resumes from its last
 checkpoint, so an interrupted demo continues where it stopped.
@@ -20,7 +20,7 @@ from lmforge.config import load_yaml, parse_set, resolve_train_config
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write_text
 
-RECIPE_KEYS = {"out", "corpus", "tokenizer", "tokenize", "pretrain", "sample"}
+RECIPE_KEYS = {"out", "corpus", "clean", "tokenizer", "tokenize", "pretrain", "sample"}
 
 
 def register(subparsers) -> None:
@@ -69,6 +69,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def run_recipe(recipe: dict, out: Path) -> dict:
+    from lmforge.data.clean.pipeline import clean_corpus, format_summary
     from lmforge.data.tokenize_cmd import tokenize_corpus
     from lmforge.tokenizer.train import train_tokenizer
     from lmforge.train.pretrain import pretrain
@@ -79,7 +80,7 @@ def run_recipe(recipe: dict, out: Path) -> dict:
         if corpus == "shakespeare"
         else [Path(p) for p in ([corpus] if isinstance(corpus, str) else corpus)]
     )
-    tok_dir, shard_dir, run_dir = out / "tokenizer", out / "shards", out / "pretrain"
+    clean_dir, tok_dir, shard_dir, run_dir = out / "clean", out / "tokenizer", out / "shards", out / "pretrain"
     # Check every section before the first minute of work.
     tcfg = resolve_train_config(recipe.get("pretrain", {}), {"data": str(shard_dir), "out": str(run_dir)}, {})
     sample = {"prompts": ["\n"], "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "seed": 0}
@@ -88,17 +89,27 @@ def run_recipe(recipe: dict, out: Path) -> dict:
         raise LmforgeError(f"recipe: unknown sample field(s) {', '.join(sorted(unknown))}")
     sample.update(recipe.get("sample", {}))
 
-    _say(f"[1/4] tokenizer -> {tok_dir}")
+    clean_steps = recipe.get("clean", {}).get("steps")  # None: the default pipeline of `lmforge data clean`
+    _say(f"[1/5] data clean -> {clean_dir}")
+    if not (clean_dir / "report.json").is_file():
+        _say(
+            "      "
+            + format_summary(clean_corpus(inputs, clean_dir, steps=clean_steps, progress=False)).replace(
+                "\n", "\n      "
+            )
+        )
+    inputs = [clean_dir / "kept"]
+    _say(f"[2/5] tokenizer -> {tok_dir}")
     if not (tok_dir / "tokenizer.json").is_file():
         report = train_tokenizer(inputs, int(recipe.get("tokenizer", {}).get("vocab_size", 4096)), tok_dir)
         _say(f"      vocab {report['vocab_size']}, {report['heldout_bytes_per_token']:.2f} bytes/token held out")
-    _say(f"[2/4] tokenize -> {shard_dir}")
+    _say(f"[3/5] tokenize -> {shard_dir}")
     if not (shard_dir / "index.json").is_file():
         val_fraction = float(recipe.get("tokenize", {}).get("val_fraction", 0.05))
         tokenize_corpus(inputs, tok_dir, shard_dir, val_fraction=val_fraction, progress=False)
-    _say(f"[3/4] pretrain -> {run_dir}")
+    _say(f"[4/5] pretrain -> {run_dir}")
     last = pretrain(tcfg)
-    _say(f"[4/4] samples from {run_dir}")
+    _say(f"[5/5] samples from {run_dir}")
     text = _samples(run_dir, sample)
     atomic_write_text(out / "samples.txt", text)
     print(text)
