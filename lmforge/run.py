@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from importlib import resources
 from pathlib import Path
 
@@ -92,12 +93,8 @@ def run_recipe(recipe: dict, out: Path) -> dict:
     clean_steps = recipe.get("clean", {}).get("steps")  # None: the default pipeline of `lmforge data clean`
     _say(f"[1/5] data clean -> {clean_dir}")
     if not (clean_dir / "report.json").is_file():
-        _say(
-            "      "
-            + format_summary(clean_corpus(inputs, clean_dir, steps=clean_steps, progress=False)).replace(
-                "\n", "\n      "
-            )
-        )
+        report = clean_corpus(inputs, clean_dir, steps=clean_steps, progress=False)
+        _say(textwrap.indent(format_summary(report), "      ").lstrip())
     inputs = [clean_dir / "kept"]
     _say(f"[2/5] tokenizer -> {tok_dir}")
     if not (tok_dir / "tokenizer.json").is_file():
