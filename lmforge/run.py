@@ -94,7 +94,7 @@ def run_recipe(recipe: dict, out: Path) -> dict:
     _say(f"[1/5] data clean -> {clean_dir}")
     if not (clean_dir / "report.json").is_file():
         report = clean_corpus(inputs, clean_dir, steps=clean_steps, progress=False)
-        _say(textwrap.indent(format_summary(report), "      ").lstrip())
+        _say(textwrap.indent(format_summary(report), "      "))
     inputs = [clean_dir / "kept"]
     _say(f"[2/5] tokenizer -> {tok_dir}")
     if not (tok_dir / "tokenizer.json").is_file():
