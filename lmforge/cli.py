@@ -22,11 +22,12 @@ def _command_modules():
     from lmforge import params, run
     from lmforge.data import tokenize_cmd
     from lmforge.data.clean import cli as clean_cli
+    from lmforge.hub import export_cmd, import_cmd
     from lmforge.serve import generate_cmd
     from lmforge.tokenizer import cli as tokenizer_cli
-    from lmforge.train import bench, pretrain
+    from lmforge.train import bench, pretrain, sft
 
-    return [run, tokenizer_cli, tokenize_cmd, clean_cli, params, pretrain, generate_cmd, bench]
+    return [run, tokenizer_cli, tokenize_cmd, clean_cli, params, pretrain, sft, generate_cmd, bench, import_cmd, export_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

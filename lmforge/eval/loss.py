@@ -19,14 +19,20 @@ def bits_per_byte(loss_nats: float, num_tokens: int, num_bytes: int) -> float:
 
 @torch.no_grad()
 def evaluate_loss(model, batches, autocast) -> float:
-    """Mean next-token loss (nats) of `model` over `batches` [(x, y), ...]."""
+    """Mean next-token loss (nats) over the targets of `batches`: (x, y) pairs or dicts of forward
+    arguments (SFT); targets of -100 (prompt tokens, padding) are not counted."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
+    for batch in batches:
+        kwargs = (
+            {k: v for k, v in batch.items() if k != "num_tokens"}
+            if isinstance(batch, dict)
+            else dict(zip(("idx", "targets"), batch, strict=True))
+        )
         with autocast:
-            _, loss = model(x, y, loss_reduction="sum")
+            _, loss = model(**kwargs, loss_reduction="sum")
         total += float(loss)
-        count += y.numel()
+        count += int((kwargs["targets"] != -100).sum())
     model.train(was_training)
     return total / max(1, count)

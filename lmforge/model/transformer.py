@@ -50,6 +50,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # share the input embedding with the output head
     qk_norm: bool = False  # RMS-normalize queries and keys per head before attention
     bias: bool = False  # biases in linear layers (GPT-2 style)
+    qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2 style); implied by `bias`
     dropout: float = 0.0
     init_std: float = 0.02
 
@@ -178,9 +179,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=cfg.bias)
         if cfg.qk_norm:
             self.q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
@@ -284,21 +286,24 @@ class Transformer(nn.Module):
             return torch.arange(start, start + T, device=self.embed_tokens.weight.device).expand(B, T)
         return positions
 
-    def _attn_mask(self, B, T, start, key_mask, device, dtype):
+    def _attn_mask(self, B, T, start, key_mask, doc_ids, device, dtype):
         """The attention mask, or None when plain causal attention (`is_causal=True`) is exact.
 
         With a cache, query i sits at absolute position start+i and sees keys 0..start+i.
-        `key_mask` (B, start+T) marks real tokens (False for left padding). ALiBi adds
-        -slope * distance to the scores.
+        `key_mask` (B, start+T) marks real tokens (False for left padding). `doc_ids` (B, T)
+        makes the mask block-diagonal: packed sequences attend only within their own
+        document. ALiBi adds -slope * distance to the scores.
         """
         alibi = self.cfg.pos_encoding == "alibi"
-        if key_mask is None and not alibi and (start == 0 or T == 1):
+        if key_mask is None and doc_ids is None and not alibi and (start == 0 or T == 1):
             return None
         q_pos = torch.arange(start, start + T, device=device)[:, None]
         k_pos = torch.arange(start + T, device=device)[None, :]
         allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
         if key_mask is not None:
             allowed = allowed & key_mask[:, None, None, :].bool()
+        if doc_ids is not None:
+            allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
         if not alibi:
             return allowed
         bias = -self.alibi_slopes.to(device=device, dtype=dtype)[:, None, None] * (q_pos - k_pos).clamp(min=0)
@@ -312,6 +317,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
         loss_reduction: str = "mean",
         last_only: bool = False,
     ):
@@ -319,7 +325,8 @@ class Transformer(nn.Module):
 
         targets (B, T): next-token ids, -100 where no loss is taken. cache: a KVCache
         to read and extend (generation). positions (B, T): position ids (left-padded
-        batches); key_mask (B, cache length + T): True at real tokens.
+        batches, or restarting at 0 for each packed document); key_mask (B, cache length + T):
+        True at real tokens; doc_ids (B, T): packed documents, no attention across them.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -337,7 +344,7 @@ class Transformer(nn.Module):
             else:
                 rope = (self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None])
         x = self.drop(x)
-        mask = self._attn_mask(B, T, start, key_mask, x.device, x.dtype)
+        mask = self._attn_mask(B, T, start, key_mask, doc_ids, x.device, x.dtype)
         for block in self.layers:
             x = block(x, rope, mask, cache)
         if last_only:
@@ -355,24 +362,27 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------- sizes
 
 
+def param_part(name: str) -> str:
+    """Which part a parameter belongs to: embedding, attention, mlp, norms or head."""
+    if name.startswith(("embed_tokens", "embed_positions")):
+        return "embedding"
+    if ".self_attn." in name and "_norm" not in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    if name.startswith("lm_head"):
+        return "head"
+    return "norms"
+
+
 def count_params(model: nn.Module) -> dict[str, int]:
     """Parameters by part: embedding, attention, mlp, norms, head (0 when tied), total."""
     parts = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "head": 0}
     seen = set()
     for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if name.startswith(("embed_tokens", "embed_positions")):
-            parts["embedding"] += p.numel()
-        elif ".self_attn." in name and "_norm" not in name:
-            parts["attention"] += p.numel()
-        elif ".mlp." in name:
-            parts["mlp"] += p.numel()
-        elif name.startswith("lm_head"):
-            parts["head"] += p.numel()
-        else:
-            parts["norms"] += p.numel()
+        if id(p) not in seen:
+            seen.add(id(p))
+            parts[param_part(name)] += p.numel()
     parts["total"] = sum(parts.values())
     return parts
 

@@ -61,12 +61,17 @@ def save_checkpoint(
     optimizer_tensors: dict[str, torch.Tensor] | None = None,
     optimizer_meta: dict | None = None,
     keep_last: int = 2,
+    weights_file: str = "model.safetensors",
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
+
+    `weights_file` is `adapter.safetensors` for LoRA runs, which store only the adapter
+    (meta["base"] names the base model it belongs to).
+    """
     ckpt_dir = Path(run_dir) / "checkpoints"
     final = ckpt_dir / f"step_{step:08d}"
     with atomic_dir(final) as tmp:
-        save_file(model_tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(model_tensors, str(tmp / weights_file), metadata={"format": "pt"})
         if optimizer_tensors is not None:
             save_file({**optimizer_tensors, **_rng_tensors()}, str(tmp / "state.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(optimizer_meta or {}))
@@ -146,13 +151,57 @@ def load_training_state(ckpt: Path) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Path, dict]:
-    """(model in eval mode, tokenizer folder, meta) from a run folder or checkpoint folder."""
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a weights file (first 16 hex digits): ties a LoRA adapter to the exact base it was trained on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    except OSError as e:
+        raise LmforgeError(f"{path}: cannot read weights ({e.strerror or e})") from None
+    return h.hexdigest()[:16]
+
+
+def weights_path(ckpt: Path, meta: dict) -> Path:
+    """The checkpoint's weights file: the full model, or the adapter of a LoRA checkpoint."""
+    return ckpt / ("adapter.safetensors" if "adapter" in meta else "model.safetensors")
+
+
+def tokenizer_dir(ckpt: Path, meta: dict) -> Path:
+    tok_dir = Path(meta.get("tokenizer", {}).get("dir", ""))
+    return tok_dir if tok_dir.is_absolute() else (ckpt / tok_dir).resolve()
+
+
+def load_model(path: str | Path) -> tuple[Transformer, Path, dict]:
+    """(model on CPU, checkpoint folder, meta) from a run, checkpoint or imported-model folder.
+
+    A LoRA checkpoint is rebuilt as its base with the adapter merged in; the base must be
+    the very weights the adapter was trained on (checked by fingerprint).
+    """
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
-    model = Transformer(ModelConfig.from_dict(meta["model_config"]))
-    load_model_weights(model, ckpt)
-    tok_dir = Path(meta.get("tokenizer", {}).get("dir", ""))
-    if not tok_dir.is_absolute():
-        tok_dir = (ckpt / tok_dir).resolve()
-    return model.to(device).eval(), tok_dir, meta
+    if "adapter" not in meta:
+        model = Transformer(ModelConfig.from_dict(meta["model_config"]))
+        load_model_weights(model, ckpt)
+        return model, ckpt, meta
+    from lmforge.model.lora import LoraConfig, apply_lora, load_lora_tensors, merge_lora
+
+    base = meta["base"]
+    model, base_ckpt, base_meta = load_model(base["path"])
+    if file_fingerprint(weights_path(base_ckpt, base_meta)) != base["fingerprint"]:
+        raise LmforgeError(
+            f"{ckpt}: this LoRA adapter was trained on base weights {base['fingerprint']}, "
+            f"but {base_ckpt} now holds different weights"
+        )
+    apply_lora(model, LoraConfig.from_dict(meta["adapter"]))
+    load_lora_tensors(model, load_tensors(ckpt / "adapter.safetensors"), str(ckpt / "adapter.safetensors"))
+    return merge_lora(model), ckpt, meta
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Path, dict]:
+    """(model in eval mode, tokenizer folder, meta) from a run folder or checkpoint folder (LoRA merged)."""
+    model, ckpt, meta = load_model(path)
+    return model.to(device).eval(), tokenizer_dir(ckpt, meta), meta

@@ -17,15 +17,12 @@ import contextlib
 import json
 import math
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import yaml
-from tqdm import tqdm
 
 from lmforge.config import load_yaml, parse_set, resolve_train_config, to_dict
 from lmforge.data.loader import TokenLoader
@@ -37,7 +34,6 @@ from lmforge.model.transformer import ModelConfig, Transformer, flops_per_token
 from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.common import (
-    lr_at,
     make_optimizer,
     peak_flops,
     pick_device,
@@ -45,6 +41,7 @@ from lmforge.train.common import (
     teardown_distributed,
     tune_cpu_allocator,
 )
+from lmforge.train.loop import LoopParts, train_loop
 from lmforge.train.metrics import MetricsLogger
 
 # Settings that must match for a resume to continue the same run.
@@ -74,26 +71,6 @@ def _main(args: argparse.Namespace) -> int:
     cfg = resolve_train_config(recipe, flags, parse_set(args.set))
     pretrain(cfg)
     return 0
-
-
-class _StopFlag:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then checkpoint and exit)."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 def _check_resume(meta: dict, cfg, path: Path) -> None:
@@ -200,11 +177,9 @@ def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
 
     logger = MetricsLogger(run_dir, resume_step=start_step if meta else None, enabled=dd.main)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * dd.world_size
-    fpt = flops_per_token(cfg.model, cfg.seq_len)
-    peak = peak_flops(device)
     tok_meta = {"dir": "../../tokenizer", "hash": index["tokenizer_hash"]}
 
-    def save(step: int) -> None:
+    def save(step: int, tokens_seen: int) -> None:
         model_sd, optim_sd = _full_state(raw_model, optimizer, fsdp)  # a collective under FSDP: every rank
         if not dd.main:
             return
@@ -237,83 +212,9 @@ def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
             f"steps {start_step}->{cfg.max_steps}; a uniform guess has loss ln(V)={math.log(cfg.model.vocab_size):.2f}",
             file=sys.stderr,
         )
-    step, last, skipped = start_step, {}, 0
-    began = time.perf_counter()
-    model.train()
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=start_step,
-        disable=not dd.main,
-        desc="pretrain",
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
-    with _StopFlag() as stop:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            lr = lr_at(step, peak=cfg.lr, total=cfg.max_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule,
-                       min_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)  # fmt: skip
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                x, y = loader.next_batch()
-                sync = micro == cfg.grad_accum - 1
-                ctx = (
-                    model.no_sync()
-                    if dd.enabled and not sync and hasattr(model, "no_sync")
-                    else contextlib.nullcontext()
-                )
-                with ctx, autocast():
-                    _, loss = model(x, y)
-                    loss = loss / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            if dd.enabled:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            loss_value = float(loss_sum)
-            if not math.isfinite(loss_value):
-                if cfg.nan_policy == "stop":
-                    last_ckpt = ckpt.list_checkpoints(run_dir)
-                    where = f"; last good checkpoint: {last_ckpt[-1]}" if last_ckpt else ""
-                    raise LmforgeError(f"loss is {loss_value} at step {step + 1}{where} (or set nan_policy=skip)")
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-            else:
-                if cfg.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-                else:
-                    grad_norm = float("nan")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            step += 1
-            tokens_seen += tokens_per_step
-            dt = time.perf_counter() - t0
-            tps = tokens_per_step / dt
-            mfu = fpt * tps / (peak * dd.world_size) if peak else None
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                last = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                        "tokens_per_s": tps, "epoch": loader.epoch, "skipped": skipped}  # fmt: skip
-                if mfu is not None:
-                    last["mfu"] = mfu
-                logger.log(last)
-            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - began >= cfg.max_seconds
-            final = step == cfg.max_steps or out_of_time or stop.signal is not None
-            if final or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
-                save(step)  # before evaluation: an evaluation crash loses nothing
-            if step == cfg.max_steps or out_of_time or (cfg.eval_every and step % cfg.eval_every == 0):
-                run_eval(step)
-            if stop.signal or out_of_time:
-                reason = stop.signal or f"time budget of {cfg.max_seconds:g}s"
-                bar.write(f"lmforge pretrain: stopped by {reason} at step {step}; checkpoint saved, rerun to resume")
-                break
-    bar.close()
-    logger.close()
-    return last
+    parts = LoopParts(model, optimizer, loader, save, run_eval, logger, device, dd, autocast,
+                      flops_per_token(cfg.model, cfg.seq_len), peak_flops(device), run_dir)  # fmt: skip
+    return train_loop(cfg, parts, start_step, tokens_seen, desc="pretrain")
 
 
 def _init_source(cfg, index: dict) -> Path:

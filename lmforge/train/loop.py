@@ -1,0 +1,156 @@
+"""The optimizer-step loop every training stage shares (pretrain, sft, and the alignment stages).
+
+    last = train_loop(cfg, parts, start_step=0, tokens_seen=0, desc="pretrain")
+
+A stage builds its model, optimizer, loader and `save`/`evaluate` closures (`LoopParts`),
+then hands them here. The loop owns what must behave the same everywhere: the LR
+schedule, gradient accumulation (with DDP's no_sync), clipping, the NaN policy,
+throughput and MFU, metrics records, checkpoint-before-evaluation, the time budget,
+and SIGTERM/Ctrl-C turning into "checkpoint, then exit cleanly".
+
+A loader's `next_batch()` returns either `(x, y)` (pretraining) or a dict of forward
+arguments (`idx`, `targets`, optional `positions`, `doc_ids`) plus `num_tokens`,
+the real (non-padding) tokens it holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from lmforge.errors import LmforgeError
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.common import lr_at
+
+
+class StopFlag:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then checkpoint and exit)."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class LoopParts:
+    model: torch.nn.Module  # what forward runs on (possibly DDP/compiled)
+    optimizer: torch.optim.Optimizer
+    loader: object  # next_batch(), epoch, state_dict()
+    save: Callable[[int, int], None]  # save(step, tokens_seen)
+    evaluate: Callable[[int], dict | None]  # evaluate(step) -> logged record or None
+    logger: object  # MetricsLogger
+    device: torch.device
+    dd: object  # DistInfo from setup_distributed
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    flops_per_token: float
+    peak_flops: float | None
+    run_dir: object
+
+
+def forward_loss(model, batch, autocast) -> tuple[torch.Tensor, int]:
+    """(mean loss, real tokens) for one micro-batch in either loader format."""
+    with autocast():
+        if isinstance(batch, dict):
+            batch = dict(batch)
+            n = batch.pop("num_tokens")
+            _, loss = model(**batch)
+            return loss, n
+        x, y = batch
+        _, loss = model(x, y)
+        return loss, x.numel()
+
+
+def train_loop(cfg, parts: LoopParts, start_step: int, tokens_seen: int, desc: str) -> dict:
+    """Run optimizer steps start_step+1 .. cfg.max_steps; returns the last metrics record."""
+    model, optimizer, loader, dd, device = parts.model, parts.optimizer, parts.loader, parts.dd, parts.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    step, last, skipped = start_step, {}, 0
+    began = time.perf_counter()
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not dd.main, desc=desc, dynamic_ncols=True,
+               mininterval=1.0)  # fmt: skip
+    with StopFlag() as stop:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, peak=cfg.lr, total=cfg.max_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule,
+                       min_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)  # fmt: skip
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            step_tokens = 0
+            for micro in range(cfg.grad_accum):
+                batch = loader.next_batch()
+                sync = micro == cfg.grad_accum - 1
+                no_sync = dd.enabled and not sync and hasattr(model, "no_sync")
+                with model.no_sync() if no_sync else contextlib.nullcontext():
+                    loss, n = forward_loss(model, batch, parts.autocast)
+                    loss = loss / cfg.grad_accum
+                    loss.backward()
+                loss_sum += loss.detach()
+                step_tokens += n
+            if dd.enabled:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                t = torch.tensor(step_tokens, device=device)
+                dist.all_reduce(t)
+                step_tokens = int(t)
+            loss_value = float(loss_sum)
+            grad_norm = float("nan")
+            if not math.isfinite(loss_value):
+                if cfg.nan_policy == "stop":
+                    last_ckpt = ckpt.list_checkpoints(parts.run_dir)
+                    where = f"; last good checkpoint: {last_ckpt[-1]}" if last_ckpt else ""
+                    raise LmforgeError(f"loss is {loss_value} at step {step + 1}{where} (or set nan_policy=skip)")
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+            else:
+                if cfg.grad_clip > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step += 1
+            tokens_seen += step_tokens
+            tps = step_tokens / (time.perf_counter() - t0)
+            mfu = parts.flops_per_token * tps / (parts.peak_flops * dd.world_size) if parts.peak_flops else None
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                last = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                        "tokens_per_s": tps, "epoch": loader.epoch, "skipped": skipped}  # fmt: skip
+                if mfu is not None:
+                    last["mfu"] = mfu
+                parts.logger.log(last)
+            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - began >= cfg.max_seconds
+            final = step == cfg.max_steps or out_of_time or stop.signal is not None
+            if final or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                parts.save(step, tokens_seen)  # before evaluation: an evaluation crash loses nothing
+            if step == cfg.max_steps or out_of_time or (cfg.eval_every and step % cfg.eval_every == 0):
+                parts.evaluate(step)
+            if stop.signal or out_of_time:
+                reason = stop.signal or f"time budget of {cfg.max_seconds:g}s"
+                bar.write(f"lmforge {desc}: stopped by {reason} at step {step}; checkpoint saved, rerun to resume")
+                break
+    bar.close()
+    parts.logger.close()
+    return last
