@@ -23,11 +23,24 @@ def _command_modules():
     from lmforge.data import tokenize_cmd
     from lmforge.data.clean import cli as clean_cli
     from lmforge.hub import export_cmd, import_cmd
-    from lmforge.serve import generate_cmd
+    from lmforge.serve import chat_cmd, generate_cmd
     from lmforge.tokenizer import cli as tokenizer_cli
     from lmforge.train import bench, pretrain, sft
 
-    return [run, tokenizer_cli, tokenize_cmd, clean_cli, params, pretrain, sft, generate_cmd, bench, import_cmd, export_cmd]
+    return [
+        run,
+        tokenizer_cli,
+        tokenize_cmd,
+        clean_cli,
+        params,
+        pretrain,
+        sft,
+        generate_cmd,
+        chat_cmd,
+        bench,
+        import_cmd,
+        export_cmd,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@
     lmforge run                                  # lmforge/recipes/demo.yaml -> runs/demo
     lmforge run --recipe my.yaml --out runs/x --set pretrain.max_steps=50
 
-Stages: data clean -> tokenizer -> data tokenize -> pretrain (with validation) -> samples.
+Stages: data clean -> tokenizer -> data tokenize -> pretrain (with validation) -> samples
+-> SFT on chat data (answer-only loss, validation) -> a short scripted chat transcript.
 Each stage's output lands in OUT/<stage>; a stage whose output is complete is
 skipped when the recipe is run again, and pretraining resumes from its last
 checkpoint, so an interrupted demo continues where it stopped.
@@ -21,7 +22,7 @@ from lmforge.config import load_yaml, parse_set, resolve_train_config
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write_text
 
-RECIPE_KEYS = {"out", "corpus", "clean", "tokenizer", "tokenize", "pretrain", "sample"}
+RECIPE_KEYS = {"out", "corpus", "clean", "tokenizer", "tokenize", "pretrain", "sample", "sft", "chat"}
 
 
 def register(subparsers) -> None:
@@ -74,6 +75,7 @@ def run_recipe(recipe: dict, out: Path) -> dict:
     from lmforge.data.tokenize_cmd import tokenize_corpus
     from lmforge.tokenizer.train import train_tokenizer
     from lmforge.train.pretrain import pretrain
+    from lmforge.train.sft import resolve_sft_config, sft
 
     corpus = recipe.get("corpus", "shakespeare")
     inputs = (
@@ -82,8 +84,17 @@ def run_recipe(recipe: dict, out: Path) -> dict:
         else [Path(p) for p in ([corpus] if isinstance(corpus, str) else corpus)]
     )
     clean_dir, tok_dir, shard_dir, run_dir = out / "clean", out / "tokenizer", out / "shards", out / "pretrain"
+    sft_dir = out / "sft"
     # Check every section before the first minute of work.
     tcfg = resolve_train_config(recipe.get("pretrain", {}), {"data": str(shard_dir), "out": str(run_dir)}, {})
+    scfg = None
+    if "sft" in recipe:
+        scfg = resolve_sft_config(recipe["sft"], {"base": str(run_dir), "out": str(sft_dir)}, {})
+    chat = {"questions": [], "max_new_tokens": 60, "temperature": 0.0, "system": None}
+    unknown = set(recipe.get("chat", {})) - set(chat)
+    if unknown:
+        raise LmforgeError(f"recipe: unknown chat field(s) {', '.join(sorted(unknown))}")
+    chat.update(recipe.get("chat", {}))
     sample = {"prompts": ["\n"], "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "seed": 0}
     unknown = set(recipe.get("sample", {})) - set(sample)
     if unknown:
@@ -91,27 +102,55 @@ def run_recipe(recipe: dict, out: Path) -> dict:
     sample.update(recipe.get("sample", {}))
 
     clean_steps = recipe.get("clean", {}).get("steps")  # None: the default pipeline of `lmforge data clean`
-    _say(f"[1/5] data clean -> {clean_dir}")
+    n = 7 if scfg else 5
+    _say(f"[1/{n}] data clean -> {clean_dir}")
     if not (clean_dir / "report.json").is_file():
         report = clean_corpus(inputs, clean_dir, steps=clean_steps, progress=False)
         _say(textwrap.indent(format_summary(report), "      "))
     inputs = [clean_dir / "kept"]
-    _say(f"[2/5] tokenizer -> {tok_dir}")
+    _say(f"[2/{n}] tokenizer -> {tok_dir}")
     if not (tok_dir / "tokenizer.json").is_file():
         report = train_tokenizer(inputs, int(recipe.get("tokenizer", {}).get("vocab_size", 4096)), tok_dir)
         _say(f"      vocab {report['vocab_size']}, {report['heldout_bytes_per_token']:.2f} bytes/token held out")
-    _say(f"[3/5] tokenize -> {shard_dir}")
+    _say(f"[3/{n}] tokenize -> {shard_dir}")
     if not (shard_dir / "index.json").is_file():
         val_fraction = float(recipe.get("tokenize", {}).get("val_fraction", 0.05))
         tokenize_corpus(inputs, tok_dir, shard_dir, val_fraction=val_fraction, progress=False)
-    _say(f"[4/5] pretrain -> {run_dir}")
+    _say(f"[4/{n}] pretrain -> {run_dir}")
     last = pretrain(tcfg)
-    _say(f"[5/5] samples from {run_dir}")
+    _say(f"[5/{n}] samples from {run_dir}")
     text = _samples(run_dir, sample)
     atomic_write_text(out / "samples.txt", text)
     print(text)
-    _say(f"done: {out}/samples.txt, metrics in {run_dir}/metrics.jsonl (tensorboard --logdir {run_dir}/tb)")
-    return last
+    if scfg is None:
+        _say(f"done: {out}/samples.txt, metrics in {run_dir}/metrics.jsonl (tensorboard --logdir {run_dir}/tb)")
+        return last
+    _say(f"[6/{n}] sft on {scfg.data} -> {sft_dir}")
+    result = sft(scfg)
+    if "val_loss_before" in result:
+        _say(f"      held-out answer loss {result['val_loss_before']:.3f} -> {result['val_loss_after']:.3f}; "
+             f"{result['samples_ended']}/{result['samples']} held-out replies ended at the turn-end token")  # fmt: skip
+    _say(f"[7/{n}] chat with {sft_dir}")
+    transcript = _chat_transcript(sft_dir, chat)
+    atomic_write_text(out / "chat.txt", transcript)
+    print(transcript)
+    _say(f"done: {out}/samples.txt, {out}/chat.txt; metrics in {run_dir} and {sft_dir} (metrics.jsonl, tb/)")
+    return result
+
+
+def _chat_transcript(run_dir: Path, chat: dict) -> str:
+    from lmforge.chat.template import ChatFormat
+    from lmforge.serve.chat_cmd import ChatSession
+    from lmforge.train.checkpoint import load_for_inference
+
+    model, tok_dir, meta = load_for_inference(run_dir)
+    session = ChatSession(model, ChatFormat(tok_dir), chat["system"], max_new_tokens=int(chat["max_new_tokens"]),
+                          temperature=float(chat["temperature"]), repetition_penalty=1.1)  # fmt: skip
+    lines = [f"# chat with {run_dir} at step {meta['step']} (temperature {chat['temperature']})"]
+    for question in chat["questions"]:
+        answer, ended = session.reply(question)
+        lines += [f"you> {question}", f"assistant> {answer}" + ("" if ended else "  [cut: no turn end]")]
+    return "\n".join(lines) + "\n"
 
 
 def _samples(run_dir: Path, sample: dict) -> str:

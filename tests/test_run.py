@@ -16,6 +16,9 @@ def test_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
         "pretrain": {"batch_size": 2, "seq_len": 32, "max_steps": 3, "warmup_steps": 1, "eval_every": 3,
                      "eval_batches": 1, "model": {"n_layer": 1, "d_model": 32, "max_seq_len": 32}},
         "sample": {"prompts": ["KING:"], "max_new_tokens": 8},
+        "sft": {"data": "chatterbot", "batch_size": 2, "seq_len": 32, "max_steps": 2, "warmup_steps": 1,
+                "eval_batches": 1, "samples": 2},
+        "chat": {"questions": ["Hello", "Who are you?"], "max_new_tokens": 4},
     }  # fmt: skip
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -25,6 +28,10 @@ def test_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     assert report["identity_holds"] and report["counts"]["kept"] > 0
     assert "--- prompt: 'KING:'\nKING:" in (out / "samples.txt").read_text()
     assert [r["step"] for r in map(json.loads, (out / "pretrain" / "metrics.jsonl").open()) if "val_loss" in r] == [3]
+    # Stage 2: SFT continues from the pretrained run (validation before and after) and a scripted chat follows.
+    assert [r["step"] for r in map(json.loads, (out / "sft" / "metrics.jsonl").open()) if "val_loss" in r] == [0, 2]
+    chat = (out / "chat.txt").read_text()
+    assert "you> Hello\nassistant> " in chat and "you> Who are you?" in chat
     # A rerun finds every stage done (pretraining is already at max_steps) and only samples again.
     capsys.readouterr()
     assert main(["run", "--recipe", str(path), "--out", str(out), "--set", "sample.max_new_tokens=4"]) == 0

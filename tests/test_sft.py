@@ -200,20 +200,21 @@ def _records(run):
 
 
 def test_sft_lowers_held_out_answer_loss_and_resumes_exactly(base_run, chats, tmp_path):
-    result = sft(_cfg(base_run, chats, tmp_path / "a", max_steps=20))
+    result = sft(_cfg(base_run, chats, tmp_path / "a", max_steps=60))
     assert result["val_loss_after"] < result["val_loss_before"] - 1.0
+    assert result["samples_ended"] == result["samples"] == 4  # greedy replies to held-out prompts stop at <|im_end|>
     report = json.loads((tmp_path / "a" / "data_report.json").read_text())
     assert report["train"]["examples"] == 270 and report["val"]["examples"] == 30
     assert "ended at the turn-end token" in (tmp_path / "a" / "samples.txt").read_text()
-    # Stop at 10, resume to 20: the same losses as the uninterrupted run.
-    sft(_cfg(base_run, chats, tmp_path / "b", max_steps=20, max_seconds=1e-9))
+    # Stop after step 1, resume to the end: the same losses as the uninterrupted run.
+    sft(_cfg(base_run, chats, tmp_path / "b", max_steps=60, max_seconds=1e-9))
     assert ckpt.read_meta(ckpt.resolve_checkpoint(tmp_path / "b"))["step"] == 1
-    sft(_cfg(base_run, chats, tmp_path / "b", max_steps=20))
+    sft(_cfg(base_run, chats, tmp_path / "b", max_steps=60))
     a = [r["loss"] for r in _records(tmp_path / "a") if "loss" in r]
     b = [r["loss"] for r in _records(tmp_path / "b") if "loss" in r]
     assert a == b
     with pytest.raises(LmforgeError, match="cannot resume: seq_len"):
-        sft(_cfg(base_run, chats, tmp_path / "b", max_steps=30, seq_len=32))
+        sft(_cfg(base_run, chats, tmp_path / "b", max_steps=70, seq_len=32))
 
 
 def test_lora_run_saves_only_the_adapter_and_loads_merged(base_run, chats, tmp_path):
@@ -280,3 +281,31 @@ def test_sft_bad_config_is_one_line_error(base_run, chats, tmp_path, capsys, ext
     )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("lmforge: error:") == 1 and message in err.splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- lmforge chat
+
+
+def test_chat_reads_piped_lines_resets_and_exits(base_run, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi there\n/reset\nHi there\n\n/exit\nnever read\n"))
+    assert main(["chat", str(base_run), "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    out = capsys.readouterr()
+    replies = [line for line in out.out.splitlines() if line.startswith("assistant: ")]
+    assert len(replies) == 2 and replies[0] == replies[1]  # /reset: the same question gets the same greedy answer
+    assert "history cleared" in out.err
+
+
+def test_chat_session_keeps_history_and_drops_the_oldest_turns_to_fit(base_run, capsys):
+    from lmforge.serve.chat_cmd import ChatSession
+
+    model, tok_dir, _ = ckpt.load_for_inference(base_run)
+    session = ChatSession(model, ChatFormat(tok_dir), "Be brief.", max_new_tokens=8, temperature=0.0)
+    session.reply("first question")
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
+    session.reply("word " * 200)  # does not fit with the history: the oldest exchange goes, the system stays
+    assert session.messages[0]["role"] == "system" and session.messages[1]["content"].startswith("word")
+    assert "dropped the oldest exchange" in capsys.readouterr().err
+    with pytest.raises(LmforgeError, match="must be below the model's context"):
+        ChatSession(model, ChatFormat(tok_dir), max_new_tokens=256)

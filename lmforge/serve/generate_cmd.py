@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-class _Printer:
+class StreamPrinter:
     """Decode one row incrementally: print only text whose UTF-8 bytes are complete (no half characters)."""
 
     def __init__(self, tok, out=None):
@@ -74,7 +74,7 @@ def run(args) -> int:
     outs = generate(
         model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_ids=stop_ids, seed=args.seed,
-        pad_id=bos, stream=_Printer(tok) if single else None,
+        pad_id=bos, stream=StreamPrinter(tok) if single else None,
     )  # fmt: skip
     elapsed = time.perf_counter() - t0
     if single:

@@ -348,9 +348,9 @@ def write_samples(model, fmt, convs: list[list[dict]], path: Path, device, max_n
     ended = 0
     lines = []
     for conv, out in zip(convs, outs, strict=True):
-        stopped = bool(out) and out[-1] in fmt.stop_ids
+        stopped = len(out) < budget  # generate() stops at a turn-end token and leaves it out
         ended += stopped
-        reply = fmt.tokenizer.decode([t for t in out if t not in fmt.stop_ids])
+        reply = fmt.tokenizer.decode(out)
         lines.append(
             f"### user: {_prompt_of(conv)[-1]['content']}\n### reply{'' if stopped else ' (no turn end)'}: {reply}\n"
         )

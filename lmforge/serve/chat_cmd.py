@@ -1,0 +1,122 @@
+"""`lmforge chat`: talk to a chat model in the terminal, replies streamed as they are generated.
+
+    lmforge chat runs/demo-sft
+    lmforge chat models/smollm2 --system "You are terse." --temperature 0
+    printf 'Hello\nWhat is the capital of France?\n/exit\n' | lmforge chat models/smollm2   # scripted
+
+Each line you type is a user turn; the model's reply is the assistant turn, and the
+whole history goes back to the model each time, rendered with its own chat template.
+`/reset` forgets the history (the system prompt stays), `/exit` (or end of input) quits.
+When stdin is not a terminal, lines are read as they come and each reply is printed
+on its own line after `assistant: `, so the chat can be scripted and its transcript saved.
+When the history no longer fits the model's context, the oldest turns are dropped
+(said on stderr); a reply cut by --max-new-tokens is flagged on stderr too.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lmforge.errors import LmforgeError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("chat", help="chat with a model in the terminal (stdin lines when piped)")
+    p.add_argument("model", metavar="RUN_OR_MODEL", help="a run, checkpoint or imported model folder")
+    p.add_argument("--system", default=None, help="system prompt for the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply (default 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off (default 50)")
+    p.add_argument("--top-p", type=float, default=0.9, help="1 = off (default 0.9)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off (default 1.1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run)
+
+
+class ChatSession:
+    """History + template + generation: `reply(text, stream)` appends a user turn and returns the answer."""
+
+    def __init__(self, model, fmt, system: str | None = None, **sampling):
+        self.model, self.fmt, self.system, self.sampling = model, fmt, system, sampling
+        self.max_new = sampling.pop("max_new_tokens", 256)
+        if self.max_new >= model.cfg.max_seq_len:
+            raise LmforgeError(
+                f"--max-new-tokens ({self.max_new}) must be below the model's context ({model.cfg.max_seq_len})"
+            )
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def _prompt(self) -> list[int]:
+        """The rendered history; the oldest exchanges go first when it does not fit with room for a reply."""
+        budget = self.model.cfg.max_seq_len - self.max_new
+        while True:
+            ids = self.fmt.encode(self.messages, add_generation_prompt=True)
+            first = 1 if self.system else 0
+            if len(ids) <= budget or len(self.messages) - first <= 1:
+                return ids[-budget:]
+            del self.messages[first : first + 2]  # one user turn and its reply
+            print("lmforge chat: history too long for the context; dropped the oldest exchange", file=sys.stderr)
+
+    def reply(self, text: str, stream=None) -> tuple[str, bool]:
+        """(answer, ended at the turn-end token)."""
+        from lmforge.serve.generate import generate
+
+        self.messages.append({"role": "user", "content": text})
+        out = generate(self.model, [self._prompt()], self.max_new, stop_ids=self.fmt.stop_ids, stream=stream,
+                       **self.sampling)[0]  # fmt: skip
+        ended = len(out) < self.max_new  # generation stopped at a turn-end token (which it leaves out)
+        answer = self.fmt.tokenizer.decode(out)
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer, ended
+
+
+def _lines(interactive: bool):
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        if not interactive and line == "":
+            return
+        yield line.rstrip("\n")
+
+
+def run(args) -> int:
+    from lmforge.chat.template import ChatFormat
+    from lmforge.serve.generate_cmd import StreamPrinter
+    from lmforge.train.checkpoint import load_for_inference
+    from lmforge.train.common import pick_device
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise LmforgeError("--temperature must be >= 0 and --top-p in (0, 1]")
+    device = pick_device(args.device)
+    model, tok_dir, _ = load_for_inference(args.model, device=device)
+    fmt = ChatFormat(tok_dir)
+    session = ChatSession(model, fmt, args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed)  # fmt: skip
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("lmforge chat: /reset clears the history, /exit quits", file=sys.stderr)
+    for line in _lines(interactive):
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            session.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not command:
+            continue
+        sys.stdout.write("" if interactive else "assistant: ")
+        printer = StreamPrinter(fmt.tokenizer)
+        _, ended = session.reply(line, stream=printer)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if not ended:
+            print(f"lmforge chat: reply cut at --max-new-tokens={args.max_new_tokens}", file=sys.stderr)
+    return 0
+
