@@ -119,4 +119,3 @@ def run(args) -> int:
         if not ended:
             print(f"lmforge chat: reply cut at --max-new-tokens={args.max_new_tokens}", file=sys.stderr)
     return 0
-
