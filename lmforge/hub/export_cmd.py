@@ -3,7 +3,7 @@
     lmforge export runs/demo --format hf --out hf/demo
     python -c "from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; M.from_pretrained('hf/demo'); T.from_pretrained('hf/demo')"
 
-Writes model.safetensors (HF names, `lm_head` left out when tied), config.json (LlamaForCausalLM, or
+A LoRA run is exported with its adapter merged into the base. Writes model.safetensors (HF names, `lm_head` left out when tied), config.json (LlamaForCausalLM, or
 Qwen2ForCausalLM for q/k/v biases), generation_config.json (stopping at EOS and the chat turn end),
 tokenizer.json, tokenizer_config.json (with a chat template) and special_tokens_map.json; transformers
 loads the folder with no extra arguments. Models HF Llama cannot compute (ALiBi or other position
@@ -38,7 +38,14 @@ def export_hf(source: str | Path, out: str | Path, dtype: str = "auto") -> dict:
     from lmforge.hub.common import DTYPE_NAMES, DTYPES, cast, check_out_dir, check_tensors, n_params
     from lmforge.hub.hf import generation_config, hf_config, hf_tensors, hf_tokenizer_files, unsupported_for_hf
     from lmforge.model.transformer import ModelConfig
-    from lmforge.train.checkpoint import load_tensors, read_meta, resolve_checkpoint
+    from lmforge.train.checkpoint import (
+        load_model,
+        load_tensors,
+        model_tensors,
+        read_meta,
+        resolve_checkpoint,
+        tokenizer_dir,
+    )
 
     ckpt = resolve_checkpoint(source)
     check_out_dir(out, ckpt, "config.json")
@@ -47,15 +54,16 @@ def export_hf(source: str | Path, out: str | Path, dtype: str = "auto") -> dict:
     bad = unsupported_for_hf(cfg)
     if bad is not None:
         raise LmforgeError(f"{ckpt}: {bad} cannot be exported to Hugging Face Llama/Qwen2")
-    tensors = load_tensors(ckpt / "model.safetensors")
+    if "adapter" in meta:  # a LoRA run: its base with the adapter merged in
+        tensors = model_tensors(load_model(ckpt)[0].state_dict(), cfg.tie_embeddings)
+    else:
+        tensors = load_tensors(ckpt / "model.safetensors")
     check_tensors(cfg, tensors, ckpt / "model.safetensors")
     if dtype != "auto":
         tensors = cast(tensors, DTYPES[dtype])
     dtype_name = DTYPE_NAMES.get(tensors["embed_tokens.weight"].dtype, "float32")
 
-    tok_dir = Path(meta.get("tokenizer", {}).get("dir", ""))
-    tok_dir = tok_dir if tok_dir.is_absolute() else (ckpt / tok_dir).resolve()
-    files, ids, stop = hf_tokenizer_files(tok_dir, cfg)
+    files, ids, stop = hf_tokenizer_files(tokenizer_dir(ckpt, meta), cfg)
     config, arch = hf_config(cfg, dtype_name, ids)
 
     with atomic_dir(out) as tmp:

@@ -320,6 +320,7 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         loss_reduction: str = "mean",
         last_only: bool = False,
+        return_hidden: bool = False,
     ):
         """idx (B, T) token ids -> (logits (B, T, V), None), or (None, loss) when targets are given.
 
@@ -327,6 +328,7 @@ class Transformer(nn.Module):
         to read and extend (generation). positions (B, T): position ids (left-padded
         batches, or restarting at 0 for each packed document); key_mask (B, cache length + T):
         True at real tokens; doc_ids (B, T): packed documents, no attention across them.
+        return_hidden: (final hidden states (B, T, d), None) instead of logits (reward and value heads).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -352,6 +354,8 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if cache is not None:
             cache.length += T
+        if return_hidden:
+            return x, None
         if targets is None:
             return self.lm_head(x), None
         # Training never materializes the (tokens x vocab) logits: the head and the loss run in chunks.

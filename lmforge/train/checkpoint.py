@@ -62,16 +62,20 @@ def save_checkpoint(
     optimizer_meta: dict | None = None,
     keep_last: int = 2,
     weights_file: str = "model.safetensors",
+    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
 
     `weights_file` is `adapter.safetensors` for LoRA runs, which store only the adapter
-    (meta["base"] names the base model it belongs to).
+    (meta["base"] names the base model it belongs to). `extra_weights` maps more file names
+    to tensors written in the same atomic folder.
     """
     ckpt_dir = Path(run_dir) / "checkpoints"
     final = ckpt_dir / f"step_{step:08d}"
     with atomic_dir(final) as tmp:
         save_file(model_tensors, str(tmp / weights_file), metadata={"format": "pt"})
+        for name, tensors in (extra_weights or {}).items():  # e.g. head.safetensors: a reward or value head
+            save_file(tensors, str(tmp / name))
         if optimizer_tensors is not None:
             save_file({**optimizer_tensors, **_rng_tensors()}, str(tmp / "state.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(optimizer_meta or {}))

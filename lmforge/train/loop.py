@@ -65,25 +65,48 @@ class LoopParts:
     flops_per_token: float
     peak_flops: float | None
     run_dir: object
+    # (model, batch, autocast) -> (mean loss, tokens, {metric: float}); default: next-token loss.
+    # The alignment stages pass their own (DPO, reward ranking, policy gradient) and its metrics
+    # (rewards, margins, KL, ...) are averaged over micro-batches into each metrics record.
+    step_loss: Callable | None = None
 
 
-def forward_loss(model, batch, autocast) -> tuple[torch.Tensor, int]:
-    """(mean loss, real tokens) for one micro-batch in either loader format."""
+def forward_loss(model, batch, autocast) -> tuple[torch.Tensor, int, dict]:
+    """(mean loss, real tokens, no extra metrics) for one micro-batch in either loader format."""
     with autocast():
         if isinstance(batch, dict):
             batch = dict(batch)
             n = batch.pop("num_tokens")
             _, loss = model(**batch)
-            return loss, n
+            return loss, n, {}
         x, y = batch
         _, loss = model(x, y)
-        return loss, x.numel()
+        return loss, x.numel(), {}
+
+
+def _last_good(run_dir) -> str:
+    found = ckpt.list_checkpoints(run_dir)
+    return f"; last good checkpoint: {found[-1]}" if found else ""
+
+
+def _guard(cfg, metrics: dict, step: int, run_dir) -> None:
+    """Stop (before the optimizer step, so the last checkpoint stays good) on NaN metrics or a KL blow-up."""
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise LmforgeError(f"{name} is {value} at step {step}{_last_good(run_dir)}")
+    max_kl = getattr(cfg, "max_kl", 0.0)
+    if max_kl and metrics.get("kl", 0.0) > max_kl:
+        raise LmforgeError(
+            f"KL to the reference is {metrics['kl']:.3g} at step {step}, above max_kl={max_kl:g} "
+            f"(lower the lr or raise the KL coefficient){_last_good(run_dir)}"
+        )
 
 
 def train_loop(cfg, parts: LoopParts, start_step: int, tokens_seen: int, desc: str) -> dict:
     """Run optimizer steps start_step+1 .. cfg.max_steps; returns the last metrics record."""
     model, optimizer, loader, dd, device = parts.model, parts.optimizer, parts.loader, parts.dd, parts.device
     params = [p for p in model.parameters() if p.requires_grad]
+    step_loss = parts.step_loss or forward_loss
     step, last, skipped = start_step, {}, 0
     began = time.perf_counter()
     model.train()
@@ -97,17 +120,19 @@ def train_loop(cfg, parts: LoopParts, start_step: int, tokens_seen: int, desc: s
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            step_tokens = 0
+            step_tokens, extra = 0, {}
             for micro in range(cfg.grad_accum):
                 batch = loader.next_batch()
                 sync = micro == cfg.grad_accum - 1
                 no_sync = dd.enabled and not sync and hasattr(model, "no_sync")
                 with model.no_sync() if no_sync else contextlib.nullcontext():
-                    loss, n = forward_loss(model, batch, parts.autocast)
+                    loss, n, metrics = step_loss(model, batch, parts.autocast)
                     loss = loss / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
                 step_tokens += n
+                for k, v in metrics.items():
+                    extra[k] = extra.get(k, 0.0) + float(v) / cfg.grad_accum
             if dd.enabled:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
                 t = torch.tensor(step_tokens, device=device)
@@ -115,11 +140,12 @@ def train_loop(cfg, parts: LoopParts, start_step: int, tokens_seen: int, desc: s
                 step_tokens = int(t)
             loss_value = float(loss_sum)
             grad_norm = float("nan")
+            _guard(cfg, extra, step + 1, parts.run_dir)
             if not math.isfinite(loss_value):
                 if cfg.nan_policy == "stop":
-                    last_ckpt = ckpt.list_checkpoints(parts.run_dir)
-                    where = f"; last good checkpoint: {last_ckpt[-1]}" if last_ckpt else ""
-                    raise LmforgeError(f"loss is {loss_value} at step {step + 1}{where} (or set nan_policy=skip)")
+                    raise LmforgeError(
+                        f"loss is {loss_value} at step {step + 1}{_last_good(parts.run_dir)} (or set nan_policy=skip)"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
             else:
@@ -137,7 +163,7 @@ def train_loop(cfg, parts: LoopParts, start_step: int, tokens_seen: int, desc: s
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 last = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                        "tokens_per_s": tps, "epoch": loader.epoch, "skipped": skipped}  # fmt: skip
+                        "tokens_per_s": tps, "epoch": loader.epoch, "skipped": skipped, **extra}  # fmt: skip
                 if mfu is not None:
                     last["mfu"] = mfu
                 parts.logger.log(last)
