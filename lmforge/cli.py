@@ -20,7 +20,9 @@ from lmforge.errors import LmforgeError
 def _command_modules():
     # Imported here, not at module top, so `import lmforge.cli` stays cheap and side-effect free.
     from lmforge import params, run
-    from lmforge.data import tokenize_cmd
+    from lmforge.align import dpo, grpo, prefs, reward
+    from lmforge.data import mix, quality_cmd, tokenize_cmd
+    from lmforge.data import stats as data_stats
     from lmforge.data.clean import cli as clean_cli
     from lmforge.hub import export_cmd, import_cmd
     from lmforge.serve import chat_cmd, generate_cmd
@@ -32,9 +34,16 @@ def _command_modules():
         tokenizer_cli,
         tokenize_cmd,
         clean_cli,
+        quality_cmd,
+        mix,
+        data_stats,
         params,
         pretrain,
         sft,
+        prefs,
+        reward,
+        dpo,
+        grpo,
         generate_cmd,
         chat_cmd,
         bench,

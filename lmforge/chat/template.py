@@ -127,9 +127,14 @@ class ChatFormat:
                 spans.append((len(prompt), end))
         return full, spans
 
-    def encode_with_mask(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
-        """(ids, trained): trained[i] is True where token i belongs to an assistant answer or its turn end."""
+    def encode_with_mask(self, messages: list[dict], last_only: bool = False) -> tuple[list[int], list[bool]]:
+        """(ids, trained): trained[i] is True where token i belongs to an assistant answer or its turn end.
+
+        last_only: only the final assistant answer (preference pairs and rollouts score one response).
+        """
         text, spans = self.answer_spans(messages)
+        if last_only:
+            spans = spans[-1:]
         enc = self.tokenizer.encode(text, add_special_tokens=False)
         trained = [False] * len(enc.ids)
         j = 0

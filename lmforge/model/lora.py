@@ -14,6 +14,7 @@ adapter adds `<layer>.lora_A` and `<layer>.lora_B`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -132,3 +133,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the base model without its adapters (the frozen reference of DPO/PPO/GRPO, no second copy)."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    saved = [m.scaling for m in layers]
+    for m in layers:
+        m.scaling = 0.0
+    try:
+        yield model
+    finally:
+        for m, scaling in zip(layers, saved, strict=True):
+            m.scaling = scaling

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from lmforge.data.clean.steps.c4 import C4Config, c4
 from lmforge.data.clean.steps.dedup import ExactDedup, ExactDedupConfig, MinhashDedup, MinhashDedupConfig
+from lmforge.data.clean.steps.fineweb import FinewebConfig, fineweb
 from lmforge.data.clean.steps.gopher import (
     GopherQualityConfig,
     GopherRepetitionConfig,
@@ -26,6 +27,9 @@ from lmforge.data.clean.steps.html import ExtractHtmlConfig, extract_html
 from lmforge.data.clean.steps.language import LanguageConfig, language
 from lmforge.data.clean.steps.normalize import NormalizeConfig, normalize
 from lmforge.data.clean.steps.pii import PiiConfig, pii
+from lmforge.data.clean.steps.quality import QualityModelConfig, quality_model
+from lmforge.data.clean.steps.toxicity import ToxicityConfig, toxicity
+from lmforge.data.clean.steps.url import UrlFilterConfig, url_filter
 from lmforge.errors import LmforgeError
 
 
@@ -44,18 +48,23 @@ class Step:
 STEPS: dict[str, Step] = {
     s.name: s
     for s in [
+        Step("url_filter", UrlFilterConfig, apply=url_filter),
         Step("extract_html", ExtractHtmlConfig, apply=extract_html),
         Step("normalize", NormalizeConfig, apply=normalize),
         Step("language", LanguageConfig, apply=language),
         Step("gopher_repetition", GopherRepetitionConfig, apply=gopher_repetition),
         Step("gopher_quality", GopherQualityConfig, apply=gopher_quality),
         Step("c4", C4Config, apply=c4),
+        Step("fineweb", FinewebConfig, apply=fineweb),
+        Step("toxicity", ToxicityConfig, apply=toxicity),
+        Step("quality_model", QualityModelConfig, apply=quality_model),
         Step("pii", PiiConfig, apply=pii),
         Step("exact_dedup", ExactDedupConfig, make=ExactDedup),
         Step("minhash_dedup", MinhashDedupConfig, make=MinhashDedup),
     ]
 }
 DEFAULT_STEPS = [
+    "url_filter",  # passes documents without a `url`; first, so blocked pages cost no extraction
     "extract_html",
     "normalize",
     "language",

@@ -1,0 +1,182 @@
+"""`lmforge dpo`: direct preference optimization against a frozen reference (DPO, IPO or SimPO).
+
+    lmforge prefs --source task:add --out pairs.jsonl
+    lmforge dpo --model runs/demo/sft --data pairs.jsonl --out runs/dpo --set beta=0.1 --max-steps 100
+    lmforge dpo --model models/smollm2 --data pairs.jsonl --out runs/dpo-lora --lora --set loss=ipo
+
+The reference is the starting model, frozen: a second copy for full fine-tuning, or the same
+weights with the adapters switched off for `--lora` (no second copy in memory). Each step logs
+the implicit rewards beta * log(pi/ref) of chosen and rejected answers, their margin and how
+often chosen wins, so a stuck run is visible. On held-out pairs (split by prompt) it logs,
+before the first step and at each evaluation:
+- `val_pref_accuracy`: how often the model itself prefers the chosen answer,
+  log pi(chosen) > log pi(rejected) (meaningful for the starting model too);
+- `val_logratio_margin`: mean of log pi(chosen) - log pi(rejected);
+- `val_reward_accuracy` / `val_reward_margin`: the same for the implicit rewards (0 at the start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.align.batching import PairLoader, encode_pairs, pair_batches
+from lmforge.align.losses import PREFERENCE_LOSSES, sequence_logprobs
+from lmforge.align.prefs import load_pairs, split_pairs
+from lmforge.chat.template import ChatFormat
+from lmforge.config import load_yaml, parse_set
+from lmforge.errors import LmforgeError
+from lmforge.eval.stats import wilson_interval
+from lmforge.fileio import atomic_write_json
+from lmforge.model.lora import adapters_disabled
+from lmforge.model.transformer import flops_per_token
+from lmforge.train.common import peak_flops, setup_distributed, teardown_distributed
+from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_common_args, common_flags, resolve
+from lmforge.train.loop import LoopParts, train_loop
+from lmforge.train.metrics import MetricsLogger
+
+
+@dataclass
+class DpoConfig(FinetuneConfig):
+    """Direct preference optimization: the shared fine-tuning fields plus these."""
+
+    data: str = ""  # preference pairs JSONL (prompt, chosen, rejected)
+    loss: str = "dpo"  # dpo, ipo or simpo
+    beta: float = 0.1  # strength of the KL anchor (dpo, ipo); reward scale for simpo (try 2.0)
+    simpo_gamma: float = 0.5  # simpo's target margin
+    val_fraction: float = 0.1  # held-out prompts
+    lr: float = 5e-6
+
+    def validate(self) -> DpoConfig:
+        if not self.data:
+            raise LmforgeError("config: dpo needs --data (preference pairs JSONL)")
+        if self.loss not in PREFERENCE_LOSSES:
+            raise LmforgeError(f"config: loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.loss!r}")
+        if self.beta <= 0:
+            raise LmforgeError("config: beta must be > 0")
+        return super().validate()
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("dpo", help="direct preference optimization (DPO / IPO / SimPO) on pairs")
+    add_common_args(p, "DpoConfig")
+    p.add_argument("--data", help="preference pairs JSONL")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    recipe = load_yaml(args.config) if args.config else {}
+    dpo(resolve(DpoConfig, recipe, {**common_flags(args), "data": args.data}, parse_set(args.set)))
+    return 0
+
+
+def pair_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log pi(chosen), log pi(rejected), answer lengths (2B,)) for a pair batch."""
+    logits, _ = model(batch["idx"])
+    mask = batch["targets"] != -100
+    logp = sequence_logprobs(logits, batch["targets"], mask)
+    c, r = logp.chunk(2)
+    return c, r, mask.sum(-1).float()
+
+
+def dpo(cfg: DpoConfig) -> dict:
+    run = FinetuneRun(cfg, "dpo", resume_fields=("data", "loss", "beta", "simpo_gamma", "val_fraction"))
+    dd = setup_distributed(run.device)
+    try:
+        return _train(cfg, run, dd)
+    finally:
+        teardown_distributed()
+
+
+def _train(cfg: DpoConfig, run: FinetuneRun, dd) -> dict:
+    # The reference: the starting weights, frozen. With LoRA, the policy with its adapters off.
+    ref = None if cfg.lora or cfg.loss == "simpo" else copy.deepcopy(run.model).eval().requires_grad_(False)
+    trainable, total = run.make_trainable()
+    if ref is not None:
+        ref.to(run.device)
+    if dd.main:
+        run.write_run_files()
+    fmt = ChatFormat(run.tokenizer_dir)
+    ps = load_pairs(cfg.data)
+    train_pairs, val_pairs = split_pairs(ps.pairs, cfg.val_fraction, cfg.seed)
+    train, train_report = encode_pairs(fmt, train_pairs, cfg.seq_len)
+    val, val_report = encode_pairs(fmt, val_pairs, cfg.seq_len)
+    if dd.main:
+        atomic_write_json(run.run_dir / "data_report.json",
+                          {"source": ps.source, "skipped": ps.skipped, "train": train_report, "val": val_report})  # fmt: skip
+        run.say(f"{cfg.loss}, beta={cfg.beta}: {len(train)} train / {len(val)} held-out pairs "
+                f"({sum(ps.skipped.values())} skipped: {ps.skipped}); training {trainable:,} of {total:,} parameters")  # fmt: skip
+    pad_id = fmt.stop_ids[0] if fmt.stop_ids else 0
+    model, device = run.model, run.device
+    optimizer = run.optimizer()
+    loader = PairLoader(train, cfg.batch_size, pad_id, cfg.seed, dd.rank, dd.world_size, device)
+    if run.meta is not None:
+        loader.load_state_dict(run.meta["loader"])
+    val_batches = pair_batches(val, cfg.batch_size, pad_id, device)[: cfg.eval_batches]
+    logger = MetricsLogger(run.run_dir, resume_step=run.start_step if run.meta else None, enabled=dd.main)
+    save = run.saver(optimizer, loader)
+    loss_fn = PREFERENCE_LOSSES[cfg.loss]
+
+    @torch.no_grad()
+    def reference(batch):
+        if cfg.loss == "simpo":
+            return None, None
+        ctx = adapters_disabled(model) if ref is None else contextlib.nullcontext()
+        with ctx:
+            c, r, _ = pair_logprobs(ref if ref is not None else model, batch)
+        return c, r
+
+    def step_loss(model_, batch, autocast):
+        ref_c, ref_r = reference(batch)
+        with autocast():
+            pi_c, pi_r, lengths = pair_logprobs(model_, batch)
+        len_c, len_r = lengths.chunk(2)
+        loss, rc, rr = loss_fn(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, gamma=cfg.simpo_gamma, len_c=len_c, len_r=len_r)
+        metrics = {"reward_chosen": float(rc.mean()), "reward_rejected": float(rr.mean()),
+                   "reward_margin": float((rc - rr).mean()), "reward_accuracy": float((rc > rr).float().mean()),
+                   "logp_chosen": float(pi_c.detach().mean()), "logp_rejected": float(pi_r.detach().mean())}  # fmt: skip
+        return loss, batch["num_tokens"], metrics
+
+    evals: list[dict] = []
+
+    @torch.no_grad()
+    def evaluate(step: int) -> dict | None:
+        if not val_batches:
+            return None
+        model.eval()
+        wins = reward_wins = n = 0
+        margin = reward_margin = 0.0
+        for batch in val_batches:
+            pi_c, pi_r, _ = pair_logprobs(model, batch)
+            ref_c, ref_r = reference(batch)
+            wins += int((pi_c > pi_r).sum())
+            margin += float((pi_c - pi_r).sum())
+            if ref_c is not None:
+                d = (pi_c - ref_c) - (pi_r - ref_r)
+                reward_wins += int((d > 0).sum())
+                reward_margin += float(cfg.beta * d.sum())
+            n += len(pi_c)
+        model.train()
+        lo, hi = wilson_interval(wins, n)
+        rec = {"step": step, "val_pref_accuracy": wins / n, "val_pref_accuracy_lo": lo, "val_pref_accuracy_hi": hi,
+               "val_logratio_margin": margin / n, "val_reward_accuracy": reward_wins / n,
+               "val_reward_margin": reward_margin / n, "val_pairs": n}  # fmt: skip
+        logger.log(rec)
+        evals.append(rec)
+        return rec
+
+    before = evaluate(0) if run.meta is None else None
+    parts = LoopParts(model, optimizer, loader, lambda s, t: save(s, t) if dd.main else None, evaluate, logger,
+                      device, dd, run.autocast, flops_per_token(model.cfg, cfg.seq_len), peak_flops(device),
+                      run.run_dir, step_loss=step_loss)  # fmt: skip
+    last = train_loop(cfg, parts, run.start_step, run.tokens_seen, desc="dpo")
+    result = {"trainable_params": trainable, **last}
+    if before:
+        result["before"] = before
+    if evals and evals[-1]["step"] > 0:
+        result["after"] = evals[-1]
+    return result

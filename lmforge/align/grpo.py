@@ -1,0 +1,204 @@
+"""`lmforge grpo`: group-relative policy optimization on a verifiable task (no critic).
+
+    lmforge grpo --model models/smollm2 --task add --out runs/grpo --max-steps 50 --lora
+    lmforge grpo --model runs/demo/sft --task sort --out runs/grpo-sort --set group_size=8 --set kl_coef=0.04
+
+Each step samples `group_size` answers to each of `batch_size` training prompts (KV-cache
+generator, temperature), scores them with the task's checker, and standardizes each reward
+within its group (Shao et al. 2024, DeepSeekMath). The loss is PPO's clipped surrogate with
+those advantages plus kl_coef * KL(policy || reference), the k3 estimator per answer token,
+averaged over all answer tokens of the batch (a token-level mean, as DAPO recommends, rather
+than the paper's mean of per-answer means, which favours short answers). One optimizer step per
+rollout batch, so the ratio starts at 1 and the clip guards grad accumulation only.
+The reference is the starting model (its adapters off under --lora: no second copy).
+
+Logged per step: reward, accuracy (share of answers with reward 1), kl, entropy, answer
+length, share that ended with the turn-end token. Held-out exact-match accuracy (greedy, on
+prompts never used for training) before the first step and at each evaluation. The run stops,
+keeping its last good checkpoint, if KL exceeds `max_kl` or any metric turns NaN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import random
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.align.losses import grpo_advantages, kl_per_token, masked_mean, policy_gradient_loss
+from lmforge.align.rollout import answer_logprobs, prompt_ids, rows, sample, task_accuracy
+from lmforge.align.tasks import get_task, make_split
+from lmforge.chat.template import ChatFormat
+from lmforge.config import load_yaml, parse_set
+from lmforge.errors import LmforgeError
+from lmforge.fileio import atomic_write_json
+from lmforge.model.lora import adapters_disabled
+from lmforge.model.transformer import flops_per_token
+from lmforge.train.common import peak_flops, setup_distributed, teardown_distributed
+from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_common_args, common_flags, resolve
+from lmforge.train.loop import LoopParts, train_loop
+from lmforge.train.metrics import MetricsLogger
+
+
+@dataclass
+class GrpoConfig(FinetuneConfig):
+    """GRPO: the shared fine-tuning fields plus these (batch_size = prompts per micro-batch)."""
+
+    task: str = ""  # verifiable task: add, mul, sort, reverse, convert
+    group_size: int = 8  # answers sampled per prompt
+    batch_size: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kl_coef: float = 0.04
+    clip: float = 0.2
+    max_kl: float = 5.0  # stop if the mean per-token KL to the reference exceeds this (0 = never)
+    train_prompts: int = 2000  # distinct training prompts drawn from the task
+    eval_prompts: int = 100  # held-out prompts for greedy exact-match accuracy
+    system: str = ""  # system prompt for every question ("" = none)
+    lr: float = 1e-5
+
+    def validate(self) -> GrpoConfig:
+        get_task(self.task) if self.task else None
+        checks = [
+            (bool(self.task), "grpo needs --task (add, mul, sort, reverse, convert)"),
+            (self.group_size >= 2, "group_size must be >= 2 (advantages are relative within a group)"),
+            (self.max_new_tokens >= 1 and self.temperature > 0, "max_new_tokens >= 1 and temperature > 0"),
+            (self.eval_prompts >= 0 and self.train_prompts >= self.batch_size, "train_prompts >= batch_size"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise LmforgeError(f"config: {message}")
+        return super().validate()
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("grpo", help="GRPO on a verifiable task (group-relative advantages, KL to the reference)")
+    add_common_args(p, "GrpoConfig")
+    p.add_argument("--task", help="add, mul, sort, reverse, convert")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    recipe = load_yaml(args.config) if args.config else {}
+    grpo(resolve(GrpoConfig, recipe, {**common_flags(args), "task": args.task}, parse_set(args.set)))
+    return 0
+
+
+class RolloutSource:
+    """The "loader" of an RL stage: each batch is fresh rollouts from the current policy, reproducible by step."""
+
+    def __init__(self, model, fmt, task, items, cfg: GrpoConfig, device, rank=0):
+        self.model, self.fmt, self.task, self.items, self.cfg, self.device, self.rank = (
+            model, fmt, task, items, cfg, device, rank)  # fmt: skip
+        self.drawn = 0
+        self.stop_id = fmt.stop_ids[0]
+
+    @property
+    def epoch(self) -> int:
+        return self.drawn * self.cfg.batch_size // len(self.items)
+
+    def next_batch(self) -> dict:
+        cfg = self.cfg
+        rng = random.Random(f"{cfg.seed}:{self.drawn}:{self.rank}")
+        chosen = rng.sample(self.items, cfg.batch_size)
+        prompts = prompt_ids(self.fmt, [q for q, _ in chosen], cfg.system or None)
+        outs, ended = sample(self.model, prompts, cfg.group_size, cfg.max_new_tokens, temperature=cfg.temperature,
+                             top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + self.drawn, stop_ids=self.fmt.stop_ids)  # fmt: skip
+        self.drawn += 1
+        answers = [a for _, a in chosen for _ in range(cfg.group_size)]
+        rewards = torch.tensor(
+            [self.task.reward(self.fmt.tokenizer.decode(o), a) for o, a in zip(outs, answers, strict=True)]
+        )
+        batch = rows(
+            [p for p in prompts for _ in range(cfg.group_size)], outs, ended, self.stop_id, self.stop_id, self.device
+        )
+        batch["advantages"] = grpo_advantages(rewards, cfg.group_size).to(self.device)
+        batch["stats"] = {"reward": float(rewards.mean()), "accuracy": float((rewards == 1).float().mean()),
+                          "length": sum(map(len, outs)) / len(outs), "ended": sum(ended) / len(ended)}  # fmt: skip
+        batch["num_tokens"] = int((batch["targets"] != -100).sum())
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drawn = int(state["drawn"])
+
+
+def grpo(cfg: GrpoConfig) -> dict:
+    run = FinetuneRun(cfg, "grpo", resume_fields=("task", "group_size", "train_prompts", "system"))
+    dd = setup_distributed(run.device)
+    try:
+        return _train(cfg, run, dd)
+    finally:
+        teardown_distributed()
+
+
+def _train(cfg: GrpoConfig, run: FinetuneRun, dd) -> dict:
+    ref = None if cfg.lora else copy.deepcopy(run.model).eval().requires_grad_(False)
+    trainable, total = run.make_trainable()
+    if ref is not None:
+        ref.to(run.device)
+    if dd.main:
+        run.write_run_files()
+    fmt = ChatFormat(run.tokenizer_dir)
+    if not fmt.stop_ids:
+        raise LmforgeError(f"{run.tokenizer_dir}: the tokenizer has no turn-end token to stop answers at")
+    task = get_task(cfg.task)
+    train_items = make_split(task, cfg.train_prompts, cfg.seed, "train")
+    eval_items = make_split(task, cfg.eval_prompts, cfg.seed, "eval") if cfg.eval_prompts else []
+    model, device = run.model, run.device
+    optimizer = run.optimizer()
+    source = RolloutSource(model, fmt, task, train_items, cfg, device, dd.rank)
+    if run.meta is not None:
+        source.load_state_dict(run.meta["loader"])
+    logger = MetricsLogger(run.run_dir, resume_step=run.start_step if run.meta else None, enabled=dd.main)
+    save = run.saver(optimizer, source)
+    evals: list[dict] = []
+    if dd.main:
+        atomic_write_json(run.run_dir / "task.json", {"task": task.name, "description": task.description,
+                          "train_prompts": len(train_items), "eval_prompts": len(eval_items)})  # fmt: skip
+        run.say(f"task {task.name} ({task.description}); {cfg.batch_size} prompts x {cfg.group_size} answers per "
+                f"micro-batch; training {trainable:,} of {total:,} parameters")  # fmt: skip
+
+    def step_loss(model_, batch, autocast):
+        model_.train()
+        with autocast():
+            logp, mask, entropy = answer_logprobs(model_, batch)
+        with torch.no_grad(), adapters_disabled(model) if ref is None else contextlib.nullcontext():
+            ref_logp, _, _ = answer_logprobs(ref if ref is not None else model_, batch)
+        pg = policy_gradient_loss(logp, logp.detach(), batch["advantages"], mask, cfg.clip)
+        kl = masked_mean(kl_per_token(logp, ref_logp), mask)
+        loss = pg + cfg.kl_coef * kl
+        metrics = {
+            **batch["stats"],
+            "kl": float(kl.detach()),
+            "entropy": float(masked_mean(entropy, mask)),
+            "pg_loss": float(pg),
+        }
+        return loss, batch["num_tokens"], metrics
+
+    def evaluate(step: int) -> dict | None:
+        if not eval_items:
+            return None
+        acc = task_accuracy(model, fmt, task, eval_items, cfg.max_new_tokens, cfg.system or None)
+        rec = {"step": step, **{f"val_{k}": v for k, v in acc.items()}}
+        logger.log(rec)
+        evals.append(rec)
+        return rec
+
+    before = evaluate(0) if run.meta is None else None
+    parts = LoopParts(model, optimizer, source, lambda s, t: save(s, t) if dd.main else None, evaluate, logger,
+                      device, dd, run.autocast, flops_per_token(model.cfg, cfg.seq_len), peak_flops(device),
+                      run.run_dir, step_loss=step_loss)  # fmt: skip
+    last = train_loop(cfg, parts, run.start_step, run.tokens_seen, desc="grpo")
+    result = {"trainable_params": trainable, **last}
+    if before:
+        result["before"] = before
+    if evals and evals[-1]["step"] > 0:
+        result["after"] = evals[-1]
+    return result

@@ -1,0 +1,167 @@
+"""`lmforge reward`: a reward model, a scalar head on the language model trained on ranked pairs.
+
+    lmforge prefs --source chitchat --out pairs.jsonl
+    lmforge reward --model runs/demo/sft --data pairs.jsonl --out runs/rm --max-steps 200
+
+The score of a (prompt, answer) is a linear head on the final hidden state at the answer's
+last token (its turn-end token). Training minimizes the Bradley-Terry ranking loss
+-log sigmoid(r_chosen - r_rejected) (Ouyang et al. 2022). The held-out split is by prompt;
+pairwise accuracy on it is logged before the first step and at each evaluation, with its 95%
+Wilson interval. The head is saved as `head.safetensors` next to the body's weights (or its
+LoRA adapter); `load_reward_model` reads it back for best-of-N and PPO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmforge.align.batching import PairLoader, encode_pairs, pair_batches
+from lmforge.align.losses import reward_ranking_loss
+from lmforge.align.prefs import load_pairs, split_pairs
+from lmforge.chat.template import ChatFormat
+from lmforge.config import load_yaml, parse_set
+from lmforge.errors import LmforgeError
+from lmforge.eval.stats import wilson_interval
+from lmforge.fileio import atomic_write_json
+from lmforge.model.transformer import flops_per_token
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.common import peak_flops, setup_distributed, teardown_distributed
+from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_common_args, common_flags, resolve
+from lmforge.train.loop import LoopParts, train_loop
+from lmforge.train.metrics import MetricsLogger
+
+
+@dataclass
+class RewardConfig(FinetuneConfig):
+    """Reward modelling: the shared fine-tuning fields plus these."""
+
+    data: str = ""  # preference pairs JSONL (prompt, chosen, rejected); `lmforge prefs` builds some
+    val_fraction: float = 0.1  # held-out prompts for pairwise accuracy
+
+    def validate(self) -> RewardConfig:
+        if not self.data:
+            raise LmforgeError("config: reward needs --data (preference pairs JSONL)")
+        return super().validate()
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("reward", help="train a reward model on preference pairs (pairwise ranking loss)")
+    add_common_args(p, "RewardConfig")
+    p.add_argument("--data", help="preference pairs JSONL")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    recipe = load_yaml(args.config) if args.config else {}
+    train_reward(resolve(RewardConfig, recipe, {**common_flags(args), "data": args.data}, parse_set(args.set)))
+    return 0
+
+
+def scores(model, head: nn.Module, batch: dict) -> torch.Tensor:
+    """Reward of each row: the head on the hidden state at the row's last token, (rows,)."""
+    hidden, _ = model(batch["idx"], return_hidden=True)
+    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["last"]]).squeeze(-1)
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, head, batches) -> dict:
+    was = model.training
+    model.eval()
+    right = n = 0
+    margin = 0.0
+    for batch in batches:
+        r = scores(model, head, batch)
+        c, rj = r.chunk(2)
+        right += int((c > rj).sum())
+        margin += float((c - rj).sum())
+        n += len(c)
+    model.train(was)
+    lo, hi = wilson_interval(right, n)
+    return {"val_accuracy": right / max(n, 1), "val_accuracy_lo": lo, "val_accuracy_hi": hi,
+            "val_margin": margin / max(n, 1), "val_pairs": n}  # fmt: skip
+
+
+def train_reward(cfg: RewardConfig) -> dict:
+    run = FinetuneRun(cfg, "reward", resume_fields=("data", "val_fraction"))
+    dd = setup_distributed(run.device)
+    try:
+        return _train(cfg, run, dd)
+    finally:
+        teardown_distributed()
+
+
+def _train(cfg: RewardConfig, run: FinetuneRun, dd) -> dict:
+    head = nn.Linear(run.model.cfg.d_model, 1)
+    nn.init.normal_(head.weight, std=1.0 / (run.model.cfg.d_model + 1) ** 0.5)
+    nn.init.zeros_(head.bias)
+    trainable, total = run.make_trainable(head)
+    if dd.main:
+        run.write_run_files()
+    fmt = ChatFormat(run.tokenizer_dir)
+    ps = load_pairs(cfg.data)
+    train_pairs, val_pairs = split_pairs(ps.pairs, cfg.val_fraction, cfg.seed)
+    train, train_report = encode_pairs(fmt, train_pairs, cfg.seq_len)
+    val, val_report = encode_pairs(fmt, val_pairs, cfg.seq_len)
+    if dd.main:
+        atomic_write_json(run.run_dir / "data_report.json",
+                          {"source": ps.source, "skipped": ps.skipped, "train": train_report, "val": val_report})  # fmt: skip
+        run.say(f"{len(train)} train / {len(val)} held-out pairs ({sum(ps.skipped.values())} skipped: {ps.skipped}); "
+                f"training {trainable:,} of {total:,} parameters")  # fmt: skip
+    pad_id = fmt.stop_ids[0] if fmt.stop_ids else 0
+    device = run.device
+    optimizer = run.optimizer()
+    loader = PairLoader(train, cfg.batch_size, pad_id, cfg.seed, dd.rank, dd.world_size, device)
+    if run.meta is not None:
+        loader.load_state_dict(run.meta["loader"])
+    val_batches = pair_batches(val, cfg.batch_size, pad_id, device)[: cfg.eval_batches]
+    logger = MetricsLogger(run.run_dir, resume_step=run.start_step if run.meta else None, enabled=dd.main)
+    save = run.saver(optimizer, loader)
+    model = run.model
+
+    def step_loss(model_, batch, autocast):
+        with autocast():
+            r = scores(model_, head, batch)
+        c, rj = r.float().chunk(2)
+        loss = reward_ranking_loss(c, rj)
+        return (
+            loss,
+            batch["num_tokens"],
+            {"accuracy": float((c > rj).float().mean()), "margin": float((c - rj).detach().mean())},
+        )
+
+    def run_eval(step: int) -> dict | None:
+        if not val_batches:
+            return None
+        rec = {"step": step, **pairwise_accuracy(model, head, val_batches)}
+        logger.log(rec)
+        return rec
+
+    before = run_eval(0) if run.meta is None else None
+    parts = LoopParts(model, optimizer, loader, lambda s, t: save(s, t) if dd.main else None, run_eval, logger,
+                      device, dd, run.autocast, flops_per_token(model.cfg, cfg.seq_len), peak_flops(device),
+                      run.run_dir, step_loss=step_loss)  # fmt: skip
+    last = train_loop(cfg, parts, run.start_step, run.tokens_seen, desc="reward")
+    result = {"trainable_params": trainable, **last}
+    if before:
+        result["before"] = before
+    if val_batches and run.start_step < cfg.max_steps:
+        result["after"] = pairwise_accuracy(model, head, val_batches)
+        a = result["after"]
+        print(f"lmforge reward: held-out pairwise accuracy {a['val_accuracy']:.3f} "
+              f"(95% CI {a['val_accuracy_lo']:.3f}-{a['val_accuracy_hi']:.3f}, {a['val_pairs']} pairs)", file=sys.stderr)  # fmt: skip
+    return result
+
+
+def load_reward_model(path, device="cpu") -> tuple[nn.Module, nn.Module, object, dict]:
+    """(body, head, tokenizer dir, meta) of a reward run, in eval mode."""
+    model, where, meta = ckpt.load_model(path)
+    if meta.get("stage") != "reward" or not (where / "head.safetensors").is_file():
+        raise LmforgeError(f"{where}: not a reward model (train one with `lmforge reward`)")
+    head = nn.Linear(model.cfg.d_model, 1)
+    head.load_state_dict(ckpt.load_tensors(where / "head.safetensors"))
+    return model.to(device).eval(), head.to(device).eval(), ckpt.tokenizer_dir(where, meta), meta
