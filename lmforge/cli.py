@@ -20,7 +20,7 @@ from lmforge.errors import LmforgeError
 def _command_modules():
     # Imported here, not at module top, so `import lmforge.cli` stays cheap and side-effect free.
     from lmforge import params, run
-    from lmforge.align import dpo, grpo, prefs, reward
+    from lmforge.align import best_of_n, dpo, grpo, ppo, prefs, reward
     from lmforge.data import mix, quality_cmd, tokenize_cmd
     from lmforge.data import stats as data_stats
     from lmforge.data.clean import cli as clean_cli
@@ -44,6 +44,8 @@ def _command_modules():
         reward,
         dpo,
         grpo,
+        ppo,
+        best_of_n,
         generate_cmd,
         chat_cmd,
         bench,

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small tokenizer and token shards built once per test session from Shakespeare."""
+"""Shared fixtures: a small tokenizer and token shards built once per test session from Shakespeare,
+and for the alignment tests a tiny random base run, preference pairs and a toy verifiable task."""
 
 from __future__ import annotations
 
@@ -34,3 +35,46 @@ def small_shards(small_corpus, tmp_path_factory) -> Path:
     train_tokenizer([small_corpus], 512, root / "tok")
     tokenize_corpus([small_corpus], root / "tok", root / "shards", val_fraction=0.1, workers=1, progress=False)
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def base_run(small_shards, tmp_path_factory) -> Path:
+    """A tiny random chat model run (2 layers, d_model 64) with the small tokenizer: the alignment stages' base."""
+    import shutil
+
+    from lmforge.model.transformer import ModelConfig, Transformer
+    from lmforge.tokenizer.special import tokenizer_hash
+    from lmforge.train import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    tok_dir = small_shards.parent / "tok"
+    cfg = ModelConfig(vocab_size=576, n_layer=2, d_model=64, n_head=4, max_seq_len=128)
+    run = tmp_path_factory.mktemp("base") / "run"
+    shutil.copytree(tok_dir, run / "tokenizer")
+    meta = {"model_config": cfg.to_dict(), "tokenizer": {"dir": "../../tokenizer", "hash": tokenizer_hash(tok_dir)}}
+    ckpt.save_checkpoint(run, 1, ckpt.model_tensors(Transformer(cfg).state_dict(), True), meta)
+    return run
+
+
+@pytest.fixture(scope="session")
+def style_pairs(tmp_path_factory) -> Path:
+    """A learnable preference: polite answers over curt ones, on many distinct prompts."""
+    import json
+
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    rows = [
+        {"prompt": f"question number {i}", "chosen": "thank you kindly", "rejected": "no no no"} for i in range(120)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def toy_task(monkeypatch) -> str:
+    """A task a random tiny model gets right half the time (answers of even length), so rewards vary."""
+    from lmforge.align.tasks import TASKS, Task
+
+    toy = Task("toy", "even-length answers", lambda rng: (f"say something {rng.randrange(10**6)}", "even"),
+               extract=lambda text: text, equal=lambda got, want: len(got) % 2 == 0)  # fmt: skip
+    monkeypatch.setitem(TASKS, "toy", toy)
+    return "toy"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -15,8 +14,6 @@ from lmforge.align.tasks import TASKS, get_task, make_split
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
-from lmforge.model.transformer import ModelConfig, Transformer
-from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
 
 t = torch.tensor
@@ -153,29 +150,6 @@ def test_builders_make_honest_pairs():
 # ----------------------------------------------------------------------------- runs on a tiny model
 
 
-@pytest.fixture(scope="module")
-def base_run(small_shards, tmp_path_factory):
-    torch.manual_seed(0)
-    tok_dir = small_shards.parent / "tok"
-    cfg = ModelConfig(vocab_size=576, n_layer=2, d_model=64, n_head=4, max_seq_len=128)
-    run = tmp_path_factory.mktemp("base") / "run"
-    shutil.copytree(tok_dir, run / "tokenizer")
-    meta = {"model_config": cfg.to_dict(), "tokenizer": {"dir": "../../tokenizer", "hash": tokenizer_hash(tok_dir)}}
-    ckpt.save_checkpoint(run, 1, ckpt.model_tensors(Transformer(cfg).state_dict(), True), meta)
-    return run
-
-
-@pytest.fixture(scope="module")
-def style_pairs(tmp_path_factory):
-    """A learnable preference: polite answers over curt ones, on many distinct prompts."""
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    rows = [
-        {"prompt": f"question number {i}", "chosen": "thank you kindly", "rejected": "no no no"} for i in range(120)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -220,17 +194,6 @@ def test_dpo_raises_held_out_preference_and_margin(base_run, style_pairs, tmp_pa
     assert main(["dpo", "--model", str(base_run), "--data", str(style_pairs), "--out", str(tmp_path / "x"),
                  "--set", "loss=kto"]) == 2  # fmt: skip
     assert "loss must be one of dpo, ipo, simpo" in capsys.readouterr().err
-
-
-@pytest.fixture
-def toy_task(monkeypatch):
-    """A task a random tiny model gets right half the time (answers of even length), so rewards vary."""
-    from lmforge.align.tasks import TASKS, Task
-
-    toy = Task("toy", "even-length answers", lambda rng: (f"say something {rng.randrange(10**6)}", "even"),
-               extract=lambda text: text, equal=lambda got, want: len(got) % 2 == 0)  # fmt: skip
-    monkeypatch.setitem(TASKS, "toy", toy)
-    return "toy"
 
 
 def test_grpo_runs_logs_rl_metrics_and_resumes(base_run, tmp_path, toy_task):

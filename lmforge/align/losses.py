@@ -2,6 +2,7 @@
 
     from lmforge.align.losses import PREFERENCE_LOSSES, reward_ranking_loss, gae, grpo_advantages
     loss, chosen_r, rejected_r = PREFERENCE_LOSSES["dpo"](pi_c, pi_r, ref_c, ref_r, beta=0.1)
+    rewards = kl_shaped_rewards(scores, kl, mask, kl_coef=0.05)   # PPO: per-token rewards, then gae()
 
 Log-probabilities here are per sequence (the sum over answer tokens) unless the name says
 per token; masks are 1 on answer tokens and 0 elsewhere.
@@ -131,3 +132,33 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         last = (delta + gamma * lam * last * more) * m[:, t]
         adv[:, t] = last
     return adv, (adv + values) * m
+
+
+def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """PPO's per-token rewards (Ziegler et al. 2019, InstructGPT, TRL): -kl_coef * KL at every answer token,
+    plus the sequence's scalar score at its last answer token.
+
+    scores (B,), kl (B, T) per-token KL estimate of the sampled tokens, mask (B, T) one contiguous
+    run of answer tokens per row -> rewards (B, T), zero off the mask.
+    """
+    m = mask.to(kl.dtype)
+    rewards = -kl_coef * kl * m
+    last = (m * torch.arange(m.shape[1], device=m.device)).argmax(1)  # index of each row's last answer token
+    rows = torch.arange(m.shape[0], device=m.device)
+    rewards[rows, last] += scores.to(rewards.dtype) * m[rows, last]
+    return rewards
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """x standardized over its masked entries (mean 0, unit variance there), zero off the mask."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over masked entries: 1 is a perfect critic, <= 0 a useless one."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return 1.0 - var_d / var_r.clamp(min=1e-12)

@@ -2,6 +2,7 @@
 
     lmforge prefs --source chitchat --out pairs/chitchat.jsonl          # human ratings on the same starter prompt
     lmforge prefs --source task:add --n 2000 --out pairs/add.jsonl       # a verified answer vs a wrong one
+    lmforge prefs --source task:add --n 5000 --sft --out sft/add.jsonl   # the verified answers alone (SFT warm-up)
 
 A pair is {"prompt": [messages], "chosen": str, "rejected": str} (a plain-text prompt is read as
 one user message; chosen/rejected may also be an assistant message or a list ending with one).
@@ -183,6 +184,7 @@ def register(subparsers) -> None:
     p.add_argument("--n", type=int, default=2000, help="task pairs to make (default 2000)")
     p.add_argument("--min-gap", type=int, default=9, help="chitchat: least rating-sum difference (default 9 of 3..30)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sft", action="store_true", help="write the chosen answers as `messages` JSONL for `lmforge sft`")
     p.set_defaults(func=_main)
 
 
@@ -193,6 +195,8 @@ def _main(args: argparse.Namespace) -> int:
         pairs = task_pairs(args.source.split(":", 1)[1], args.n, args.seed)
     else:
         raise LmforgeError(f"--source must be chitchat or task:NAME, got {args.source!r}")
+    if args.sft:
+        pairs = [{"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]} for p in pairs]
     atomic_write_text(args.out, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-    print(f"lmforge prefs: {len(pairs)} pairs from {args.source} -> {args.out}")
+    print(f"lmforge prefs: {len(pairs)} {'conversations' if args.sft else 'pairs'} from {args.source} -> {args.out}")
     return 0

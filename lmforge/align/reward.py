@@ -97,8 +97,10 @@ def train_reward(cfg: RewardConfig) -> dict:
 
 def _train(cfg: RewardConfig, run: FinetuneRun, dd) -> dict:
     head = nn.Linear(run.model.cfg.d_model, 1)
-    nn.init.normal_(head.weight, std=1.0 / (run.model.cfg.d_model + 1) ** 0.5)
-    nn.init.zeros_(head.bias)
+    with torch.no_grad():  # seeded: the same run gives the same head in any process
+        g = torch.Generator().manual_seed(cfg.seed)
+        head.weight.normal_(0.0, 1.0 / (run.model.cfg.d_model + 1) ** 0.5, generator=g)
+        head.bias.zero_()
     trainable, total = run.make_trainable(head)
     if dd.main:
         run.write_run_files()

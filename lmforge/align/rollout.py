@@ -3,6 +3,8 @@
     outs, ended = sample(model, prompts, n=8, max_new_tokens=32, temperature=1.0, seed=0, stop_ids=fmt.stop_ids)
     batch = rows(prompts_repeated, outs, ended, stop_id, pad_id)   # idx, targets on the answers only
     accuracy = task_accuracy(model, fmt, task, items, max_new_tokens=32)   # greedy exact match
+    prompts, skipped = load_prompts("prompts.jsonl"); train, held = split_prompts(prompts, 100, seed=0)
+    scorer = RewardModelScorer("runs/rm", policy_tokenizer_dir); scorer(prompts, answer_texts)  # (N,) scores
 
 Rollouts use the KV-cache generator (lmforge/serve/generate.py). A row is prompt + answer,
 plus the turn-end token when the answer ended with it: the policy is then trained (and
@@ -11,9 +13,14 @@ rewarded) for stopping, and an answer cut by `max_new_tokens` is counted as not 
 
 from __future__ import annotations
 
+import json
+import random
+from pathlib import Path
+
 import torch
 
-from lmforge.align.batching import collate
+from lmforge.align.batching import collate, encode_side
+from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
 from lmforge.serve.generate import generate
 
@@ -52,7 +59,7 @@ def answer_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 @torch.no_grad()
 def task_accuracy(model, fmt, task, items, max_new_tokens: int, system: str | None = None) -> dict:
     """Greedy exact-match accuracy on (question, answer) items, with its 95% interval and mean length."""
-    prompts = [fmt.encode(_messages(q, system), add_generation_prompt=True) for q, _ in items]
+    prompts = [fmt.encode(question_messages(q, system), add_generation_prompt=True) for q, _ in items]
     outs, ended = sample(model, prompts, 1, max_new_tokens, temperature=0.0, stop_ids=fmt.stop_ids)
     right = sum(task.reward(fmt.tokenizer.decode(o), a) == 1.0 for o, (_, a) in zip(outs, items, strict=True))
     lo, hi = wilson_interval(right, len(items))
@@ -61,9 +68,94 @@ def task_accuracy(model, fmt, task, items, max_new_tokens: int, system: str | No
             "tokens_generated": sum(map(len, outs))}  # fmt: skip
 
 
-def _messages(question: str, system: str | None) -> list[dict]:
+def question_messages(question: str, system: str | None = None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
 
 
 def prompt_ids(fmt, questions, system: str | None = None) -> list[list[int]]:
-    return [fmt.encode(_messages(q, system), add_generation_prompt=True) for q in questions]
+    return [fmt.encode(question_messages(q, system), add_generation_prompt=True) for q in questions]
+
+
+def load_prompts(path: str | Path, system: str | None = None) -> tuple[list[list[dict]], dict[str, int]]:
+    """Prompts for RL or best-of-N from JSONL {"prompt": text or [messages]}: (message lists, skipped by reason).
+
+    A text prompt is one user message; `system` is put first where a prompt has no system message.
+    """
+    from lmforge.align.prefs import _as_prompt  # the same reading of a prompt as preference pairs get
+
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f'{path}: no such prompts file (JSONL with a "prompt" field: text or messages)')
+    prompts, skipped = [], {}
+    with path.open("rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                prompt = _as_prompt(record.get("prompt")) if isinstance(record, dict) else None
+                reason = 'no usable "prompt" (text or messages)' if prompt is None else None
+            except UnicodeDecodeError:
+                prompt, reason = None, "not UTF-8"
+            except ValueError:
+                prompt, reason = None, "malformed JSON"
+            if prompt is not None and prompt[-1]["role"] == "assistant":
+                prompt, reason = None, "prompt ends with an assistant turn"
+            if prompt is None:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                continue
+            if system and prompt[0]["role"] != "system":
+                prompt = [{"role": "system", "content": system}, *prompt]
+            prompts.append(prompt)
+    if not prompts:
+        raise LmforgeError(
+            f"{path}: no usable prompt ({', '.join(f'{k}: {v}' for k, v in skipped.items()) or 'empty'})"
+        )
+    return prompts, skipped
+
+
+def split_prompts(prompts: list, n_eval: int, seed: int) -> tuple[list, list]:
+    """(train, held out): a seeded choice of `n_eval` prompts held out (all but one at most), both in input order."""
+    n_eval = min(n_eval, len(prompts) - 1)
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(n_eval, 0)])
+    return [p for i, p in enumerate(prompts) if i not in held], [p for i, p in enumerate(prompts) if i in held]
+
+
+class RewardModelScorer:
+    """A trained reward model (`lmforge reward`) as a scorer of (prompt messages, answer text) -> float.
+
+    Each answer is rendered with the prompt through the chat template and read at its turn-end
+    token, exactly as the reward model was trained (batching.encode_side), whether or not the
+    sampled answer reached the turn end. Its tokenizer must be the policy's (hash-equal).
+    """
+
+    def __init__(self, path, policy_tokenizer_dir, device="cpu", batch_size: int = 16):
+        from lmforge.align.reward import load_reward_model
+        from lmforge.chat.template import ChatFormat
+        from lmforge.tokenizer.special import tokenizer_hash
+
+        self.model, self.head, tok_dir, _ = load_reward_model(path, device)
+        ours, theirs = tokenizer_hash(policy_tokenizer_dir), tokenizer_hash(tok_dir)
+        if ours != theirs:
+            raise LmforgeError(f"{path}: the reward model's tokenizer ({theirs}) is not the policy's ({ours}); "
+                               "train the reward model from the same base")  # fmt: skip
+        self.model.requires_grad_(False)
+        self.head.requires_grad_(False)
+        self.fmt = ChatFormat(tok_dir)
+        self.pad_id = self.fmt.stop_ids[0] if self.fmt.stop_ids else 0
+        self.batch_size, self.device = batch_size, device
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[dict]], answers: list[str]) -> torch.Tensor:
+        from lmforge.align.reward import scores
+
+        keep = self.model.cfg.max_seq_len + 1  # collate feeds all but the last token
+        out = []
+        for i in range(0, len(answers), self.batch_size):
+            sides = [encode_side(self.fmt, p, a) for p, a in zip(prompts[i : i + self.batch_size],
+                                                               answers[i : i + self.batch_size], strict=True)]  # fmt: skip
+            sides = [(ids[-keep:], trained[-keep:]) for ids, trained in sides]  # over-long: the oldest tokens go
+            out.append(scores(self.model, self.head, collate(sides, self.pad_id, self.device)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)

@@ -105,7 +105,8 @@ def _guard(cfg, metrics: dict, step: int, run_dir) -> None:
 def train_loop(cfg, parts: LoopParts, start_step: int, tokens_seen: int, desc: str) -> dict:
     """Run optimizer steps start_step+1 .. cfg.max_steps; returns the last metrics record."""
     model, optimizer, loader, dd, device = parts.model, parts.optimizer, parts.loader, parts.dd, parts.device
-    params = [p for p in model.parameters() if p.requires_grad]
+    # Clip everything the optimizer updates (a reward or value head too, not only the model).
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     step_loss = parts.step_loss or forward_loss
     step, last, skipped = start_step, {}, 0
     began = time.perf_counter()
