@@ -1,7 +1,9 @@
 """`lmforge data clean`: clean, filter and deduplicate a raw corpus (the work is in `pipeline.py`).
 
 lmforge data clean --input raw/ --out runs/clean [--config pipeline.yaml] [--steps normalize,language]
-                   [--languages en,zh] [--workers 2]
+                   [--languages en,zh] [--workers 2] [--executor ray] [--restart]
+
+Rerunning the same command after a crash resumes it: finished shards are kept in OUT/.work/ (see pipeline.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ def _csv(value: str) -> list[str]:
 
 
 def register(subparsers) -> None:
+    from lmforge.data.clean.pipeline import CHUNK_DOCS
     from lmforge.data.clean.steps import DEFAULT_STEPS, STEPS
 
     p = data_subparsers(subparsers).add_parser("clean", help="clean, filter and deduplicate a raw corpus")
@@ -28,6 +31,13 @@ def register(subparsers) -> None:
                    f"else {','.join(DEFAULT_STEPS)})")  # fmt: skip
     p.add_argument("--languages", type=_csv, metavar="CODE,CODE", help="languages the `language` step keeps")
     p.add_argument("--workers", type=int, default=None, help="processes for per-document steps (default: cpu count)")
+    p.add_argument("--executor", choices=["local", "ray"], default=None,
+                   help="where per-document steps run: local processes (default) or Ray tasks "
+                   "(a local Ray instance of --workers CPUs, or the cluster at RAY_ADDRESS); dedup runs here")  # fmt: skip
+    p.add_argument("--shard-docs", type=int, default=None, metavar="N",
+                   help=f"documents per shard, the unit of work and of resume (default {CHUNK_DOCS})")  # fmt: skip
+    p.add_argument("--restart", action="store_true",
+                   help="discard the finished shards of an interrupted run in OUT/.work instead of resuming")  # fmt: skip
     p.add_argument("--text-field", default=None, help="JSONL field holding the text (default text)")
     p.add_argument("--id-field", default=None, help="JSONL field holding the id (default id, else file:line)")
     p.set_defaults(func=_run)
@@ -45,6 +55,9 @@ def _run(args: argparse.Namespace) -> int:
         workers=args.workers or cfg.get("workers"),
         text_field=args.text_field or cfg.get("text_field", "text"),
         id_field=args.id_field or cfg.get("id_field", "id"),
+        executor=args.executor or cfg.get("executor", "local"),
+        shard_docs=args.shard_docs if args.shard_docs is not None else cfg.get("shard_docs"),
+        restart=args.restart,
     )
     print(format_summary(report))
     return 0

@@ -15,10 +15,31 @@ Inputs: `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one document per non-blank line; th
 `text_field`, the id in `id_field`, else `file:line`; the other fields go to `metadata`),
 `.txt` (one document per file, id = the file name) and `.html`/`.htm` (one document per file;
 the raw page is `metadata["html"]` and `text` stays empty until the `extract_html` step).
+
+`.warc`, `.warc.gz`, `.warc.wet.gz` (warcio): one document per 2xx `response` (or `resource`,
+`conversion`) record whose type is HTML (-> `metadata["html"]`, like an `.html` file) or plain text
+(-> `text`); id = WARC-Record-ID, source = `file@byte_offset`, `metadata` gets `url`, `date` and the
+page's `title`. Records that hold no document (warcinfo, request, metadata, revisit, redirects and
+errors, images and other non-text payloads) are skipped silently: they are not input records. A
+corrupt record, a truncated one, a payload that cannot be decoded (charset from the HTTP header or
+a `<meta charset>`, else UTF-8) is one `Unreadable` entry with its byte `offset`; reading goes on
+at the next record found (the next gzip member, or the next `WARC/1.` line).
+
+`hf:NAME_OR_PATH[:SPLIT]` (the `datasets` library, `pip install 'lmforge[hf]'`): a folder written
+by `save_to_disk` (also recognised without the `hf:` prefix), a local script-free dataset folder
+(JSONL/Parquet/CSV files), or a Hub dataset name, streamed; SPLIT defaults to `train` or the only
+split. One document per row, fields as for JSONL; `line` counts rows from 1, source = `hf:...:row`.
+A dataset that cannot be opened, or has no `text_field` column, is an `LmforgeError`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import html as htmllib
+import io
+import json
+import re
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +49,8 @@ from lmforge.errors import LmforgeError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 HTML_SUFFIXES = (".html", ".htm")
-SUFFIXES = (*JSONL_SUFFIXES, ".txt", *HTML_SUFFIXES)
+WARC_SUFFIXES = (".warc", ".warc.gz", ".warc.wet.gz")
+SUFFIXES = (*JSONL_SUFFIXES, ".txt", *HTML_SUFFIXES, *WARC_SUFFIXES)
 
 
 @dataclass
@@ -46,11 +68,51 @@ class Document:
 @dataclass
 class Unreadable:
     file: str
-    line: int | None  # None when the whole file is unreadable
+    line: int | None  # None when the whole file is unreadable (or for a WARC record: see offset)
     why: str
+    offset: int | None = None  # byte offset of a WARC record
 
     def to_record(self) -> dict:
-        return {"file": self.file, "line": self.line, "why": self.why}
+        record = {"file": self.file, "line": self.line, "why": self.why}
+        if self.offset is not None:
+            record["offset"] = self.offset
+        return record
+
+
+@dataclass(frozen=True)
+class HfSource:
+    """A Hugging Face dataset input, `hf:NAME_OR_PATH[:SPLIT]`; `str()` is the spec (its name in the report)."""
+
+    spec: str
+    name: str
+    split: str | None = None
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+HF_SPEC = re.compile(r"hf:(?P<name>.+?)(?::(?P<split>[A-Za-z_][\w.-]*))?")
+
+
+def parse_hf(spec: str) -> HfSource:
+    """`hf:NAME_OR_PATH[:SPLIT]` as an `HfSource`; a local-looking path that does not exist is an `LmforgeError`."""
+    m = HF_SPEC.fullmatch(spec)
+    if m is None:
+        raise LmforgeError(f"{spec}: expected hf:NAME_OR_PATH[:SPLIT]")
+    name, split = m["name"], m["split"]
+    if split and Path(f"{name}:{split}").expanduser().exists():  # a local path that has a colon in it
+        name, split = f"{name}:{split}", None
+    local = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) and not local.is_dir():
+        raise LmforgeError(f"{spec}: no such dataset folder {local}")
+    return HfSource(spec, name, split)
+
+
+def _saved_dataset(path: Path) -> bool:
+    """Whether `path` is a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    )
 
 
 def _kind(path: Path) -> str | None:
@@ -58,14 +120,22 @@ def _kind(path: Path) -> str | None:
     return next((s for s in SUFFIXES if name.endswith(s)), None)
 
 
-def list_inputs(paths: Iterable[str | Path]) -> list[Path]:
-    """The files named by `paths` (files, or folders walked recursively, hidden files skipped), sorted per folder.
+def list_inputs(paths: Iterable[str | Path]) -> list[Path | HfSource]:
+    """The files named by `paths` (files, or folders walked recursively, hidden files skipped), sorted per folder,
+    and the datasets named `hf:...` (or folders written by `save_to_disk`) as `HfSource`s.
 
     A missing path is an `LmforgeError`; a file of an unknown type is listed and later reported unreadable.
     """
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
+    paths = list(paths)
+    files: list[Path | HfSource] = []
+    for spec in paths:
+        if isinstance(spec, str) and spec.startswith("hf:"):
+            files.append(parse_hf(spec))
+            continue
+        p = Path(spec)
+        if p.is_dir() and _saved_dataset(p):
+            files.append(HfSource(f"hf:{p}", str(p)))
+        elif p.is_dir():
             files.extend(
                 sorted(
                     f
@@ -136,13 +206,248 @@ def _read_jsonl(path: Path, text_field: str, id_field: str, bad: list[Unreadable
         bad.append(Unreadable(str(path), None, "empty file"))
 
 
-def read_file(path: Path, bad: list[Unreadable], text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
-    """The documents of one file; what cannot be read is appended to `bad`."""
+# --- WARC (warcio) ---
+
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([\w.:-]+)""", re.IGNORECASE)
+WARC_MARKER = b"WARC/1."
+GZIP_MAGIC = b"\x1f\x8b\x08"
+
+
+def _mime_charset(content_type: str | None) -> tuple[str, str | None]:
+    """(`text/html`, `utf-8`) of a Content-Type header value."""
+    mime, _, params = (content_type or "").partition(";")
+    m = re.search(r"charset\s*=\s*[\"']?([\w.:-]+)", params, re.IGNORECASE)
+    return mime.strip().lower(), m[1] if m else None
+
+
+def _decode_page(payload: bytes, *charsets: str | None) -> str | None:
+    """`payload` decoded with the first of `charsets` (then a `<meta charset>`, then UTF-8) that fits."""
+    meta = META_CHARSET.search(payload[:4096])
+    for cs in (*charsets, meta[1].decode("ascii", "replace") if meta else None, "utf-8"):
+        if not cs:
+            continue
+        try:
+            return payload.decode(cs)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return None
+
+
+def _title(page: str) -> str | None:
+    m = TITLE.search(page[:65536].encode("utf-8", "replace"))
+    title = " ".join(htmllib.unescape(m[1].decode("utf-8", "replace")).split()) if m else ""
+    return title or None
+
+
+def _warc_document(record, path: Path, offset: int) -> Document | str | None:
+    """The document of one WARC record, a reason it is unreadable, or None for a record that holds none."""
+    headers = record.rec_headers
+    if record.rec_type == "response":
+        if record.http_headers is None or not (record.http_headers.get_statuscode() or "").startswith("2"):
+            return None  # dns: records, redirects, errors
+        content_type = record.http_headers.get_header("Content-Type")
+    elif record.rec_type in ("resource", "conversion"):
+        content_type = headers.get_header("Content-Type")
+    else:
+        return None  # warcinfo, request, metadata, revisit
+    mime, charset = _mime_charset(content_type)
+    if mime not in HTML_TYPES and mime != "text/plain":
+        return None  # images, scripts, PDFs...
+    try:
+        payload = record.content_stream().read()  # undoes chunked transfer and Content-Encoding
+    except Exception as e:  # noqa: BLE001 (zlib, brotli, chunked-encoding errors: this record only)
+        return f"cannot decode the payload ({type(e).__name__}: {e})"
+    page = _decode_page(payload, charset)
+    if page is None or "\x00" in page:
+        return f"binary data (not text in {charset or 'UTF-8'})"
+    url = headers.get_header("WARC-Target-URI")
+    meta = {"url": url, "date": headers.get_header("WARC-Date")}
+    where = f"{path}@{offset}"
+    doc_id = headers.get_header("WARC-Record-ID") or where
+    if mime == "text/plain":
+        return Document(id=doc_id, text=page, metadata=meta, source=where, file=str(path))
+    if title := _title(page):
+        meta["title"] = title
+    return Document(id=doc_id, text="", metadata={**meta, "html": page}, source=where, file=str(path))
+
+
+def _next_record_start(f, after: int, gz: bool) -> int | None:
+    """The offset of the next plausible record start after `after`: a gzip member, or a `WARC/1.` line."""
+    marker = GZIP_MAGIC if gz else b"\n" + WARC_MARKER
+    f.seek(after)
+    base, tail = after, b""
+    while block := f.read(1 << 20):
+        data = tail + block
+        i = data.find(marker)
+        if i >= 0:
+            return base - len(tail) + i + (0 if gz else 1)
+        tail = data[-len(marker) + 1 :]
+        base += len(block)
+    return None
+
+
+def _read_warc(path: Path, bad: list[Unreadable]) -> Iterator[Document]:
+    from warcio.archiveiterator import ArchiveIterator
+
+    size = path.stat().st_size
+    if size == 0:
+        bad.append(Unreadable(str(path), None, "empty file"))
+        return
+    with open(path, "rb") as f:
+        gz = f.read(2) == GZIP_MAGIC[:2]
+        pos: int | None = 0
+        while pos is not None and pos < size:
+            f.seek(pos)
+            it = ArchiveIterator(f)  # offsets are positions in the file (compressed ones in a .gz)
+            start = pos
+            try:
+                for record in it:
+                    start, warnings = it.offset, it.err_count  # the record's first byte
+                    doc = _warc_document(record, path, start)
+                    with contextlib.redirect_stderr(io.StringIO()):  # warcio prints a warning for a bad length
+                        it.read_to_end()  # reads the rest of the record: its damage shows only now
+                    missing = getattr(record.raw_stream, "limit", 0)
+                    if not (record.rec_headers.get_header("Content-Length") or "").strip().isdigit():
+                        doc = "truncated or corrupt header (no Content-Length)"
+                    elif missing:
+                        doc = f"truncated record ({missing} bytes missing)"
+                    elif it.err_count > warnings:
+                        doc = "corrupt record (not followed by a blank line: wrong Content-Length?)"
+                    if isinstance(doc, str):
+                        bad.append(Unreadable(str(path), None, f"record at byte {start}: {doc}", start))
+                    elif doc is not None:
+                        yield doc
+                end, why = it.offset, "cannot read further: truncated or corrupt"
+                if gz and _cut_member(f, start):  # warcio reads the text of a cut member without a word
+                    end, why = start, "truncated gzip member: the file ends inside it"
+                elif end >= size or not _rest(f, end).strip():
+                    return
+            except Exception as e:  # noqa: BLE001 (warcio's ArchiveLoadFailed, zlib.error, header parse errors...)
+                msg = (str(e).strip().splitlines() or [""])[0]
+                if "non-chunked gzip" in str(e):
+                    msg = "the gzip is not one member per record (fix: warcio recompress FILE NEW.warc.gz)"
+                end, why = it.offset, f"corrupt record ({type(e).__name__}: {msg})"  # the record that failed
+            if not bad or (bad[-1].file, bad[-1].offset) != (str(path), end):  # one entry per damaged spot
+                bad.append(Unreadable(str(path), None, f"record at byte {end}: {why}", end))
+            pos = _next_record_start(f, end + 1, gz)
+
+
+def _rest(f, offset: int) -> bytes:
+    f.seek(offset)
+    return f.read(4096)
+
+
+def _cut_member(f, offset: int) -> bool:
+    """Whether the gzip member at `offset` stops before its end (warcio reads a cut member's text silently)."""
+    f.seek(offset)
+    d = zlib.decompressobj(31)
+    try:
+        while (block := f.read(1 << 20)) and not d.eof:
+            d.decompress(block)
+    except zlib.error:
+        return True
+    return not d.eof
+
+
+# --- Hugging Face datasets ---
+
+
+def _jsonable(value):
+    """`value` as JSON can hold it (dates and other objects as strings), for `metadata`."""
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        if isinstance(value, dict):
+            return {str(k): _jsonable(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_jsonable(v) for v in value]
+        return str(value)
+
+
+def _pick_split(src: HfSource, splits: dict):
+    if src.split is not None:
+        if src.split not in splits:
+            raise LmforgeError(f"{src}: no split {src.split!r} (splits: {', '.join(splits)})")
+        return splits[src.split]
+    if "train" in splits or len(splits) == 1:
+        return splits["train" if "train" in splits else next(iter(splits))]
+    raise LmforgeError(f"{src}: several splits ({', '.join(splits)}); name one: hf:{src.name}:SPLIT")
+
+
+def open_hf(src: HfSource):
+    """The rows of `src`: a memory-mapped `Dataset` for a `save_to_disk` folder, else a streaming `IterableDataset`."""
+    try:
+        import datasets
+    except ImportError:
+        raise LmforgeError(f"{src}: reading datasets needs the datasets library: pip install 'lmforge[hf]'") from None
+    local = Path(src.name).expanduser()
+    try:
+        if local.is_dir() and _saved_dataset(local):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                return _pick_split(src, ds)
+            if src.split is not None:
+                raise LmforgeError(f"{src}: {local} holds a single split saved with save_to_disk; drop :{src.split}")
+            return ds
+        ds = datasets.load_dataset(str(local) if local.is_dir() else src.name, split=src.split, streaming=True)
+        return _pick_split(src, ds) if isinstance(ds, dict) else ds
+    except LmforgeError:
+        raise
+    except Exception as e:  # noqa: BLE001 (datasets raises many kinds: not found, offline, bad builder config)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise LmforgeError(f"{src}: cannot open the dataset ({type(e).__name__}: {first})") from None
+
+
+def _read_hf(src: HfSource, text_field: str, id_field: str, bad: list[Unreadable]) -> Iterator[Document]:
+    ds = open_hf(src)
+    columns = ds.column_names  # None for a streamed dataset whose features are not known up front
+    if columns is not None and text_field not in columns:
+        raise LmforgeError(
+            f"{src}: no column {text_field!r} (columns: {', '.join(columns)}); choose one with --text-field"
+        )
+    row = 0
+    try:
+        for row, record in enumerate(ds, start=1):
+            where = f"{src}:{row}"
+            text = record.get(text_field)
+            if not isinstance(text, str):
+                why = f"no {text_field!r} field" if text is None else f"{text_field!r} is not a string"
+                bad.append(Unreadable(str(src), row, why))
+                continue
+            if "\x00" in text:
+                bad.append(Unreadable(str(src), row, "binary data (NUL characters)"))
+                continue
+            doc_id = record.get(id_field)
+            # A streamed dataset fills a field a row lacks with None: left out, as a JSONL reader would.
+            meta = {k: _jsonable(v) for k, v in record.items() if k not in (text_field, id_field) and v is not None}
+            yield Document(
+                id=where if doc_id is None else str(doc_id), text=text, metadata=meta, source=where, file=str(src)
+            )
+    except Exception as e:  # noqa: BLE001 (a corrupt file behind a streamed dataset; rows yielded stay)
+        first = (str(e).strip().splitlines() or [""])[0]
+        bad.append(Unreadable(str(src), row + 1, f"cannot read further ({type(e).__name__}: {first})"))
+        return
+    if row == 0:
+        bad.append(Unreadable(str(src), None, "empty dataset"))
+
+
+def read_file(
+    path: Path | HfSource, bad: list[Unreadable], text_field: str = "text", id_field: str = "id"
+) -> Iterator[Document]:
+    """The documents of one file (or dataset); what cannot be read is appended to `bad`."""
+    if isinstance(path, HfSource):
+        yield from _read_hf(path, text_field, id_field, bad)
+        return
     kind = _kind(path)
     if kind is None:
         bad.append(Unreadable(str(path), None, f"unsupported file type (expected {', '.join(SUFFIXES)})"))
     elif kind in JSONL_SUFFIXES:
         yield from _read_jsonl(path, text_field, id_field, bad)
+    elif kind in WARC_SUFFIXES:
+        yield from _read_warc(path, bad)
     else:
         yield from _read_whole(path, kind, bad)
 

@@ -28,6 +28,7 @@ from lmforge.data.clean.steps.language import LanguageConfig, language
 from lmforge.data.clean.steps.normalize import NormalizeConfig, normalize
 from lmforge.data.clean.steps.pii import PiiConfig, pii
 from lmforge.data.clean.steps.quality import QualityModelConfig, quality_model
+from lmforge.data.clean.steps.substring import SubstringDedup, SubstringDedupConfig
 from lmforge.data.clean.steps.toxicity import ToxicityConfig, toxicity
 from lmforge.data.clean.steps.url import UrlFilterConfig, url_filter
 from lmforge.errors import LmforgeError
@@ -61,6 +62,7 @@ STEPS: dict[str, Step] = {
         Step("pii", PiiConfig, apply=pii),
         Step("exact_dedup", ExactDedupConfig, make=ExactDedup),
         Step("minhash_dedup", MinhashDedupConfig, make=MinhashDedup),
+        Step("substring_dedup", SubstringDedupConfig, make=SubstringDedup),  # rewrites: see pipeline.corpus_stage
     ]
 }
 DEFAULT_STEPS = [
