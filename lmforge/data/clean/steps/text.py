@@ -19,7 +19,9 @@ CJK_CHAR = re.compile(f"[{_CJK}]")
 
 def is_cjk_text(text: str, min_share: float = 0.3) -> bool:
     """True when at least `min_share` of the non-space characters are CJK."""
-    chars = sum(not c.isspace() for c in text)
+    if min_share > 0 and not CJK_CHAR.search(text):
+        return False
+    chars = sum(map(len, text.split()))  # str.split() splits on exactly the characters str.isspace() is true for
     return chars > 0 and len(CJK_CHAR.findall(text)) / chars >= min_share
 
 
@@ -39,13 +41,23 @@ def word_backend() -> str:
     return "jieba" if _jieba() is not None else "cjk-characters"
 
 
-def _segment_cjk(run: str) -> list[str]:
-    jb = _jieba()
-    return jb.lcut(run, HMM=False) if jb is not None else list(run)
+@functools.lru_cache(maxsize=1 << 16)
+def _segment_cjk_cached(jb, run: str) -> tuple[str, ...]:
+    # Cached because the steps segment the same runs again (gopher_repetition, gopher_quality, then c4 line by
+    # line); keyed on the backend too, so a test that hides jieba does not get jieba's cached answers.
+    pieces = jb.lcut(run, HMM=False) if jb is not None else run
+    return tuple(w for w in pieces if any(c.isalnum() for c in w))
+
+
+def _segment_cjk(run: str) -> tuple[str, ...]:
+    """The words of a CJK run, punctuation-only pieces dropped."""
+    return _segment_cjk_cached(_jieba(), run)
 
 
 def words(text: str) -> list[str]:
     """The words of `text`: whitespace-separated tokens, with CJK runs inside them segmented."""
+    if not CJK_CHAR.search(text):
+        return text.split()
     out: list[str] = []
     for token in text.split():
         if not CJK_CHAR.search(token):
@@ -56,7 +68,7 @@ def words(text: str) -> list[str]:
             rest = token[pos : m.start()]
             if any(c.isalnum() for c in rest):
                 out.append(rest)
-            out.extend(w for w in _segment_cjk(m.group()) if any(c.isalnum() for c in w))
+            out.extend(_segment_cjk(m.group()))
             pos = m.end()
         rest = token[pos:]
         if any(c.isalnum() for c in rest):
