@@ -4,7 +4,8 @@
     lmforge run --recipe my.yaml --out runs/x --set pretrain.max_steps=50
 
 Stages: data clean -> tokenizer -> data tokenize -> pretrain (with validation) -> samples
--> SFT on chat data (answer-only loss, validation) -> a short scripted chat transcript.
+-> SFT on chat data (answer-only loss, validation) -> a short scripted chat transcript
+-> DPO on preference pairs built from chitchat's human ratings (held-out reward accuracy and margin).
 Each stage's output lands in OUT/<stage>; a stage whose output is complete is
 skipped when the recipe is run again, and pretraining resumes from its last
 checkpoint, so an interrupted demo continues where it stopped.
@@ -13,6 +14,7 @@ checkpoint, so an interrupted demo continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 from importlib import resources
@@ -22,7 +24,7 @@ from lmforge.config import load_yaml, parse_set, resolve_train_config
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write_text
 
-RECIPE_KEYS = {"out", "corpus", "clean", "tokenizer", "tokenize", "pretrain", "sample", "sft", "chat"}
+RECIPE_KEYS = {"out", "corpus", "clean", "tokenizer", "tokenize", "pretrain", "sample", "sft", "chat", "dpo"}
 
 
 def register(subparsers) -> None:
@@ -71,9 +73,11 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def run_recipe(recipe: dict, out: Path) -> dict:
+    from lmforge.align.dpo import DpoConfig, dpo
     from lmforge.data.clean.pipeline import clean_corpus, format_summary
     from lmforge.data.tokenize_cmd import tokenize_corpus
     from lmforge.tokenizer.train import train_tokenizer
+    from lmforge.train.finetune import resolve
     from lmforge.train.pretrain import pretrain
     from lmforge.train.sft import resolve_sft_config, sft
 
@@ -90,6 +94,14 @@ def run_recipe(recipe: dict, out: Path) -> dict:
     scfg = None
     if "sft" in recipe:
         scfg = resolve_sft_config(recipe["sft"], {"base": str(run_dir), "out": str(sft_dir)}, {})
+    dcfg, dpo_source = None, None
+    if "dpo" in recipe:
+        if scfg is None:
+            raise LmforgeError("recipe: a dpo section needs an sft section (DPO starts from the SFT model)")
+        dpo_recipe = dict(recipe["dpo"])
+        dpo_source = dpo_recipe.pop("pairs", "chitchat")
+        dcfg = resolve(DpoConfig, dpo_recipe, {"base": str(sft_dir), "out": str(out / "dpo"),
+                                                "data": str(out / "pairs.jsonl")}, {})  # fmt: skip
     chat = {"questions": [], "max_new_tokens": 60, "temperature": 0.0, "system": None}
     unknown = set(recipe.get("chat", {})) - set(chat)
     if unknown:
@@ -102,7 +114,7 @@ def run_recipe(recipe: dict, out: Path) -> dict:
     sample.update(recipe.get("sample", {}))
 
     clean_steps = recipe.get("clean", {}).get("steps")  # None: the default pipeline of `lmforge data clean`
-    n = 7 if scfg else 5
+    n = 8 if dcfg else 7 if scfg else 5
     _say(f"[1/{n}] data clean -> {clean_dir}")
     if not (clean_dir / "report.json").is_file():
         report = clean_corpus(inputs, clean_dir, steps=clean_steps, progress=False)
@@ -134,8 +146,29 @@ def run_recipe(recipe: dict, out: Path) -> dict:
     transcript = _chat_transcript(sft_dir, chat)
     atomic_write_text(out / "chat.txt", transcript)
     print(transcript)
-    _say(f"done: {out}/samples.txt, {out}/chat.txt; metrics in {run_dir} and {sft_dir} (metrics.jsonl, tb/)")
+    if dcfg is not None:
+        _say(f"[8/{n}] dpo on {dpo_source} preference pairs -> {out / 'dpo'}")
+        if not (out / "pairs.jsonl").is_file():
+            atomic_write_text(out / "pairs.jsonl", "".join(json.dumps(p) + "\n" for p in _pairs(dpo_source)))
+        d = dpo(dcfg)
+        if "before" in d and "after" in d:
+            b, a = d["before"], d["after"]
+            _say(f"      held-out pairs: implicit-reward accuracy {a['val_reward_accuracy']:.2f} "
+                 f"(chance 0.50; {a['val_pairs']} pairs), log-ratio margin {b['val_logratio_margin']:.1f} -> "
+                 f"{a['val_logratio_margin']:.1f}")  # fmt: skip
+    _say(f"done: {out}/samples.txt, {out}/chat.txt; metrics in {run_dir}, {sft_dir}"
+         f"{' and ' + str(out / 'dpo') if dcfg else ''} (metrics.jsonl, tb/)")  # fmt: skip
     return result
+
+
+def _pairs(source: str) -> list[dict]:
+    from lmforge.align.prefs import chitchat_pairs, task_pairs
+
+    if source == "chitchat":
+        return chitchat_pairs()
+    if source.startswith("task:"):
+        return task_pairs(source.split(":", 1)[1], 2000)
+    raise LmforgeError(f"recipe: dpo.pairs must be chitchat or task:NAME, got {source!r}")
 
 
 def _chat_transcript(run_dir: Path, chat: dict) -> str:

@@ -178,7 +178,7 @@ def _train(cfg: GrpoConfig, run: FinetuneRun, dd) -> dict:
             **batch["stats"],
             "kl": float(kl.detach()),
             "entropy": float(masked_mean(entropy, mask)),
-            "pg_loss": float(pg),
+            "pg_loss": float(pg.detach()),
         }
         return loss, batch["num_tokens"], metrics
 
