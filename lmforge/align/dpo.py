@@ -33,11 +33,8 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
 from lmforge.fileio import atomic_write_json
 from lmforge.model.lora import adapters_disabled
-from lmforge.model.transformer import flops_per_token
-from lmforge.train.common import peak_flops, setup_distributed, teardown_distributed
+from lmforge.train.common import setup_distributed, teardown_distributed
 from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_common_args, common_flags, resolve
-from lmforge.train.loop import LoopParts, train_loop
-from lmforge.train.metrics import MetricsLogger
 
 
 @dataclass
@@ -117,8 +114,6 @@ def _train(cfg: DpoConfig, run: FinetuneRun, dd) -> dict:
     if run.meta is not None:
         loader.load_state_dict(run.meta["loader"])
     val_batches = pair_batches(val, cfg.batch_size, pad_id, device)[: cfg.eval_batches]
-    logger = MetricsLogger(run.run_dir, resume_step=run.start_step if run.meta else None, enabled=dd.main)
-    save = run.saver(optimizer, loader)
     loss_fn = PREFERENCE_LOSSES[cfg.loss]
 
     @torch.no_grad()
@@ -141,8 +136,6 @@ def _train(cfg: DpoConfig, run: FinetuneRun, dd) -> dict:
                    "logp_chosen": float(pi_c.detach().mean()), "logp_rejected": float(pi_r.detach().mean())}  # fmt: skip
         return loss, batch["num_tokens"], metrics
 
-    evals: list[dict] = []
-
     @torch.no_grad()
     def evaluate(step: int) -> dict | None:
         if not val_batches:
@@ -162,21 +155,8 @@ def _train(cfg: DpoConfig, run: FinetuneRun, dd) -> dict:
             n += len(pi_c)
         model.train()
         lo, hi = wilson_interval(wins, n)
-        rec = {"step": step, "val_pref_accuracy": wins / n, "val_pref_accuracy_lo": lo, "val_pref_accuracy_hi": hi,
+        return {"val_pref_accuracy": wins / n, "val_pref_accuracy_lo": lo, "val_pref_accuracy_hi": hi,
                "val_logratio_margin": margin / n, "val_reward_accuracy": reward_wins / n,
                "val_reward_margin": reward_margin / n, "val_pairs": n}  # fmt: skip
-        logger.log(rec)
-        evals.append(rec)
-        return rec
 
-    before = evaluate(0) if run.meta is None else None
-    parts = LoopParts(model, optimizer, loader, lambda s, t: save(s, t) if dd.main else None, evaluate, logger,
-                      device, dd, run.autocast, flops_per_token(model.cfg, cfg.seq_len), peak_flops(device),
-                      run.run_dir, step_loss=step_loss)  # fmt: skip
-    last = train_loop(cfg, parts, run.start_step, run.tokens_seen, desc="dpo")
-    result = {"trainable_params": trainable, **last}
-    if before:
-        result["before"] = before
-    if evals and evals[-1]["step"] > 0:
-        result["after"] = evals[-1]
-    return result
+    return {"trainable_params": trainable, **run.train(optimizer, loader, evaluate, dd, step_loss)}

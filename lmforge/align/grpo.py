@@ -36,11 +36,8 @@ from lmforge.config import load_yaml, parse_set
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write_json
 from lmforge.model.lora import adapters_disabled
-from lmforge.model.transformer import flops_per_token
-from lmforge.train.common import peak_flops, setup_distributed, teardown_distributed
+from lmforge.train.common import setup_distributed, teardown_distributed
 from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_common_args, common_flags, resolve
-from lmforge.train.loop import LoopParts, train_loop
-from lmforge.train.metrics import MetricsLogger
 
 
 @dataclass
@@ -156,9 +153,6 @@ def _train(cfg: GrpoConfig, run: FinetuneRun, dd) -> dict:
     source = RolloutSource(model, fmt, task, train_items, cfg, device, dd.rank)
     if run.meta is not None:
         source.load_state_dict(run.meta["loader"])
-    logger = MetricsLogger(run.run_dir, resume_step=run.start_step if run.meta else None, enabled=dd.main)
-    save = run.saver(optimizer, source)
-    evals: list[dict] = []
     if dd.main:
         atomic_write_json(run.run_dir / "task.json", {"task": task.name, "description": task.description,
                           "train_prompts": len(train_items), "eval_prompts": len(eval_items)})  # fmt: skip
@@ -186,19 +180,6 @@ def _train(cfg: GrpoConfig, run: FinetuneRun, dd) -> dict:
         if not eval_items:
             return None
         acc = task_accuracy(model, fmt, task, eval_items, cfg.max_new_tokens, cfg.system or None)
-        rec = {"step": step, **{f"val_{k}": v for k, v in acc.items()}}
-        logger.log(rec)
-        evals.append(rec)
-        return rec
+        return {f"val_{k}": v for k, v in acc.items()}
 
-    before = evaluate(0) if run.meta is None else None
-    parts = LoopParts(model, optimizer, source, lambda s, t: save(s, t) if dd.main else None, evaluate, logger,
-                      device, dd, run.autocast, flops_per_token(model.cfg, cfg.seq_len), peak_flops(device),
-                      run.run_dir, step_loss=step_loss)  # fmt: skip
-    last = train_loop(cfg, parts, run.start_step, run.tokens_seen, desc="grpo")
-    result = {"trainable_params": trainable, **last}
-    if before:
-        result["before"] = before
-    if evals and evals[-1]["step"] > 0:
-        result["after"] = evals[-1]
-    return result
+    return {"trainable_params": trainable, **run.train(optimizer, source, evaluate, dd, step_loss)}

@@ -71,11 +71,8 @@ from lmforge.config import load_yaml, parse_set
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_path, atomic_write_json
 from lmforge.model.lora import adapters_disabled
-from lmforge.model.transformer import flops_per_token
-from lmforge.train.common import peak_flops, setup_distributed, teardown_distributed
+from lmforge.train.common import setup_distributed, teardown_distributed
 from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_common_args, common_flags, resolve
-from lmforge.train.loop import LoopParts, train_loop
-from lmforge.train.metrics import MetricsLogger
 
 ROLLOUT_KEYS = ("idx", "targets", "old_logp", "old_values", "advantages", "returns")
 
@@ -297,9 +294,7 @@ def _train(cfg: PpoConfig, run: FinetuneRun, dd) -> dict:
     if run.meta is not None:
         source.load_state_dict(run.meta["loader"])
         source.load_rollout(rollouts_dir, run.start_step)
-    logger = MetricsLogger(run.run_dir, resume_step=run.start_step if run.meta else None, enabled=dd.main)
     save = run.saver(optimizer, source)
-    evals: list[dict] = []
     if dd.main:
         atomic_write_json(run.run_dir / "reward.json",
                           {**about, "train_prompts": len(train_items), "eval_prompts": len(eval_items)})  # fmt: skip
@@ -331,10 +326,7 @@ def _train(cfg: PpoConfig, run: FinetuneRun, dd) -> dict:
             result = task_accuracy(model, fmt, task, eval_items, cfg.max_new_tokens, system)
         else:
             result = held_out_reward(model, fmt, scorer, eval_items, cfg.max_new_tokens)
-        rec = {"step": step, **{f"val_{k}": v for k, v in result.items()}}
-        logger.log(rec)
-        evals.append(rec)
-        return rec
+        return {f"val_{k}": v for k, v in result.items()}
 
     def save_all(step: int, tokens_seen: int) -> None:
         source.save_rollout(rollouts_dir, step)  # first: the checkpoint must never exist without its rollout
@@ -342,17 +334,7 @@ def _train(cfg: PpoConfig, run: FinetuneRun, dd) -> dict:
             save(step, tokens_seen)
         source.prune_rollouts(rollouts_dir, step)
 
-    before = evaluate(0) if run.meta is None else None
-    parts = LoopParts(model, optimizer, source, save_all, evaluate, logger, device, dd, run.autocast,
-                      flops_per_token(model.cfg, cfg.seq_len), peak_flops(device), run.run_dir,
-                      step_loss=step_loss)  # fmt: skip
-    last = train_loop(cfg, parts, run.start_step, run.tokens_seen, desc="ppo")
-    result = {"trainable_params": trainable, **last}
-    if before:
-        result["before"] = before
-    if evals and evals[-1]["step"] > 0:
-        result["after"] = evals[-1]
-    return result
+    return {"trainable_params": trainable, **run.train(optimizer, source, evaluate, dd, step_loss, save_all)}
 
 
 @torch.no_grad()

@@ -28,12 +28,9 @@ from lmforge.config import load_yaml, parse_set
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
 from lmforge.fileio import atomic_write_json
-from lmforge.model.transformer import flops_per_token
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.common import peak_flops, setup_distributed, teardown_distributed
+from lmforge.train.common import setup_distributed, teardown_distributed
 from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_common_args, common_flags, resolve
-from lmforge.train.loop import LoopParts, train_loop
-from lmforge.train.metrics import MetricsLogger
 
 
 @dataclass
@@ -121,8 +118,6 @@ def _train(cfg: RewardConfig, run: FinetuneRun, dd) -> dict:
     if run.meta is not None:
         loader.load_state_dict(run.meta["loader"])
     val_batches = pair_batches(val, cfg.batch_size, pad_id, device)[: cfg.eval_batches]
-    logger = MetricsLogger(run.run_dir, resume_step=run.start_step if run.meta else None, enabled=dd.main)
-    save = run.saver(optimizer, loader)
     model = run.model
 
     def step_loss(model_, batch, autocast):
@@ -137,22 +132,10 @@ def _train(cfg: RewardConfig, run: FinetuneRun, dd) -> dict:
         )
 
     def run_eval(step: int) -> dict | None:
-        if not val_batches:
-            return None
-        rec = {"step": step, **pairwise_accuracy(model, head, val_batches)}
-        logger.log(rec)
-        return rec
+        return pairwise_accuracy(model, head, val_batches) if val_batches else None
 
-    before = run_eval(0) if run.meta is None else None
-    parts = LoopParts(model, optimizer, loader, lambda s, t: save(s, t) if dd.main else None, run_eval, logger,
-                      device, dd, run.autocast, flops_per_token(model.cfg, cfg.seq_len), peak_flops(device),
-                      run.run_dir, step_loss=step_loss)  # fmt: skip
-    last = train_loop(cfg, parts, run.start_step, run.tokens_seen, desc="reward")
-    result = {"trainable_params": trainable, **last}
-    if before:
-        result["before"] = before
-    if val_batches and run.start_step < cfg.max_steps:
-        result["after"] = pairwise_accuracy(model, head, val_batches)
+    result = {"trainable_params": trainable, **run.train(optimizer, loader, run_eval, dd, step_loss)}
+    if "after" in result:
         a = result["after"]
         print(f"lmforge reward: held-out pairwise accuracy {a['val_accuracy']:.3f} "
               f"(95% CI {a['val_accuracy_lo']:.3f}-{a['val_accuracy_hi']:.3f}, {a['val_pairs']} pairs)", file=sys.stderr)  # fmt: skip

@@ -255,5 +255,45 @@ class FinetuneRun:
 
         return save
 
+    def train(self, optimizer, loader, evaluate, dd, step_loss=None, save=None) -> dict:
+        """Evaluate at step 0 (fresh runs), run the shared step loop, return its last record + "before"/"after".
+
+        `evaluate(step)` returns a record (logged here) or None; `save(step, tokens_seen)` defaults to
+        `saver(optimizer, loader)` on the main process.
+        """
+        from lmforge.model.transformer import flops_per_token
+        from lmforge.train.common import peak_flops
+        from lmforge.train.loop import LoopParts, train_loop
+        from lmforge.train.metrics import MetricsLogger
+
+        logger = MetricsLogger(self.run_dir, resume_step=self.start_step if self.meta else None, enabled=dd.main)
+        if save is None:
+            ckpt_save = self.saver(optimizer, loader)
+
+            def save(step: int, tokens_seen: int) -> None:
+                if dd.main:
+                    ckpt_save(step, tokens_seen)
+
+        evals: list[dict] = []
+
+        def logged_eval(step: int) -> dict | None:
+            rec = evaluate(step)
+            if rec is not None:
+                rec = {"step": step, **rec}
+                logger.log(rec)
+                evals.append(rec)
+            return rec
+
+        before = logged_eval(0) if self.meta is None else None
+        parts = LoopParts(self.model, optimizer, loader, save, logged_eval, logger, self.device, dd, self.autocast,
+                          flops_per_token(self.model.cfg, self.cfg.seq_len), peak_flops(self.device), self.run_dir,
+                          step_loss=step_loss)  # fmt: skip
+        result = dict(train_loop(self.cfg, parts, self.start_step, self.tokens_seen, desc=self.stage))
+        if before:
+            result["before"] = before
+        if evals and evals[-1]["step"] > 0:
+            result["after"] = evals[-1]
+        return result
+
     def say(self, message: str) -> None:
         print(f"lmforge {self.stage}: {message}", file=sys.stderr)
