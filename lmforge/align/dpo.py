@@ -17,7 +17,6 @@ before the first step and at each evaluation:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 from dataclasses import dataclass
@@ -28,13 +27,12 @@ from lmforge.align.batching import PairLoader, encode_pairs, pair_batches
 from lmforge.align.losses import PREFERENCE_LOSSES, sequence_logprobs
 from lmforge.align.prefs import load_pairs, split_pairs
 from lmforge.chat.template import ChatFormat
-from lmforge.config import load_yaml, parse_set
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
 from lmforge.fileio import atomic_write_json
 from lmforge.model.lora import adapters_disabled
 from lmforge.train.common import setup_distributed, teardown_distributed
-from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_common_args, common_flags, resolve
+from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command
 
 
 @dataclass
@@ -59,16 +57,14 @@ class DpoConfig(FinetuneConfig):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("dpo", help="direct preference optimization (DPO / IPO / SimPO) on pairs")
-    add_common_args(p, "DpoConfig")
-    p.add_argument("--data", help="preference pairs JSONL")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    recipe = load_yaml(args.config) if args.config else {}
-    dpo(resolve(DpoConfig, recipe, {**common_flags(args), "data": args.data}, parse_set(args.set)))
-    return 0
+    add_stage_command(
+        subparsers,
+        "dpo",
+        "direct preference optimization (DPO / IPO / SimPO) on pairs",
+        DpoConfig,
+        dpo,
+        {"data": "preference pairs JSONL"},
+    )
 
 
 def pair_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

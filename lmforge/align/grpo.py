@@ -20,7 +20,6 @@ keeping its last good checkpoint, if KL exceeds `max_kl` or any metric turns NaN
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import random
@@ -32,12 +31,11 @@ from lmforge.align.losses import grpo_advantages, kl_per_token, masked_mean, pol
 from lmforge.align.rollout import answer_logprobs, prompt_ids, rows, sample, task_accuracy
 from lmforge.align.tasks import get_task, make_split
 from lmforge.chat.template import ChatFormat
-from lmforge.config import load_yaml, parse_set
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write_json
 from lmforge.model.lora import adapters_disabled
 from lmforge.train.common import setup_distributed, teardown_distributed
-from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_common_args, common_flags, resolve
+from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command
 
 
 @dataclass
@@ -73,16 +71,14 @@ class GrpoConfig(FinetuneConfig):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("grpo", help="GRPO on a verifiable task (group-relative advantages, KL to the reference)")
-    add_common_args(p, "GrpoConfig")
-    p.add_argument("--task", help="add, mul, sort, reverse, convert")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    recipe = load_yaml(args.config) if args.config else {}
-    grpo(resolve(GrpoConfig, recipe, {**common_flags(args), "task": args.task}, parse_set(args.set)))
-    return 0
+    add_stage_command(
+        subparsers,
+        "grpo",
+        "GRPO on a verifiable task (group-relative advantages, KL to the reference)",
+        GrpoConfig,
+        grpo,
+        {"task": "add, mul, sort, reverse, convert"},
+    )
 
 
 class RolloutSource:

@@ -34,7 +34,6 @@ of `--prompts` by the run's seed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import random
@@ -67,12 +66,11 @@ from lmforge.align.rollout import (
 )
 from lmforge.align.tasks import get_task, make_split
 from lmforge.chat.template import ChatFormat
-from lmforge.config import load_yaml, parse_set
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_path, atomic_write_json
 from lmforge.model.lora import adapters_disabled
 from lmforge.train.common import setup_distributed, teardown_distributed
-from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_common_args, common_flags, resolve
+from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command
 
 ROLLOUT_KEYS = ("idx", "targets", "old_logp", "old_values", "advantages", "returns")
 
@@ -125,19 +123,18 @@ class PpoConfig(FinetuneConfig):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("ppo", help="PPO with a value head, rewarded by a verifiable task or a reward model")
-    add_common_args(p, "PpoConfig")
-    p.add_argument("--task", help="add, mul, sort, reverse, convert")
-    p.add_argument("--reward-model", dest="reward_model", help="reward-model run (`lmforge reward`)")
-    p.add_argument("--prompts", help='with --reward-model: JSONL of {"prompt": text or messages}')
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    recipe = load_yaml(args.config) if args.config else {}
-    flags = {**common_flags(args), "task": args.task, "reward_model": args.reward_model, "prompts": args.prompts}
-    ppo(resolve(PpoConfig, recipe, flags, parse_set(args.set)))
-    return 0
+    add_stage_command(
+        subparsers,
+        "ppo",
+        "PPO with a value head, rewarded by a verifiable task or a reward model",
+        PpoConfig,
+        ppo,
+        {
+            "task": "add, mul, sort, reverse, convert",
+            "reward_model": "reward-model run (`lmforge reward`)",
+            "prompts": 'with --reward-model: JSONL of {"prompt": text or messages}',
+        },
+    )
 
 
 def policy_outputs(model, value_head, idx) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,6 @@ LoRA adapter); `load_reward_model` reads it back for best-of-N and PPO.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 
@@ -24,13 +23,12 @@ from lmforge.align.batching import PairLoader, encode_pairs, pair_batches
 from lmforge.align.losses import reward_ranking_loss
 from lmforge.align.prefs import load_pairs, split_pairs
 from lmforge.chat.template import ChatFormat
-from lmforge.config import load_yaml, parse_set
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
 from lmforge.fileio import atomic_write_json
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.common import setup_distributed, teardown_distributed
-from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_common_args, common_flags, resolve
+from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command
 
 
 @dataclass
@@ -47,16 +45,14 @@ class RewardConfig(FinetuneConfig):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("reward", help="train a reward model on preference pairs (pairwise ranking loss)")
-    add_common_args(p, "RewardConfig")
-    p.add_argument("--data", help="preference pairs JSONL")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    recipe = load_yaml(args.config) if args.config else {}
-    train_reward(resolve(RewardConfig, recipe, {**common_flags(args), "data": args.data}, parse_set(args.set)))
-    return 0
+    add_stage_command(
+        subparsers,
+        "reward",
+        "train a reward model on preference pairs (pairwise ranking loss)",
+        RewardConfig,
+        train_reward,
+        {"data": "preference pairs JSONL"},
+    )
 
 
 def scores(model, head: nn.Module, batch: dict) -> torch.Tensor:

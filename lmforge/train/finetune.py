@@ -122,6 +122,25 @@ def add_common_args(p: argparse.ArgumentParser, config_name: str) -> None:
     p.add_argument("--device")
 
 
+def add_stage_command(subparsers, name: str, help: str, config_cls, run, extra: dict[str, str]) -> None:
+    """`lmforge NAME`: the shared flags plus `extra` ({field: help}, e.g. --data), resolved into
+    `config_cls` (defaults <- --config <- flags <- --set) and handed to `run(cfg)`."""
+    from lmforge.config import load_yaml, parse_set
+
+    p = subparsers.add_parser(name, help=help)
+    add_common_args(p, config_cls.__name__)
+    for field_name, field_help in extra.items():
+        p.add_argument(f"--{field_name.replace('_', '-')}", dest=field_name, help=field_help)
+
+    def main(args: argparse.Namespace) -> int:
+        recipe = load_yaml(args.config) if args.config else {}
+        flags = {**common_flags(args), **{k: getattr(args, k) for k in extra}}
+        run(resolve(config_cls, recipe, flags, parse_set(args.set)))
+        return 0
+
+    p.set_defaults(func=main)
+
+
 def common_flags(args: argparse.Namespace) -> dict:
     names = ("lora", "max_steps", "max_seconds", "batch_size", "seq_len", "lr", "seed", "device", "out")
     return {"base": args.model, **{k: getattr(args, k) for k in names}}

@@ -22,7 +22,6 @@ ended at the turn-end token.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
@@ -31,13 +30,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lmforge.config import load_yaml, parse_set
 from lmforge.errors import LmforgeError
 from lmforge.eval.loss import evaluate_loss
 from lmforge.fileio import atomic_write_json, atomic_write_text
 from lmforge.model.transformer import flops_per_token
 from lmforge.train.common import peak_flops, setup_distributed, teardown_distributed
-from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_common_args, common_flags, resolve
+from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command, resolve
 from lmforge.train.loop import LoopParts, train_loop
 from lmforge.train.metrics import MetricsLogger
 
@@ -61,20 +59,18 @@ class SftConfig(FinetuneConfig):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("sft", help="instruction-tune a model on conversations (answer-only loss; --lora)")
-    add_common_args(p, "SftConfig")
-    p.add_argument("--data", help="JSONL file/folder, or a packaged set: chitchat, chatterbot")
-    p.set_defaults(func=_main)
+    add_stage_command(
+        subparsers,
+        "sft",
+        "instruction-tune a model on conversations (answer-only loss; --lora)",
+        SftConfig,
+        sft,
+        {"data": "JSONL file/folder, or a packaged set: chitchat, chatterbot"},
+    )
 
 
 def resolve_sft_config(recipe: dict | None, flags: dict, sets: dict) -> SftConfig:
     return resolve(SftConfig, recipe, flags, sets)
-
-
-def _main(args: argparse.Namespace) -> int:
-    recipe = load_yaml(args.config) if args.config else {}
-    sft(resolve_sft_config(recipe, {**common_flags(args), "data": args.data}, parse_set(args.set)))
-    return 0
 
 
 def sft(cfg: SftConfig) -> dict:
