@@ -23,13 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.align.batching import PairLoader, encode_pairs, pair_batches
+from lmforge.align.batching import PairLoader, pair_batches, pair_data
 from lmforge.align.losses import PREFERENCE_LOSSES, sequence_logprobs
-from lmforge.align.prefs import load_pairs, split_pairs
-from lmforge.chat.template import ChatFormat
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
-from lmforge.fileio import atomic_write_json
 from lmforge.model.lora import adapters_disabled
 from lmforge.train.common import setup_distributed, teardown_distributed
 from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command
@@ -93,16 +90,9 @@ def _train(cfg: DpoConfig, run: FinetuneRun, dd) -> dict:
         ref.to(run.device)
     if dd.main:
         run.write_run_files()
-    fmt = ChatFormat(run.tokenizer_dir)
-    ps = load_pairs(cfg.data)
-    train_pairs, val_pairs = split_pairs(ps.pairs, cfg.val_fraction, cfg.seed)
-    train, train_report = encode_pairs(fmt, train_pairs, cfg.seq_len)
-    val, val_report = encode_pairs(fmt, val_pairs, cfg.seq_len)
+    fmt, train, val, summary = pair_data(cfg, run, dd.main)
     if dd.main:
-        atomic_write_json(run.run_dir / "data_report.json",
-                          {"source": ps.source, "skipped": ps.skipped, "train": train_report, "val": val_report})  # fmt: skip
-        run.say(f"{cfg.loss}, beta={cfg.beta}: {len(train)} train / {len(val)} held-out pairs "
-                f"({sum(ps.skipped.values())} skipped: {ps.skipped}); training {trainable:,} of {total:,} parameters")  # fmt: skip
+        run.say(f"{cfg.loss}, beta={cfg.beta}: {summary}; training {trainable:,} of {total:,} parameters")
     pad_id = fmt.stop_ids[0] if fmt.stop_ids else 0
     model, device = run.model, run.device
     optimizer = run.optimizer()

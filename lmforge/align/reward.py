@@ -19,13 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lmforge.align.batching import PairLoader, encode_pairs, pair_batches
+from lmforge.align.batching import PairLoader, pair_batches, pair_data
 from lmforge.align.losses import reward_ranking_loss
-from lmforge.align.prefs import load_pairs, split_pairs
-from lmforge.chat.template import ChatFormat
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
-from lmforge.fileio import atomic_write_json
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.common import setup_distributed, teardown_distributed
 from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command
@@ -97,16 +94,9 @@ def _train(cfg: RewardConfig, run: FinetuneRun, dd) -> dict:
     trainable, total = run.make_trainable(head)
     if dd.main:
         run.write_run_files()
-    fmt = ChatFormat(run.tokenizer_dir)
-    ps = load_pairs(cfg.data)
-    train_pairs, val_pairs = split_pairs(ps.pairs, cfg.val_fraction, cfg.seed)
-    train, train_report = encode_pairs(fmt, train_pairs, cfg.seq_len)
-    val, val_report = encode_pairs(fmt, val_pairs, cfg.seq_len)
+    fmt, train, val, summary = pair_data(cfg, run, dd.main)
     if dd.main:
-        atomic_write_json(run.run_dir / "data_report.json",
-                          {"source": ps.source, "skipped": ps.skipped, "train": train_report, "val": val_report})  # fmt: skip
-        run.say(f"{len(train)} train / {len(val)} held-out pairs ({sum(ps.skipped.values())} skipped: {ps.skipped}); "
-                f"training {trainable:,} of {total:,} parameters")  # fmt: skip
+        run.say(f"{summary}; training {trainable:,} of {total:,} parameters")
     pad_id = fmt.stop_ids[0] if fmt.stop_ids else 0
     device = run.device
     optimizer = run.optimizer()
