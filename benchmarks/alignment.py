@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--rl-steps", type=int, default=60)
     ap.add_argument("--dpo-steps", type=int, default=60)
     ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--rl-lr", type=float, default=1e-4)
+    ap.add_argument("--dpo-lr", type=float, default=5e-5)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -99,7 +101,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     d = dpo(resolve(DpoConfig, {}, {**common, "data": str(pairs_path), "out": str(out / "dpo")},
-                    {"max_steps": args.dpo_steps, "batch_size": 32, "lr": 5e-4, "beta": 0.1, "warmup_steps": 5}))  # fmt: skip
+                    {"max_steps": args.dpo_steps, "batch_size": 32, "lr": args.dpo_lr, "beta": 0.1, "warmup_steps": 5}))  # fmt: skip
     wall = time.perf_counter() - t0
     report["dpo"] = {"before": d.get("before"), "after": d.get("after")}
     add("DPO (task pairs)", greedy(out / "dpo"), wall, 0,
@@ -107,7 +109,7 @@ def main() -> None:
         f"margin {d['before']['val_logratio_margin']:.2f}->{d['after']['val_logratio_margin']:.2f}")  # fmt: skip
 
     rl = {"task": args.task, "max_new_tokens": args.max_new_tokens, "eval_prompts": 0, "batch_size": 8,
-          "max_steps": args.rl_steps, "lr": 5e-4, "warmup_steps": 3, "kl_coef": 0.05, "max_kl": 0}  # fmt: skip
+          "max_steps": args.rl_steps, "lr": args.rl_lr, "warmup_steps": 3, "kl_coef": 0.05, "max_kl": 0}  # fmt: skip
     t0 = time.perf_counter()
     g = grpo(resolve(GrpoConfig, {}, {**common, "out": str(out / "grpo")}, {**rl, "group_size": 8}))
     wall = time.perf_counter() - t0

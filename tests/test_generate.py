@@ -155,3 +155,31 @@ def test_generate_cli_streams_and_is_seeded(small_shards, tmp_path, capsys):
     assert main([*argv, "--prompt", "Second", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.count("--- prompt") == 2
     assert main([*argv[:4], "--max-new-tokens", "64"]) == 2  # no room left for the prompt: one-line error
+
+
+def test_repetition_penalty_never_penalizes_stop_tokens():
+    """A chat prompt holds the turn-end token once per earlier turn; the penalty must not keep the model from stopping."""
+    import torch
+
+    from lmforge.model import ModelConfig
+    from lmforge.serve.generate import generate
+
+    class FixedLogits(torch.nn.Module):
+        """Every position predicts: token 3 (the stop) at 2.0, token 7 at 1.8, the rest 0."""
+
+        def __init__(self):
+            super().__init__()
+            self.cfg = ModelConfig(vocab_size=16, n_layer=1, d_model=8, n_head=2, max_seq_len=32)
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, idx, cache=None, last_only=False, **_):
+            logits = torch.zeros(idx.shape[0], 1 if last_only else idx.shape[1], 16)
+            logits[..., 3], logits[..., 7] = 2.0, 1.8
+            cache.length += idx.shape[1]
+            return logits, None
+
+    model = FixedLogits()
+    # Penalized, the stop token would score 2.0 / 1.5 = 1.33 < 1.8 and the reply would never end.
+    assert generate(model, [[3, 1, 3, 2]], 4, temperature=0, repetition_penalty=1.5, stop_ids=[3]) == [[]]
+    # Not a stop token: penalized as seen (7 first; once 7 is seen too, 3 wins again at 1.33 > 1.2).
+    assert generate(model, [[3, 1, 3, 2]], 2, temperature=0, repetition_penalty=1.5) == [[7, 3]]

@@ -89,6 +89,10 @@ def generate(
         seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             seen[i, torch.tensor(p, device=device)] = True
+        # Stop tokens are never penalized: a chat prompt holds a turn-end token for every earlier turn,
+        # and penalizing it teaches the model to never stop (HF penalizes it; a known chat pitfall).
+        if stop_ids:
+            seen[:, torch.tensor(list(stop_ids), device=device)] = False
     dtype = next(model.parameters()).dtype
     # The last new token is never fed back, so the cache needs P + max_new_tokens - 1 slots.
     cache = KVCache(model.cfg, B, P + max_new_tokens - 1, device=device, dtype=dtype)
