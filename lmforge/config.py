@@ -158,6 +158,26 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def load_config_file(path: str | Path, known: set[str], expected: str) -> dict:
+    """The YAML mapping at `path` whose top-level keys are all in `known`; one-line errors otherwise.
+
+    `expected` names what the mapping should hold, for the error message (e.g. "a `steps` list").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"{path}: no such config file")
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise LmforgeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise LmforgeError(f"{path}: expected a mapping with {expected}")
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise LmforgeError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return cfg
+
+
 def resolve_train_config(recipe: dict | None, flags: dict, sets: dict) -> TrainConfig:
     """Build the TrainConfig: preset <- recipe <- plain flags (non-None) <- --set overrides."""
     layers = [recipe or {}, {k: v for k, v in flags.items() if v is not None}, sets]

@@ -122,20 +122,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def load_config(path: str | Path) -> dict:
     """The YAML mix config at `path`, its top-level keys checked (sources are checked by `check_source`)."""
-    import yaml
+    from lmforge.config import load_config_file
 
     path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"{path}: no such config file")
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise LmforgeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(cfg, dict):
-        raise LmforgeError(f"{path}: expected a mapping with a `sources` list")
-    unknown = sorted(set(cfg) - CONFIG_KEYS)
-    if unknown:
-        raise LmforgeError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(CONFIG_KEYS))})")
+    cfg = load_config_file(path, CONFIG_KEYS, "a `sources` list")
     if not isinstance(cfg.get("sources", []), list) or not all(isinstance(s, dict) for s in cfg.get("sources", [])):
         raise LmforgeError(f"{path}: `sources` must be a list of mappings {{name, path, weight, ...}}")
     return cfg

@@ -76,20 +76,10 @@ RUN_KEYS = ("workers", "executor", "shards", "seconds", "docs_per_second")  # re
 
 def load_config(path: str | Path) -> dict:
     """The YAML pipeline config at `path`, with its top-level keys checked."""
-    import yaml
+    from lmforge.config import load_config_file
 
     path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"{path}: no such config file")
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise LmforgeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(cfg, dict):
-        raise LmforgeError(f"{path}: expected a mapping with a `steps` list")
-    unknown = sorted(set(cfg) - CONFIG_KEYS)
-    if unknown:
-        raise LmforgeError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(CONFIG_KEYS))})")
+    cfg = load_config_file(path, CONFIG_KEYS, "a `steps` list")
     steps = cfg.get("steps", [])
     if not isinstance(steps, list) or not all(isinstance(s, dict) and "name" in s for s in steps):
         raise LmforgeError(f"{path}: `steps` must be a list of mappings, each with a `name`")
