@@ -21,6 +21,13 @@ from lmforge.errors import LmforgeError
 from lmforge.model.transformer import ModelConfig
 
 
+def require(checks: list[tuple[bool, str]], prefix: str = "config: ") -> None:
+    """Raise LmforgeError with the first failing check's message (configs validate with a list of these)."""
+    for ok, message in checks:
+        if not ok:
+            raise LmforgeError(f"{prefix}{message}")
+
+
 @dataclass
 class TrainConfig:
     """Pretraining (stage 1). Each field's comment is its help text."""
@@ -73,9 +80,7 @@ class TrainConfig:
             (self.seq_len <= self.model.max_seq_len,
              f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise LmforgeError(f"config: {message}")
+        require(checks)
         self.model.validate()
         return self
 

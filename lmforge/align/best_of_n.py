@@ -34,6 +34,7 @@ import torch
 from lmforge.align.rollout import RewardModelScorer, load_prompts, question_messages, sample, split_prompts
 from lmforge.align.tasks import get_task, make_split
 from lmforge.chat.template import ChatFormat
+from lmforge.config import require
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
 from lmforge.fileio import atomic_path, atomic_write_json, atomic_write_text
@@ -80,9 +81,7 @@ class BestOfNConfig:
             (self.temperature > 0 and 0 < self.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
             (self.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise LmforgeError(message)
+        require(checks, prefix="")
         if self.task:
             get_task(self.task)
         if not self.ks or self.ks[0] < 1 or self.ks[-1] > self.n:

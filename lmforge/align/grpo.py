@@ -31,6 +31,7 @@ from lmforge.align.losses import grpo_advantages, kl_per_token, masked_mean, pol
 from lmforge.align.rollout import answer_logprobs, prompt_ids, rows, sample, task_accuracy
 from lmforge.align.tasks import get_task, make_split
 from lmforge.chat.template import ChatFormat
+from lmforge.config import require
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write_json
 from lmforge.model.lora import adapters_disabled
@@ -64,9 +65,7 @@ class GrpoConfig(FinetuneConfig):
             (self.max_new_tokens >= 1 and self.temperature > 0, "max_new_tokens >= 1 and temperature > 0"),
             (self.eval_prompts >= 0 and self.train_prompts >= self.batch_size, "train_prompts >= batch_size"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise LmforgeError(f"config: {message}")
+        require(checks)
         return super().validate()
 
 

@@ -66,6 +66,7 @@ from lmforge.align.rollout import (
 )
 from lmforge.align.tasks import get_task, make_split
 from lmforge.chat.template import ChatFormat
+from lmforge.config import require
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_path, atomic_write_json
 from lmforge.model.lora import adapters_disabled
@@ -116,9 +117,7 @@ class PpoConfig(FinetuneConfig):
             (not self.task or self.train_prompts >= self.rollout_size,
              "train_prompts must be >= batch_size * grad_accum * minibatches (one rollout)"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise LmforgeError(f"config: {message}")
+        require(checks)
         return super().validate()
 
 

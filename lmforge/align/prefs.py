@@ -40,7 +40,7 @@ class PairSet:
     source: str = ""
 
 
-def _as_prompt(value) -> list[dict] | None:
+def as_prompt(value) -> list[dict] | None:
     if isinstance(value, str):
         return [{"role": "user", "content": value}] if value.strip() else None
     if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
@@ -63,7 +63,7 @@ def check_pair(record) -> tuple[dict | None, str | None]:
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
     if missing:
         return None, f"missing field {missing[0]!r}"
-    prompt = _as_prompt(record["prompt"])
+    prompt = as_prompt(record["prompt"])
     if prompt is None:
         return None, "empty or malformed prompt"
     chosen, rejected = _as_answer(record["chosen"]), _as_answer(record["rejected"])
@@ -78,31 +78,38 @@ def check_pair(record) -> tuple[dict | None, str | None]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
 
 
-def load_pairs(path: str | Path) -> PairSet:
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"{path}: no such preference file (JSONL with prompt, chosen, rejected)")
-    out = PairSet([], {}, str(path))
+def read_checked_jsonl(path: Path, check) -> tuple[list, dict[str, int]]:
+    """Items of a JSONL file that `check(record) -> (item, None) | (None, reason)` accepts, and skips by reason.
+
+    Blank lines are ignored; undecodable and malformed lines are counted, never fatal.
+    """
+    items, skipped = [], {}
     with path.open("rb") as f:
         for raw in f:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                item, reason = check(json.loads(raw.decode("utf-8")))
             except UnicodeDecodeError:
-                record, reason = None, "not UTF-8"
+                item, reason = None, "not UTF-8"
             except ValueError:
-                record, reason = None, "malformed JSON"
+                item, reason = None, "malformed JSON"
+            if item is None:
+                skipped[reason] = skipped.get(reason, 0) + 1
             else:
-                record, reason = check_pair(record)
-            if record is None:
-                out.skipped[reason] = out.skipped.get(reason, 0) + 1
-            else:
-                out.pairs.append(record)
-    if not out.pairs:
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(out.skipped.items(), key=lambda kv: -kv[1])[:3])
+                items.append(item)
+    return items, skipped
+
+
+def load_pairs(path: str | Path) -> PairSet:
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"{path}: no such preference file (JSONL with prompt, chosen, rejected)")
+    pairs, skipped = read_checked_jsonl(path, check_pair)
+    if not pairs:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1])[:3])
         raise LmforgeError(f"{path}: no usable preference pair ({reasons or 'empty file'})")
-    return out
+    return PairSet(pairs, skipped, str(path))
 
 
 def split_pairs(pairs: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -13,7 +13,6 @@ rewarded) for stopping, and an answer cut by `max_new_tokens` is counted as not 
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -81,32 +80,22 @@ def load_prompts(path: str | Path, system: str | None = None) -> tuple[list[list
 
     A text prompt is one user message; `system` is put first where a prompt has no system message.
     """
-    from lmforge.align.prefs import _as_prompt  # the same reading of a prompt as preference pairs get
+    from lmforge.align.prefs import as_prompt, read_checked_jsonl  # prompts read as preference pairs' are
+
+    def check(record) -> tuple[list[dict] | None, str | None]:
+        prompt = as_prompt(record.get("prompt")) if isinstance(record, dict) else None
+        if prompt is None:
+            return None, 'no usable "prompt" (text or messages)'
+        if prompt[-1]["role"] == "assistant":
+            return None, "prompt ends with an assistant turn"
+        if system and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": system}, *prompt]
+        return prompt, None
 
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f'{path}: no such prompts file (JSONL with a "prompt" field: text or messages)')
-    prompts, skipped = [], {}
-    with path.open("rb") as f:
-        for raw in f:
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-                prompt = _as_prompt(record.get("prompt")) if isinstance(record, dict) else None
-                reason = 'no usable "prompt" (text or messages)' if prompt is None else None
-            except UnicodeDecodeError:
-                prompt, reason = None, "not UTF-8"
-            except ValueError:
-                prompt, reason = None, "malformed JSON"
-            if prompt is not None and prompt[-1]["role"] == "assistant":
-                prompt, reason = None, "prompt ends with an assistant turn"
-            if prompt is None:
-                skipped[reason] = skipped.get(reason, 0) + 1
-                continue
-            if system and prompt[0]["role"] != "system":
-                prompt = [{"role": "system", "content": system}, *prompt]
-            prompts.append(prompt)
+    prompts, skipped = read_checked_jsonl(path, check)
     if not prompts:
         raise LmforgeError(
             f"{path}: no usable prompt ({', '.join(f'{k}: {v}' for k, v in skipped.items()) or 'empty'})"

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from lmforge.config import apply_updates, to_dict
+from lmforge.config import apply_updates, require, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write_text
 from lmforge.model.lora import LoraConfig, apply_lora, load_lora_tensors, lora_tensors
@@ -86,9 +86,7 @@ class FinetuneConfig:
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto, float32 or bfloat16"),
             (not (self.lora and self.freeze), "freeze is for full fine-tuning; --lora already freezes the base"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise LmforgeError(f"config: {message}")
+        require(checks)
         bad = sorted(set(self.freeze_parts) - set(FREEZABLE))
         if bad:
             raise LmforgeError(f"config: freeze must list parts among {', '.join(FREEZABLE)}, got {bad}")
