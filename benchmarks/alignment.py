@@ -29,8 +29,11 @@ def _read(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _generated(run: Path, rows_per_step: int) -> int:
-    return int(sum(r["length"] * rows_per_step for r in _read(run) if "length" in r and "loss" in r))
+def _generated(run: Path, rows_per_rollout: int, steps_per_rollout: int = 1) -> int:
+    """Answer tokens sampled: each step logs its rollout's mean length (PPO: a rollout serves several steps)."""
+    return int(
+        sum(r["length"] * rows_per_rollout for r in _read(run) if "length" in r and "loss" in r) / steps_per_rollout
+    )
 
 
 def main() -> None:
@@ -58,6 +61,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--rl-lr", type=float, default=1e-4)
     ap.add_argument("--dpo-lr", type=float, default=5e-5)
+    ap.add_argument("--ppo-rollout", type=int, default=64, help="answers per PPO rollout (a multiple of 32)")
+    ap.add_argument("--ppo-epochs", type=int, default=1)
+    ap.add_argument("--ppo-lr", type=float, default=1e-4)
+    ap.add_argument("--ppo-lam", type=float, default=0.95)
+    ap.add_argument("--pair-prompts", type=int, default=1000, help="training prompts sampled for on-policy pairs")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -99,14 +107,32 @@ def main() -> None:
     print(f"reward model: held-out pairwise accuracy {rm['before']['val_accuracy']:.3f} -> {rm['after']['val_accuracy']:.3f} "
           f"[{rm['after']['val_accuracy_lo']:.3f}, {rm['after']['val_accuracy_hi']:.3f}] ({rm['after']['val_pairs']} pairs)")  # fmt: skip
 
+    # On-policy pairs: the model's own right and wrong answers to training prompts (best-of-n --split train).
     t0 = time.perf_counter()
-    d = dpo(resolve(DpoConfig, {}, {**common, "data": str(pairs_path), "out": str(out / "dpo")},
-                    {"max_steps": args.dpo_steps, "batch_size": 32, "lr": args.dpo_lr, "beta": 0.1, "warmup_steps": 5}))  # fmt: skip
-    wall = time.perf_counter() - t0
-    report["dpo"] = {"before": d.get("before"), "after": d.get("after")}
-    add("DPO (task pairs)", greedy(out / "dpo"), wall, 0,
-        f"held-out pref. acc {d['before']['val_pref_accuracy']:.2f}->{d['after']['val_pref_accuracy']:.2f}, "
-        f"margin {d['before']['val_logratio_margin']:.2f}->{d['after']['val_logratio_margin']:.2f}")  # fmt: skip
+    onpolicy = out / "onpolicy_pairs.jsonl"
+    built = best_of_n(BestOfNConfig(model=args.model, n=8, task=args.task, eval_prompts=args.pair_prompts, split="train",
+                                    max_new_tokens=args.max_new_tokens, out_pairs=str(onpolicy), seed=args.seed))  # fmt: skip
+    pair_s, pair_tokens = time.perf_counter() - t0, built["tokens_generated"]
+    report["onpolicy_pairs"] = built["pairs"]
+    print(f"on-policy pairs: {built['pairs']['written']} of {built['prompts']} prompts, {pair_s:.0f}s", flush=True)
+
+    dpo_runs = [
+        ("DPO (synthetic task pairs)", "dpo", pairs_path, {}, 0.0, 0),
+        ("DPO (on-policy pairs)", "dpo-onpolicy", onpolicy, {}, pair_s, pair_tokens),
+        ("RPO (on-policy, + NLL of chosen)", "rpo-onpolicy", onpolicy, {"sft_coef": 1.0}, pair_s, pair_tokens),
+    ]
+    for name, folder, data, extra, extra_s, tokens in dpo_runs:
+        t0 = time.perf_counter()
+        d = dpo(resolve(DpoConfig, {}, {**common, "data": str(data), "out": str(out / folder)},
+                        {"max_steps": args.dpo_steps, "batch_size": 32, "lr": args.dpo_lr, "beta": 0.1,
+                         "warmup_steps": 5, **extra}))  # fmt: skip
+        wall = time.perf_counter() - t0 + extra_s
+        report[folder] = {"before": d.get("before"), "after": d.get("after")}
+        b, a = d["before"], d["after"]
+        add(name, greedy(out / folder), wall, tokens,
+            f"held-out pairs: pref. acc {b['val_pref_accuracy']:.2f}->{a['val_pref_accuracy']:.2f} "
+            f"[{a['val_pref_accuracy_lo']:.2f}, {a['val_pref_accuracy_hi']:.2f}], margin "
+            f"{b['val_logratio_margin']:.2f}->{a['val_logratio_margin']:.2f} ({a['val_pairs']} pairs)")  # fmt: skip
 
     rl = {"task": args.task, "max_new_tokens": args.max_new_tokens, "eval_prompts": 0, "batch_size": 8,
           "max_steps": args.rl_steps, "lr": args.rl_lr, "warmup_steps": 3, "kl_coef": 0.05, "max_kl": 0}  # fmt: skip
@@ -120,10 +146,13 @@ def main() -> None:
     report["grpo"] = g
 
     t0 = time.perf_counter()
-    p = ppo(resolve(PpoConfig, {}, {**common, "out": str(out / "ppo")}, {**rl, "batch_size": 32}))
+    ppo_rl = {**rl, "batch_size": 32, "grad_accum": args.ppo_rollout // 32, "ppo_epochs": args.ppo_epochs,
+              "lr": args.ppo_lr, "lam": args.ppo_lam}  # fmt: skip
+    p = ppo(resolve(PpoConfig, {}, {**common, "out": str(out / "ppo")}, ppo_rl))
     wall = time.perf_counter() - t0
     kl = [r["kl"] for r in _read(out / "ppo") if "kl" in r]
-    add("PPO", greedy(out / "ppo"), wall, _generated(out / "ppo", 32), f"final KL {kl[-1]:.3f}")
+    add("PPO", greedy(out / "ppo"), wall, _generated(out / "ppo", args.ppo_rollout, args.ppo_epochs),
+        f"{args.ppo_rollout} answers per rollout, {args.ppo_epochs} pass(es); final KL {kl[-1]:.3f}, max {max(kl):.3f}")  # fmt: skip
     report["ppo"] = p
 
     lines = ["| method | held-out accuracy | 95% CI | train/sample wall s | tokens generated | note |",

@@ -5,7 +5,8 @@
 
 Stages: data clean -> tokenizer -> data tokenize -> pretrain (with validation) -> samples
 -> SFT on chat data (answer-only loss, validation) -> a short scripted chat transcript
--> DPO on preference pairs built from chitchat's human ratings (held-out reward accuracy and margin).
+-> stage 3: a short SFT warm-up on a verifiable task's checked answers, then GRPO on that task,
+with greedy exact-match accuracy on held-out prompts before and after (runs/demo/align.json).
 Each stage's output lands in OUT/<stage>; a stage whose output is complete is
 skipped when the recipe is run again, and pretraining resumes from its last
 checkpoint, so an interrupted demo continues where it stopped.
@@ -22,9 +23,10 @@ from pathlib import Path
 
 from lmforge.config import load_yaml, parse_set, resolve_train_config
 from lmforge.errors import LmforgeError
-from lmforge.fileio import atomic_write_text
+from lmforge.fileio import atomic_write_json, atomic_write_text
 
-RECIPE_KEYS = {"out", "corpus", "clean", "tokenizer", "tokenize", "pretrain", "sample", "sft", "chat", "dpo"}
+RECIPE_KEYS = {"out", "corpus", "clean", "tokenizer", "tokenize", "pretrain", "sample", "sft", "chat", "align"}
+ALIGN_KEYS = {"task", "warmup_examples", "warmup", "grpo"}
 
 
 def register(subparsers) -> None:
@@ -73,7 +75,8 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def run_recipe(recipe: dict, out: Path) -> dict:
-    from lmforge.align.dpo import DpoConfig, dpo
+    from lmforge.align.grpo import GrpoConfig, grpo
+    from lmforge.align.prefs import task_pairs
     from lmforge.data.clean.pipeline import clean_corpus, format_summary
     from lmforge.data.tokenize_cmd import tokenize_corpus
     from lmforge.tokenizer.train import train_tokenizer
@@ -94,14 +97,20 @@ def run_recipe(recipe: dict, out: Path) -> dict:
     scfg = None
     if "sft" in recipe:
         scfg = resolve_sft_config(recipe["sft"], {"base": str(run_dir), "out": str(sft_dir)}, {})
-    dcfg, dpo_source = None, None
-    if "dpo" in recipe:
+    wcfg = gcfg = None
+    align = recipe.get("align")
+    if align is not None:
         if scfg is None:
-            raise LmforgeError("recipe: a dpo section needs an sft section (DPO starts from the SFT model)")
-        dpo_recipe = dict(recipe["dpo"])
-        dpo_source = dpo_recipe.pop("pairs", "chitchat")
-        dcfg = resolve(DpoConfig, dpo_recipe, {"base": str(sft_dir), "out": str(out / "dpo"),
-                                                "data": str(out / "pairs.jsonl")}, {})  # fmt: skip
+            raise LmforgeError("recipe: an align section needs an sft section (alignment starts from the SFT model)")
+        unknown = set(align) - ALIGN_KEYS
+        if unknown:
+            raise LmforgeError(f"recipe: unknown align field(s) {', '.join(sorted(unknown))}; known: "
+                               f"{', '.join(sorted(ALIGN_KEYS))}")  # fmt: skip
+        task = align.get("task", "sort")
+        wcfg = resolve_sft_config(align.get("warmup", {}), {"base": str(sft_dir), "out": str(out / "task-sft"),
+                                                            "data": str(out / "task-sft.jsonl")}, {})  # fmt: skip
+        gcfg = resolve(GrpoConfig, align.get("grpo", {}), {"base": str(out / "task-sft"), "out": str(out / "grpo"),
+                                                            "task": task}, {})  # fmt: skip
     chat = {"questions": [], "max_new_tokens": 60, "temperature": 0.0, "system": None}
     unknown = set(recipe.get("chat", {})) - set(chat)
     if unknown:
@@ -114,7 +123,7 @@ def run_recipe(recipe: dict, out: Path) -> dict:
     sample.update(recipe.get("sample", {}))
 
     clean_steps = recipe.get("clean", {}).get("steps")  # None: the default pipeline of `lmforge data clean`
-    n = 8 if dcfg else 7 if scfg else 5
+    n = 9 if gcfg else 7 if scfg else 5
     _say(f"[1/{n}] data clean -> {clean_dir}")
     if not (clean_dir / "report.json").is_file():
         report = clean_corpus(inputs, clean_dir, steps=clean_steps, progress=False)
@@ -146,29 +155,34 @@ def run_recipe(recipe: dict, out: Path) -> dict:
     transcript = _chat_transcript(sft_dir, chat)
     atomic_write_text(out / "chat.txt", transcript)
     print(transcript)
-    if dcfg is not None:
-        _say(f"[8/{n}] dpo on {dpo_source} preference pairs -> {out / 'dpo'}")
-        if not (out / "pairs.jsonl").is_file():
-            atomic_write_text(out / "pairs.jsonl", "".join(json.dumps(p) + "\n" for p in _pairs(dpo_source)))
-        d = dpo(dcfg)
-        if "before" in d and "after" in d:
-            b, a = d["before"], d["after"]
-            _say(f"      held-out pairs: implicit-reward accuracy {a['val_reward_accuracy']:.2f} "
-                 f"(chance 0.50; {a['val_pairs']} pairs), log-ratio margin {b['val_logratio_margin']:.1f} -> "
-                 f"{a['val_logratio_margin']:.1f}")  # fmt: skip
+    if gcfg is not None:
+        examples = int(align.get("warmup_examples", 8000))
+        _say(f"[8/{n}] sft warm-up on {examples} checked {gcfg.task} answers -> {wcfg.out}")
+        if not Path(wcfg.data).is_file():
+            rows = [{"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]}
+                    for p in task_pairs(gcfg.task, examples, seed=gcfg.seed)]  # fmt: skip
+            atomic_write_text(wcfg.data, "".join(json.dumps(r) + "\n" for r in rows))
+        sft(wcfg)
+        _say(f"[9/{n}] grpo on {gcfg.task} -> {gcfg.out}")
+        g = grpo(gcfg)
+        if "before" in g and "after" in g:
+            atomic_write_json(out / "align.json", _align_report(gcfg, g))
+        if (out / "align.json").is_file():
+            _say("      " + json.loads((out / "align.json").read_text())["summary"])
     _say(f"done: {out}/samples.txt, {out}/chat.txt; metrics in {run_dir}, {sft_dir}"
-         f"{' and ' + str(out / 'dpo') if dcfg else ''} (metrics.jsonl, tb/)")  # fmt: skip
+         f"{' and ' + str(out / 'grpo') if gcfg else ''} (metrics.jsonl, tb/)")  # fmt: skip
     return result
 
 
-def _pairs(source: str) -> list[dict]:
-    from lmforge.align.prefs import chitchat_pairs, task_pairs
-
-    if source == "chitchat":
-        return chitchat_pairs()
-    if source.startswith("task:"):
-        return task_pairs(source.split(":", 1)[1], 2000)
-    raise LmforgeError(f"recipe: dpo.pairs must be chitchat or task:NAME, got {source!r}")
+def _align_report(cfg, result: dict) -> dict:
+    """Held-out exact-match accuracy of the warm-up model (GRPO's step 0) and of the GRPO model, and the KL."""
+    b, a = result["before"], result["after"]
+    kls = [r["kl"] for r in map(json.loads, (Path(cfg.out) / "metrics.jsonl").open()) if "kl" in r]
+    summary = (f"held-out {cfg.task} accuracy (greedy, {a['val_prompts']} prompts never trained on): "
+               f"{b['val_accuracy']:.3f} [{b['val_accuracy_lo']:.3f}, {b['val_accuracy_hi']:.3f}] -> "
+               f"{a['val_accuracy']:.3f} [{a['val_accuracy_lo']:.3f}, {a['val_accuracy_hi']:.3f}] after "
+               f"{a['step']} GRPO steps; KL to the warm-up model: last {kls[-1]:.3f}, max {max(kls):.3f}")  # fmt: skip
+    return {"task": cfg.task, "before": b, "after": a, "kl_last": kls[-1], "kl_max": max(kls), "summary": summary}
 
 
 def _chat_transcript(run_dir: Path, chat: dict) -> str:

@@ -36,6 +36,7 @@ def test_dpo_ipo_simpo_by_hand():
     assert (float(c), float(r)) == (-1.0, -4.0)
     assert float(loss) == pytest.approx(math.log(1 + math.exp(-2.5)))
     assert set(L.PREFERENCE_LOSSES) == {"dpo", "ipo", "simpo"}
+    assert float(L.chosen_nll(t([-6.0, -2.0]), t([3.0, 0.0]))) == pytest.approx((2.0 + 2.0) / 2)  # length 0 -> 1
 
 
 def test_grpo_advantages_standardize_within_groups():
@@ -191,6 +192,8 @@ def test_dpo_raises_held_out_preference_and_margin(base_run, style_pairs, tmp_pa
                  "--max-steps", "2", "--lora", "--set", "loss=ipo"]) == 0  # fmt: skip
     assert main(["dpo", "--model", str(base_run), "--data", str(style_pairs), "--out", str(tmp_path / "simpo"),
                  "--max-steps", "2", "--set", "loss=simpo", "--set", "beta=2.0"]) == 0  # fmt: skip
+    assert main(["dpo", "--model", str(base_run), "--data", str(style_pairs), "--out", str(tmp_path / "rpo"),
+                 "--max-steps", "2", "--set", "sft_coef=1.0"]) == 0  # fmt: skip
     assert main(["dpo", "--model", str(base_run), "--data", str(style_pairs), "--out", str(tmp_path / "x"),
                  "--set", "loss=kto"]) == 2  # fmt: skip
     assert "loss must be one of dpo, ipo, simpo" in capsys.readouterr().err

@@ -215,6 +215,27 @@ def test_best_of_n_with_a_verifier(base_run, stopping_run, tmp_path, toy_task):
     assert rep["no_turn_end"] == 3 and rep["sft"]["written"] == 0 and "3 prompts with no turn end" in rep["table"]
 
 
+def test_best_of_n_writes_on_policy_pairs_from_training_prompts(stopping_run, tmp_path, toy_task):
+    from lmforge.align.best_of_n import BestOfNConfig, best_of_n
+    from lmforge.align.prefs import load_pairs
+    from lmforge.align.tasks import get_task, make_split
+
+    pairs = tmp_path / "pairs.jsonl"
+    cfg = BestOfNConfig(model=str(stopping_run), task=toy_task, n=8, eval_prompts=12, max_new_tokens=8,
+                        split="train", out_pairs=str(pairs))  # fmt: skip
+    rep = best_of_n(cfg.validate())
+    task, held = get_task(toy_task), {q for q, _ in make_split(get_task(toy_task), 200, cfg.seed, "eval")}
+    records = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert records and len(records) == rep["pairs"]["written"]
+    assert rep["pairs"]["written"] + sum(rep["pairs"]["skipped"].values()) == rep["prompts"] == 12  # all counted
+    for r in records:  # both sides are the model's own ended answers: the right one chosen, a wrong one rejected
+        assert r["prompt"][0]["content"] not in held
+        assert task.reward(r["chosen"], "even") == 1.0 and task.reward(r["rejected"], "even") == 0.0
+    assert load_pairs(pairs).pairs and "--out-pairs" in rep["table"]
+    with pytest.raises(Exception, match="--split"):
+        BestOfNConfig(model="m", task="add", split="test").validate()
+
+
 def test_best_of_n_with_a_reward_model(stopping_run, reward_run, prompts_file, tmp_path):
     from lmforge.align.best_of_n import BestOfNConfig, best_of_n
     from lmforge.align.rollout import load_prompts, split_prompts

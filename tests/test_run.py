@@ -19,7 +19,10 @@ def test_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
         "sft": {"data": "chatterbot", "batch_size": 2, "seq_len": 32, "max_steps": 2, "warmup_steps": 1,
                 "eval_batches": 1, "samples": 2},
         "chat": {"questions": ["Hello", "Who are you?"], "max_new_tokens": 4},
-        "dpo": {"pairs": "task:add", "batch_size": 2, "seq_len": 64, "max_steps": 2, "eval_batches": 1},
+        "align": {"task": "add", "warmup_examples": 40,
+                  "warmup": {"batch_size": 4, "seq_len": 48, "max_steps": 2, "eval_every": 0, "samples": 0},
+                  "grpo": {"batch_size": 2, "group_size": 2, "max_new_tokens": 6, "max_steps": 2, "eval_prompts": 4,
+                           "train_prompts": 20}},
     }  # fmt: skip
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -33,13 +36,27 @@ def test_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     assert [r["step"] for r in map(json.loads, (out / "sft" / "metrics.jsonl").open()) if "val_loss" in r] == [0, 2]
     chat = (out / "chat.txt").read_text()
     assert "you> Hello\nassistant> " in chat and "you> Who are you?" in chat
-    # Stage 3: DPO from the SFT model on task pairs, evaluated on held-out pairs before and after.
-    evals = [r for r in map(json.loads, (out / "dpo" / "metrics.jsonl").open()) if "val_reward_accuracy" in r]
+    # Stage 3: a task warm-up from the SFT model, then GRPO, scored on held-out prompts before and after.
+    assert yaml.safe_load((out / "task-sft" / "config.yaml").read_text())["base"] == str(out / "sft")
+    evals = [r for r in map(json.loads, (out / "grpo" / "metrics.jsonl").open()) if "val_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 2]
+    align = json.loads((out / "align.json").read_text())
+    assert align["before"]["val_prompts"] == 4 and align["after"]["step"] == 2 and align["kl_max"] >= 0
     # A rerun finds every stage done (pretraining is already at max_steps) and only samples again.
     capsys.readouterr()
     assert main(["run", "--recipe", str(path), "--out", str(out), "--set", "sample.max_new_tokens=4"]) == 0
-    assert "KING:" in capsys.readouterr().out
+    rerun = capsys.readouterr()
+    assert "KING:" in rerun.out and "held-out add accuracy" in rerun.err
+
+
+def test_recipe_align_needs_sft_and_known_fields(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text("align: {task: sort}\n")
+    assert main(["run", "--recipe", str(path)]) == 2
+    assert "align section needs an sft section" in capsys.readouterr().err
+    path.write_text("sft: {data: chatterbot}\nalign: {tsk: sort}\n")
+    assert main(["run", "--recipe", str(path)]) == 2
+    assert "unknown align field(s) tsk" in capsys.readouterr().err
 
 
 def test_recipe_unknown_section_is_one_line_error(tmp_path, capsys):

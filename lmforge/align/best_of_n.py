@@ -3,9 +3,13 @@
     lmforge best-of-n --model runs/demo/sft --task add --n 16 --report reports/bon-add
     lmforge best-of-n --model runs/demo/sft --reward-model runs/rm --prompts prompts.jsonl --n 8 \\
         --out-sft rs.jsonl --min-reward 1.0          # rejection-sampling data for `lmforge sft --data rs.jsonl`
+    lmforge best-of-n --model runs/sort-sft --task sort --split train --eval-prompts 2000 --n 8 \\
+        --out-pairs onpolicy.jsonl                   # on-policy preference pairs for `lmforge dpo --data`
 
 For each held-out prompt (a task's eval split, or `--eval-prompts` prompts of `--prompts` chosen by
-`--seed` exactly as `lmforge ppo` holds them out) the N answers are sampled in one batch with the
+`--seed` exactly as `lmforge ppo` holds them out; `--split train` takes the others instead, to
+build data without touching the held-out prompts: for a task, `--eval-prompts` of its training
+split; for `--prompts`, every prompt not held out) the N answers are sampled in one batch with the
 KV-cache generator and scored: the task's checker (1 right, 0 wrong) or the reward model (read at
 the answer's turn-end token). Best-of-k for each k of `--curve` is computed from the same N
 samples by taking each prompt's first k (so the curve costs one sampling run, and is monotone
@@ -18,6 +22,12 @@ Reported: accuracy with its 95% Wilson interval (task) or mean score with a norm
 `--out-sft FILE` writes one OpenAI `messages` record per prompt whose best answer *among those
 that reached the turn end* (a cut answer would teach stopping mid-sentence) is correct (task) or
 scores above `--min-reward` (reward model): rejection-sampling fine-tuning data.
+
+`--out-pairs FILE` writes on-policy preference pairs (the "sampled answers ranked by a verifier or
+a reward model" builder): for each prompt, among the answers that reached the turn end, the best
+is chosen and the worst rejected when their scores differ by more than `--min-gap` (task: right
+vs wrong). Unlike the task's synthetic pairs, both sides are the model's own answers, so DPO
+trains where the model actually errs.
 """
 
 from __future__ import annotations
@@ -55,6 +65,9 @@ class BestOfNConfig:
     max_new_tokens: int = 64
     curve: str = ""  # comma-separated k values (default: 1, 2, 4, ... up to n, and n)
     out_sft: str = ""  # write the best answers that pass as `messages` JSONL
+    out_pairs: str = ""  # write (best, worst) answer pairs as preference JSONL
+    min_gap: float = 0.0  # --out-pairs: the best must score more than this above the worst
+    split: str = "eval"  # prompts to sample: "eval" (held out) or "train" (for building data)
     min_reward: float = 0.0  # reward-model mode: an answer goes to --out-sft only if it scores above this
     report: str = ""  # folder for report.json, report.md, curve.png
     system: str = ""  # system prompt for prompts that have none ("" = none)
@@ -80,6 +93,8 @@ class BestOfNConfig:
             (self.n >= 1 and self.eval_prompts >= 1, "--n and --eval-prompts must be >= 1"),
             (self.temperature > 0 and 0 < self.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
             (self.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+            (self.split in ("eval", "train"), f"--split must be eval or train, got {self.split!r}"),
+            (self.min_gap >= 0, "--min-gap must be >= 0"),
         ]  # fmt: skip
         require(checks, prefix="")
         if self.task:
@@ -103,6 +118,9 @@ def register(subparsers) -> None:
     p.add_argument("--curve", default="", help="k values, e.g. 1,2,4,8,16 (default: powers of two up to --n)")
     p.add_argument("--out-sft", dest="out_sft", default="", help="write passing best answers as messages JSONL")
     p.add_argument("--min-reward", dest="min_reward", type=float, default=0.0, help="reward-model bar for --out-sft")
+    p.add_argument("--out-pairs", dest="out_pairs", default="", help="write (best, worst) answers as preference JSONL")
+    p.add_argument("--min-gap", dest="min_gap", type=float, default=0.0, help="--out-pairs: best - worst must exceed")
+    p.add_argument("--split", default="eval", help="eval (held-out prompts, default) or train (to build data)")
     p.add_argument("--report", default="", help="folder for report.json, report.md, curve.png")
     p.add_argument("--system", default="", help="system prompt for prompts that have none")
     p.add_argument("--seed", type=int, default=1337)
@@ -125,13 +143,20 @@ def best_of_n(cfg: BestOfNConfig) -> dict:
         raise LmforgeError(f"{tok_dir}: the tokenizer has no turn-end token to stop answers at")
     if cfg.task:
         task = get_task(cfg.task)
-        items = [(question_messages(q, cfg.system or None), a) for q, a in make_split(task, cfg.eval_prompts,
-                                                                                      cfg.seed, "eval")]  # fmt: skip
+        items = [(question_messages(q, cfg.system or None), a)
+                 for q, a in make_split(task, cfg.eval_prompts, cfg.seed, cfg.split)]  # fmt: skip
     else:
         scorer = RewardModelScorer(cfg.reward_model, tok_dir, device)
         prompts, _ = load_prompts(cfg.prompts, cfg.system or None)
-        held = split_prompts(prompts, cfg.eval_prompts, cfg.seed)[1] if cfg.eval_prompts < len(prompts) else prompts
-        items = [(p, None) for p in held]
+        if cfg.eval_prompts < len(prompts):
+            train, held = split_prompts(prompts, cfg.eval_prompts, cfg.seed)
+            chosen = held if cfg.split == "eval" else train
+        elif cfg.split == "eval":
+            chosen = prompts
+        else:
+            raise LmforgeError(f"--split train: {cfg.prompts} has {len(prompts)} prompts; with --eval-prompts "
+                               f"{cfg.eval_prompts} none is left for training")  # fmt: skip
+        items = [(p, None) for p in chosen]
     samples, t_sample, t_score = [], 0.0, 0.0
     for i, (messages, answer) in enumerate(items):
         t0 = time.perf_counter()
@@ -162,6 +187,8 @@ def best_of_n(cfg: BestOfNConfig) -> dict:
     }
     if cfg.out_sft:
         report["sft"] = write_sft(cfg, items, samples)
+    if cfg.out_pairs:
+        report["pairs"] = write_pairs(cfg, items, samples)
     report["table"] = markdown_table(report)
     if cfg.report:
         out = Path(cfg.report)
@@ -207,6 +234,28 @@ def write_sft(cfg: BestOfNConfig, items: list[tuple], samples: list[dict]) -> di
     return {"path": cfg.out_sft, "written": len(lines), "of": len(items)}
 
 
+def write_pairs(cfg: BestOfNConfig, items: list[tuple], samples: list[dict]) -> dict:
+    """Per prompt, the best and the worst ended answers as {"prompt", "chosen", "rejected"} JSONL."""
+    lines, skipped = [], {"fewer than 2 ended answers": 0, "scores too close": 0, "identical answers": 0}
+    for (messages, _), s in zip(items, samples, strict=True):
+        ended = [j for j in range(cfg.n) if s["ended"][j] and s["texts"][j].strip()]
+        if len(ended) < 2:
+            skipped["fewer than 2 ended answers"] += 1
+            continue
+        best = max(ended, key=lambda j: s["scores"][j])  # the first of equal scores
+        worst = min(ended, key=lambda j: s["scores"][j])
+        if s["scores"][best] - s["scores"][worst] <= cfg.min_gap:
+            skipped["scores too close"] += 1
+        elif s["texts"][best] == s["texts"][worst]:
+            skipped["identical answers"] += 1
+        else:
+            record = {"prompt": messages, "chosen": s["texts"][best], "rejected": s["texts"][worst],
+                      "scores": [s["scores"][best], s["scores"][worst]]}  # fmt: skip
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    atomic_write_text(cfg.out_pairs, "".join(lines))
+    return {"path": cfg.out_pairs, "written": len(lines), "of": len(items), "skipped": skipped}
+
+
 def markdown_table(report: dict) -> str:
     verifier = report["scorer"].startswith("task:")
     head = "| k | accuracy | 95% CI (Wilson) | tokens |" if verifier else "| k | mean reward | 95% CI | tokens |"
@@ -221,6 +270,10 @@ def markdown_table(report: dict) -> str:
             "",
             f"--out-sft: {report['sft']['written']} of {report['sft']['of']} prompts -> {report['sft']['path']}",
         ]
+    if "pairs" in report:
+        why = ", ".join(f"{k}: {v}" for k, v in report["pairs"]["skipped"].items() if v) or "none skipped"
+        lines += ["", f"--out-pairs: {report['pairs']['written']} of {report['pairs']['of']} prompts -> "
+                      f"{report['pairs']['path']} ({why})"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
     lmforge prefs --source task:add --out pairs.jsonl
     lmforge dpo --model runs/demo/sft --data pairs.jsonl --out runs/dpo --set beta=0.1 --max-steps 100
     lmforge dpo --model models/smollm2 --data pairs.jsonl --out runs/dpo-lora --lora --set loss=ipo
+    lmforge dpo --model runs/sort-sft --data onpolicy.jsonl --out runs/rpo --set sft_coef=1   # RPO: + NLL(chosen)
 
 The reference is the starting model, frozen: a second copy for full fine-tuning, or the same
 weights with the adapters switched off for `--lora` (no second copy in memory). Each step logs
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.align.batching import PairLoader, pair_batches, pair_data
-from lmforge.align.losses import PREFERENCE_LOSSES, sequence_logprobs
+from lmforge.align.losses import PREFERENCE_LOSSES, chosen_nll, sequence_logprobs
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
 from lmforge.model.lora import adapters_disabled
@@ -40,6 +41,7 @@ class DpoConfig(FinetuneConfig):
     loss: str = "dpo"  # dpo, ipo or simpo
     beta: float = 0.1  # strength of the KL anchor (dpo, ipo); reward scale for simpo (try 2.0)
     simpo_gamma: float = 0.5  # simpo's target margin
+    sft_coef: float = 0.0  # RPO (Pang et al. 2024): + sft_coef * the chosen answer's per-token NLL
     val_fraction: float = 0.1  # held-out prompts
     lr: float = 5e-6
 
@@ -48,8 +50,8 @@ class DpoConfig(FinetuneConfig):
             raise LmforgeError("config: dpo needs --data (preference pairs JSONL)")
         if self.loss not in PREFERENCE_LOSSES:
             raise LmforgeError(f"config: loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.loss!r}")
-        if self.beta <= 0:
-            raise LmforgeError("config: beta must be > 0")
+        if self.beta <= 0 or self.sft_coef < 0:
+            raise LmforgeError("config: beta must be > 0 and sft_coef >= 0")
         return super().validate()
 
 
@@ -74,7 +76,7 @@ def pair_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def dpo(cfg: DpoConfig) -> dict:
-    run = FinetuneRun(cfg, "dpo", resume_fields=("data", "loss", "beta", "simpo_gamma", "val_fraction"))
+    run = FinetuneRun(cfg, "dpo", resume_fields=("data", "loss", "beta", "simpo_gamma", "sft_coef", "val_fraction"))
     dd = setup_distributed(run.device)
     try:
         return _train(cfg, run, dd)
@@ -117,6 +119,8 @@ def _train(cfg: DpoConfig, run: FinetuneRun, dd) -> dict:
             pi_c, pi_r, lengths = pair_logprobs(model_, batch)
         len_c, len_r = lengths.chunk(2)
         loss, rc, rr = loss_fn(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, gamma=cfg.simpo_gamma, len_c=len_c, len_r=len_r)
+        if cfg.sft_coef:  # keeps the chosen answers likely: DPO alone may push both sides down
+            loss = loss + cfg.sft_coef * chosen_nll(pi_c, len_c)
         metrics = {"reward_chosen": float(rc.mean()), "reward_rejected": float(rr.mean()),
                    "reward_margin": float((rc - rr).mean()), "reward_accuracy": float((rc > rr).float().mean()),
                    "logp_chosen": float(pi_c.detach().mean()), "logp_rejected": float(pi_r.detach().mean())}  # fmt: skip

@@ -48,6 +48,11 @@ def simpo_loss(pi_c, pi_r, ref_c=None, ref_r=None, beta: float = 2.0, gamma: flo
 PREFERENCE_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "simpo": simpo_loss}
 
 
+def chosen_nll(pi_c: torch.Tensor, len_c: torch.Tensor) -> torch.Tensor:
+    """RPO's extra term (Pang et al. 2024): the chosen answers' mean per-token negative log-likelihood."""
+    return (-pi_c / len_c.clamp(min=1)).mean()
+
+
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum over masked positions of log p(target_t | prefix): (B, T, V), (B, T), (B, T) -> (B,)."""
     return (token_logprobs(logits, targets) * mask).sum(-1)
