@@ -26,7 +26,13 @@ of this process (= per core; the machines are shared, so CPU time is steadier th
 Each round times both sides on the English and the Chinese documents, alternating which side goes first;
 the ratio is taken within a round. lmforge's cache of segmented CJK runs is emptied before each pass.
 
-Agreement is on the English documents: the chain's final keep/drop; the chain with lmforge's c4 set to
+lmforge is timed twice: at its defaults (the papers' rules) and in its datatrove-compatible mode (`COMPAT`:
+`compat: datatrove` on gopher_quality and c4, datatrove's C4 thresholds); each ratio is against the same round's
+datatrove pass.
+
+Agreement is on the English documents: the chain's final keep/drop, at defaults and in the compatible mode
+(per filter too: the filter alone, lmforge's with its `COMPAT` options, on the original documents); the chain
+with lmforge's c4 set to
 datatrove's C4 thresholds (`min_words_per_line=3, min_sentences=5`: datatrove swaps the paper's 5 words /
 3 sentences), which separates threshold differences from tokenization and rule-definition differences; the
 same with Gopher's 80%-of-words-have-a-letter rule off on both sides (datatrove applies it to spaCy tokens,
@@ -50,6 +56,8 @@ from pathlib import Path
 
 LMFORGE_CHAIN = ["gopher_repetition", "gopher_quality", "c4"]
 DATATROVE_C4_THRESHOLDS = {"min_words_per_line": 3, "min_sentences": 5}
+# lmforge in datatrove-compatible mode: its rule definitions (`compat: datatrove`) and datatrove's C4 thresholds
+COMPAT = {"gopher_quality": {"compat": "datatrove"}, "c4": {"compat": "datatrove", **DATATROVE_C4_THRESHOLDS}}
 
 
 # --- the corpus ---
@@ -238,7 +246,9 @@ def main() -> None:
 
     from lmforge.data.clean.steps.text import word_backend
 
-    sides = {"lmforge": lmforge_chain(), "datatrove": datatrove_chain()}
+    sides = {"lmforge": lmforge_chain(), "lmforge-compat": lmforge_chain(LMFORGE_CHAIN, COMPAT)}
+    sides["datatrove"] = datatrove_chain()
+    ours = ("lmforge", "lmforge-compat")
     for run in sides.values():  # warm-up: jieba's dictionary, spaCy's tokenizers, the alphabetic-character regex
         timed(run, docs[:300])
     print(f"lmforge word backend: {word_backend()}\n")
@@ -256,35 +266,43 @@ def main() -> None:
         for name in sides:
             row[(name, "all")] = tuple(sum(row[(name, lang)][k] for lang in by_lang) for k in (0, 1))
         rounds.append(row)
-        print(
-            f"round {r}: "
-            + "; ".join(
-                f"{lang} lmforge {len(by_lang.get(lang, docs)) / row[('lmforge', lang)][0]:,.0f}"
-                f" / datatrove {len(by_lang.get(lang, docs)) / row[('datatrove', lang)][0]:,.0f} docs/CPU-s"
-                f" = {row[('datatrove', lang)][0] / row[('lmforge', lang)][0]:.2f}x"
-                for lang in ("en", "zh", "all")
+        for side in ours:
+            print(
+                f"round {r} {side}: "
+                + "; ".join(
+                    f"{lang} {len(by_lang.get(lang, docs)) / row[(side, lang)][0]:,.0f}"
+                    f" / datatrove {len(by_lang.get(lang, docs)) / row[('datatrove', lang)][0]:,.0f} docs/CPU-s"
+                    f" = {row[('datatrove', lang)][0] / row[(side, lang)][0]:.2f}x"
+                    for lang in ("en", "zh", "all")
+                )
             )
-        )
 
     result = {"documents": len(docs), "characters": chars, "sources": dict(sources), "cpu": cpu, "speed": {}}
-    for lang in ("all", "en", "zh"):
-        n = len(docs) if lang == "all" else len(by_lang[lang])
-        ratios = [row[("datatrove", lang)][0] / row[("lmforge", lang)][0] for row in rounds]
-        result["speed"][lang] = {
-            "documents": n,
-            "lmforge_docs_per_cpu_s": round(statistics.median(n / row[("lmforge", lang)][0] for row in rounds), 1),
-            "datatrove_docs_per_cpu_s": round(statistics.median(n / row[("datatrove", lang)][0] for row in rounds), 1),
-            "lmforge_docs_per_wall_s": round(statistics.median(n / row[("lmforge", lang)][1] for row in rounds), 1),
-            "datatrove_docs_per_wall_s": round(statistics.median(n / row[("datatrove", lang)][1] for row in rounds), 1),
-            "ratio_median": round(statistics.median(ratios), 2),
-            "ratio_min": round(min(ratios), 2),
-            "ratio_max": round(max(ratios), 2),
-        }
+    for side in ours:
+        for lang in ("all", "en", "zh"):
+            n = len(docs) if lang == "all" else len(by_lang[lang])
+            ratios = [row[("datatrove", lang)][0] / row[(side, lang)][0] for row in rounds]
+            result["speed"][f"{side} {lang}"] = {
+                "documents": n,
+                "lmforge_docs_per_cpu_s": round(statistics.median(n / row[(side, lang)][0] for row in rounds), 1),
+                "datatrove_docs_per_cpu_s": round(
+                    statistics.median(n / row[("datatrove", lang)][0] for row in rounds), 1
+                ),
+                "lmforge_docs_per_wall_s": round(statistics.median(n / row[(side, lang)][1] for row in rounds), 1),
+                "datatrove_docs_per_wall_s": round(
+                    statistics.median(n / row[("datatrove", lang)][1] for row in rounds), 1
+                ),
+                "ratio_median": round(statistics.median(ratios), 2),
+                "ratio_min": round(min(ratios), 2),
+                "ratio_max": round(max(ratios), 2),
+            }
 
     en = by_lang["en"]
     per_filter = {}
     for name in LMFORGE_CHAIN:
-        per_filter[name] = agreement(timed(lmforge_chain([name]), en)[2], timed(datatrove_chain([name]), en)[2])
+        dt = timed(datatrove_chain([name]), en)[2]
+        per_filter[name] = agreement(timed(lmforge_chain([name]), en)[2], dt)
+        per_filter[f"{name}, compatible mode"] = agreement(timed(lmforge_chain([name], COMPAT), en)[2], dt)
     per_filter["c4, lmforge at datatrove's C4 thresholds"] = agreement(
         timed(lmforge_chain(["c4"], {"c4": DATATROVE_C4_THRESHOLDS}), en)[2], timed(datatrove_chain(["c4"]), en)[2]
     )
@@ -294,6 +312,7 @@ def main() -> None:
     )
     chains = {
         "chain, defaults": agreement(verdicts["lmforge"], verdicts["datatrove"]),
+        "chain, lmforge in its datatrove-compatible mode": agreement(verdicts["lmforge-compat"], verdicts["datatrove"]),
         "chain, lmforge's c4 at datatrove's thresholds": agreement(
             timed(lmforge_chain(LMFORGE_CHAIN, {"c4": DATATROVE_C4_THRESHOLDS}), en)[2], verdicts["datatrove"]
         ),
@@ -310,7 +329,7 @@ def main() -> None:
     print(f"\nmedian of {args.rounds} rounds (docs per CPU-second, one core; lmforge/datatrove speed ratio per round):")
     for lang, sp in result["speed"].items():
         print(
-            f"  {lang:3s} {sp['documents']:5,} docs: lmforge {sp['lmforge_docs_per_cpu_s']:8,.1f}  datatrove"
+            f"  {lang:18s} {sp['documents']:5,} docs: lmforge {sp['lmforge_docs_per_cpu_s']:8,.1f}  datatrove"
             f" {sp['datatrove_docs_per_cpu_s']:7,.1f}  ratio {sp['ratio_median']:.2f}x ({sp['ratio_min']:.2f}-"
             f"{sp['ratio_max']:.2f}); wall: {sp['lmforge_docs_per_wall_s']:,.1f}"
             f" / {sp['datatrove_docs_per_wall_s']:,.1f}"

@@ -17,7 +17,16 @@ import sys
 from lmforge.errors import LmforgeError
 
 
-def _command_modules():
+def _data_modules() -> list:
+    # `lmforge data ...` needs only these, none of which imports torch (tests/test_data_cli_imports.py checks it).
+    from lmforge.data import mix, quality_cmd, tokenize_cmd
+    from lmforge.data import stats as data_stats
+    from lmforge.data.clean import cli as clean_cli
+
+    return [tokenize_cmd, clean_cli, quality_cmd, mix, data_stats]
+
+
+def _command_modules() -> list:
     # Imported here, not at module top, so `import lmforge.cli` stays cheap and side-effect free.
     from lmforge import params, run
     from lmforge.align import best_of_n, dpo, grpo, ppo, prefs, reward
@@ -54,16 +63,20 @@ def _command_modules():
     ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv` (default `sys.argv[1:]`): every command, or only the `data` ones for a `data` command."""
     parser = argparse.ArgumentParser(prog="lmforge", description="Build a language model end to end.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in _command_modules():
+    # A `data` command registers only the data modules: the others import torch (~1.5 s), which cleaning, mixing
+    # or inspecting a corpus never needs.
+    data_only = (sys.argv[1:] if argv is None else argv)[:1] == ["data"]
+    for module in _data_modules() if data_only else _command_modules():
         module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)

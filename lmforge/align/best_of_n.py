@@ -272,8 +272,8 @@ def markdown_table(report: dict) -> str:
         ]
     if "pairs" in report:
         why = ", ".join(f"{k}: {v}" for k, v in report["pairs"]["skipped"].items() if v) or "none skipped"
-        lines += ["", f"--out-pairs: {report['pairs']['written']} of {report['pairs']['of']} prompts -> "
-                      f"{report['pairs']['path']} ({why})"]  # fmt: skip
+        pairs = report["pairs"]
+        lines += ["", f"--out-pairs: {pairs['written']} of {pairs['of']} prompts -> {pairs['path']} ({why})"]
     return "\n".join(lines) + "\n"
 
 

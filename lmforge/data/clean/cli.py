@@ -18,6 +18,7 @@ def _csv(value: str) -> list[str]:
 
 
 def register(subparsers) -> None:
+    from lmforge.data.clean.document import MAX_RECORD_BYTES
     from lmforge.data.clean.pipeline import CHUNK_DOCS
     from lmforge.data.clean.steps import DEFAULT_STEPS, STEPS
 
@@ -40,6 +41,9 @@ def register(subparsers) -> None:
                    help="discard the finished shards of an interrupted run in OUT/.work instead of resuming")  # fmt: skip
     p.add_argument("--text-field", default=None, help="JSONL field holding the text (default text)")
     p.add_argument("--id-field", default=None, help="JSONL field holding the id (default id, else file:line)")
+    p.add_argument("--max-record-bytes", type=int, default=None, metavar="N",
+                   help=f"larger records (a JSONL line, a text/HTML file, a WARC payload) are skipped and counted "
+                   f"unreadable (default {MAX_RECORD_BYTES:,})")  # fmt: skip
     p.set_defaults(func=_run)
 
 
@@ -55,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         workers=args.workers or cfg.get("workers"),
         text_field=args.text_field or cfg.get("text_field", "text"),
         id_field=args.id_field or cfg.get("id_field", "id"),
+        max_record_bytes=args.max_record_bytes or cfg.get("max_record_bytes"),
         executor=args.executor or cfg.get("executor", "local"),
         shard_docs=args.shard_docs if args.shard_docs is not None else cfg.get("shard_docs"),
         restart=args.restart,

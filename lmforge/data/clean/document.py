@@ -25,6 +25,11 @@ corrupt record, a truncated one, a payload that cannot be decoded (charset from 
 a `<meta charset>`, else UTF-8) is one `Unreadable` entry with its byte `offset`; reading goes on
 at the next record found (the next gzip member, or the next `WARC/1.` line).
 
+A record larger than `max_record_bytes` (default `MAX_RECORD_BYTES`, 16 MiB: far above any real
+document; a 100 MB single-line JSONL record or text file is junk, and would cost gigabytes in the steps)
+is one `Unreadable` entry with its size, and is never held in memory whole: a JSONL line is read
+through in blocks, a `.txt`/`.html` file is judged by its size, a WARC payload by its first bytes.
+
 `hf:NAME_OR_PATH[:SPLIT]` (the `datasets` library, `pip install 'lmforge[hf]'`): a folder written
 by `save_to_disk` (also recognised without the `hf:` prefix), a local script-free dataset folder
 (JSONL/Parquet/CSV files), or a Hub dataset name, streamed; SPLIT defaults to `train` or the only
@@ -51,6 +56,7 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 HTML_SUFFIXES = (".html", ".htm")
 WARC_SUFFIXES = (".warc", ".warc.gz", ".warc.wet.gz")
 SUFFIXES = (*JSONL_SUFFIXES, ".txt", *HTML_SUFFIXES, *WARC_SUFFIXES)
+MAX_RECORD_BYTES = 16 << 20  # the default `max_record_bytes`: a JSONL line, a text/HTML file, a WARC payload
 
 
 @dataclass
@@ -159,7 +165,15 @@ def _decode(data: bytes) -> str | None:
         return None
 
 
-def _read_whole(path: Path, kind: str, bad: list[Unreadable]) -> Iterator[Document]:
+def _too_large(size: int, limit: int) -> str:
+    return f"record too large ({size:,} bytes; max_record_bytes is {limit:,})"
+
+
+def _read_whole(path: Path, kind: str, bad: list[Unreadable], limit: int) -> Iterator[Document]:
+    size = path.stat().st_size
+    if size > limit:
+        bad.append(Unreadable(str(path), None, _too_large(size, limit)))
+        return
     data = path.read_bytes()
     if not data.strip():
         bad.append(Unreadable(str(path), None, "empty file"))
@@ -175,11 +189,28 @@ def _read_whole(path: Path, kind: str, bad: list[Unreadable]) -> Iterator[Docume
         yield Document(id=path.name, text="", metadata={"html": text}, source=str(path), file=str(path))
 
 
-def _read_jsonl(path: Path, text_field: str, id_field: str, bad: list[Unreadable]) -> Iterator[Document]:
+def _bounded_lines(f, limit: int) -> Iterator[bytes | int]:
+    """The lines of binary file `f`; in place of a line longer than `limit` bytes (its newline not counted), its
+    length, found by reading it through in blocks of at most 1 MiB, so such a line never sits in memory whole."""
+    while raw := f.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw
+            continue
+        size = len(raw)
+        while (block := f.readline(1 << 20)) and not block.endswith(b"\n"):
+            size += len(block)
+        yield size + len(block.rstrip(b"\n"))
+
+
+def _read_jsonl(path: Path, text_field: str, id_field: str, bad: list[Unreadable], limit: int) -> Iterator[Document]:
     nonblank, lineno = 0, 0
     try:
         with open_jsonl(path) as f:
-            for lineno, raw in enumerate(f, start=1):
+            for lineno, raw in enumerate(_bounded_lines(f, limit), start=1):
+                if isinstance(raw, int):
+                    nonblank += 1
+                    bad.append(Unreadable(str(path), lineno, _too_large(raw, limit)))
+                    continue
                 if not raw.strip():
                     continue
                 nonblank += 1
@@ -241,7 +272,7 @@ def _title(page: str) -> str | None:
     return title or None
 
 
-def _warc_document(record, path: Path, offset: int) -> Document | str | None:
+def _warc_document(record, path: Path, offset: int, limit: int) -> Document | str | None:
     """The document of one WARC record, a reason it is unreadable, or None for a record that holds none."""
     headers = record.rec_headers
     if record.rec_type == "response":
@@ -256,9 +287,11 @@ def _warc_document(record, path: Path, offset: int) -> Document | str | None:
     if mime not in HTML_TYPES and mime != "text/plain":
         return None  # images, scripts, PDFs...
     try:
-        payload = record.content_stream().read()  # undoes chunked transfer and Content-Encoding
+        payload = record.content_stream().read(limit + 1)  # undoes chunked transfer and Content-Encoding
     except Exception as e:  # noqa: BLE001 (zlib, brotli, chunked-encoding errors: this record only)
         return f"cannot decode the payload ({type(e).__name__}: {e})"
+    if len(payload) > limit:
+        return f"payload too large (over {limit:,} bytes: max_record_bytes)"
     page = _decode_page(payload, charset)
     if page is None or "\x00" in page:
         return f"binary data (not text in {charset or 'UTF-8'})"
@@ -288,7 +321,7 @@ def _next_record_start(f, after: int, gz: bool) -> int | None:
     return None
 
 
-def _read_warc(path: Path, bad: list[Unreadable]) -> Iterator[Document]:
+def _read_warc(path: Path, bad: list[Unreadable], limit: int) -> Iterator[Document]:
     from warcio.archiveiterator import ArchiveIterator
 
     size = path.stat().st_size
@@ -305,7 +338,7 @@ def _read_warc(path: Path, bad: list[Unreadable]) -> Iterator[Document]:
             try:
                 for record in it:
                     start, warnings = it.offset, it.err_count  # the record's first byte
-                    doc = _warc_document(record, path, start)
+                    doc = _warc_document(record, path, start, limit)
                     with contextlib.redirect_stderr(io.StringIO()):  # warcio prints a warning for a bad length
                         it.read_to_end()  # reads the rest of the record: its damage shows only now
                     missing = getattr(record.raw_stream, "limit", 0)
@@ -401,7 +434,7 @@ def open_hf(src: HfSource):
         raise LmforgeError(f"{src}: cannot open the dataset ({type(e).__name__}: {first})") from None
 
 
-def _read_hf(src: HfSource, text_field: str, id_field: str, bad: list[Unreadable]) -> Iterator[Document]:
+def _read_hf(src: HfSource, text_field: str, id_field: str, bad: list[Unreadable], limit: int) -> Iterator[Document]:
     ds = open_hf(src)
     columns = ds.column_names  # None for a streamed dataset whose features are not known up front
     if columns is not None and text_field not in columns:
@@ -420,6 +453,9 @@ def _read_hf(src: HfSource, text_field: str, id_field: str, bad: list[Unreadable
             if "\x00" in text:
                 bad.append(Unreadable(str(src), row, "binary data (NUL characters)"))
                 continue
+            if 4 * len(text) > limit and (size := len(text.encode("utf-8", "surrogatepass"))) > limit:
+                bad.append(Unreadable(str(src), row, _too_large(size, limit)))
+                continue
             doc_id = record.get(id_field)
             # A streamed dataset fills a field a row lacks with None: left out, as a JSONL reader would.
             meta = {k: _jsonable(v) for k, v in record.items() if k not in (text_field, id_field) and v is not None}
@@ -435,26 +471,35 @@ def _read_hf(src: HfSource, text_field: str, id_field: str, bad: list[Unreadable
 
 
 def read_file(
-    path: Path | HfSource, bad: list[Unreadable], text_field: str = "text", id_field: str = "id"
+    path: Path | HfSource,
+    bad: list[Unreadable],
+    text_field: str = "text",
+    id_field: str = "id",
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> Iterator[Document]:
     """The documents of one file (or dataset); what cannot be read is appended to `bad`."""
+    limit = max_record_bytes
     if isinstance(path, HfSource):
-        yield from _read_hf(path, text_field, id_field, bad)
+        yield from _read_hf(path, text_field, id_field, bad, limit)
         return
     kind = _kind(path)
     if kind is None:
         bad.append(Unreadable(str(path), None, f"unsupported file type (expected {', '.join(SUFFIXES)})"))
     elif kind in JSONL_SUFFIXES:
-        yield from _read_jsonl(path, text_field, id_field, bad)
+        yield from _read_jsonl(path, text_field, id_field, bad, limit)
     elif kind in WARC_SUFFIXES:
-        yield from _read_warc(path, bad)
+        yield from _read_warc(path, bad, limit)
     else:
-        yield from _read_whole(path, kind, bad)
+        yield from _read_whole(path, kind, bad, limit)
 
 
 def read_documents(
-    paths: Iterable[str | Path], bad: list[Unreadable], text_field: str = "text", id_field: str = "id"
+    paths: Iterable[str | Path],
+    bad: list[Unreadable],
+    text_field: str = "text",
+    id_field: str = "id",
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> Iterator[Document]:
     """Every document under `paths`, in a deterministic order; unreadable records go to `bad`."""
     for path in list_inputs(paths):
-        yield from read_file(path, bad, text_field, id_field)
+        yield from read_file(path, bad, text_field, id_field, max_record_bytes)

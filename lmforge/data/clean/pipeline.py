@@ -44,7 +44,8 @@ unreadable records (file, line, why), and the accounting identity `input == kept
 unreadable`, where `input` counts every record met: documents read plus unreadable records and files.
 
 Config file (YAML): `steps: [{name: normalize}, {name: gopher_quality, min_words: 50}, ...]`, and
-optionally `text_field`, `id_field`, `workers`, `executor`, `shard_docs`. Unknown keys or step options
+optionally `text_field`, `id_field`, `max_record_bytes` (a larger record is skipped and counted unreadable:
+see `document.py`), `workers`, `executor`, `shard_docs`. Unknown keys or step options
 are an `LmforgeError`.
 """
 
@@ -59,7 +60,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmforge.data.clean.document import Document, Unreadable, list_inputs, read_file
+from lmforge.data.clean.document import MAX_RECORD_BYTES, Document, Unreadable, list_inputs, read_file
 from lmforge.data.clean.executors import check_executor, map_shards
 from lmforge.data.clean.steps import DEFAULT_STEPS, configure
 from lmforge.data.clean.steps.text import word_backend
@@ -68,7 +69,7 @@ from lmforge.fileio import atomic_dir, atomic_path, atomic_write_json
 
 CHUNK_DOCS = 256  # documents per shard (the default `shard_docs`): one task for a worker, one commit
 CHUNK_BYTES = 1 << 20  # characters of text (or HTML) at which a shard closes early: long documents
-CONFIG_KEYS = {"steps", "text_field", "id_field", "workers", "executor", "shard_docs"}
+CONFIG_KEYS = {"steps", "text_field", "id_field", "max_record_bytes", "workers", "executor", "shard_docs"}
 WORK = ".work"  # under OUT
 WORK_VERSION = 1  # of the work folder's layout; part of the fingerprint
 RUN_KEYS = ("workers", "executor", "shards", "seconds", "docs_per_second")  # report keys that describe the run
@@ -185,13 +186,15 @@ def process_shard(task: tuple[list[dict], list[Document]]) -> dict:
 # --- shards and the work folder ---
 
 
-def _read_shards(files: list, text_field: str, id_field: str, shard_docs: int) -> Iterator[tuple]:
+def _read_shards(
+    files: list, text_field: str, id_field: str, shard_docs: int, max_record_bytes: int
+) -> Iterator[tuple]:
     """(k, documents, unreadable records met while filling it) for each shard `k` of the input stream."""
     bad: list[Unreadable] = []
     docs: list[Document] = []
     k = size = seen = 0
     for f in files:
-        for doc in read_file(f, bad, text_field, id_field):
+        for doc in read_file(f, bad, text_field, id_field, max_record_bytes):
             docs.append(doc)
             size += len(doc.text) + len(doc.metadata.get("html", ""))
             if len(docs) >= shard_docs or size >= CHUNK_BYTES:
@@ -216,14 +219,16 @@ def _size_mtime(p: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _manifest(files: list, specs: list[dict], text_field: str, id_field: str, shard_docs: int) -> dict:
+def _manifest(
+    files: list, specs: list[dict], text_field: str, id_field: str, shard_docs: int, max_record_bytes: int
+) -> dict:
     from lmforge import __version__
 
     what = {
         "version": WORK_VERSION,
         "lmforge": __version__,
         "steps": specs,
-        "fields": {"text": text_field, "id": id_field},
+        "fields": {"text": text_field, "id": id_field, "max_record_bytes": max_record_bytes},
         "shards": {"docs": shard_docs, "chars": CHUNK_BYTES},
         "inputs": [_input_stat(f) for f in files],
     }
@@ -313,6 +318,7 @@ def clean_corpus(
     workers: int | None = None,
     text_field: str = "text",
     id_field: str = "id",
+    max_record_bytes: int | None = None,
     progress: bool = True,
     executor: str = "local",
     shard_docs: int | None = None,
@@ -329,10 +335,13 @@ def clean_corpus(
     if shard_docs < 1:
         raise LmforgeError(f"--shard-docs must be at least 1, got {shard_docs}")
     check_executor(executor)
+    max_record_bytes = MAX_RECORD_BYTES if max_record_bytes is None else max_record_bytes
+    if max_record_bytes < 1:
+        raise LmforgeError(f"max_record_bytes must be at least 1, got {max_record_bytes}")
     files = list_inputs(inputs)  # a missing input fails before `out` is touched
     out = Path(out)
     work = out / WORK
-    done = _open_work(work, _manifest(files, specs, text_field, id_field, shard_docs), restart)
+    done = _open_work(work, _manifest(files, specs, text_field, id_field, shard_docs, max_record_bytes), restart)
     (out / "report.json").unlink(missing_ok=True)  # the folder is unfinished until the new report lands
     _remove_temps(out)
 
@@ -345,7 +354,7 @@ def clean_corpus(
     def tasks():
         nonlocal n_shards
         prepared = executor != "local"
-        for k, docs, bad in _read_shards(files, text_field, id_field, shard_docs):
+        for k, docs, bad in _read_shards(files, text_field, id_field, shard_docs, max_record_bytes):
             n_shards = k + 1
             if k in done:
                 bar.update(len(docs))

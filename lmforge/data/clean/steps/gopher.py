@@ -6,6 +6,14 @@ Deviations for Chinese/Japanese/Korean (the paper's rules are for English): word
 CJK-dominant document the mean-word-length rule is skipped (Chinese words are 1-4 characters, the
 rule's 3-10 band would reject all of them) and the stop-word rule uses `stop_words_cjk`.
 The rules record their measurements in `metadata["gopher"]`.
+
+`gopher_quality` with `compat: datatrove` (default `paper`) follows datatrove's GopherQualityFilter instead,
+for runs that must agree with it: words are spaCy-like tokens (`text.datatrove_words`: every punctuation mark
+is a word, so the 80%-of-words-have-a-letter rule counts them, where the paper's whitespace words carry their
+punctuation); the word-count and mean-length rules count only words that are not all punctuation; the '#' and
+the ellipsis ratios are checked apart; bullet and ellipsis lines are counted over all lines, blank ones too,
+with only '•' and '-' as bullets; the stop-word rule counts distinct stop words, case-sensitively. The CJK
+deviations above hold in both modes (datatrove's mean-length rule would reject all Chinese).
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from lmforge.data.clean.document import Document
-from lmforge.data.clean.steps.text import is_cjk_text, words
+from lmforge.data.clean.steps.text import datatrove_words, is_cjk_text, words
+from lmforge.errors import LmforgeError
 
 BULLETS = ("•", "●", "○", "■", "□", "▪", "‣", "–", "-", "*", "·")
 ELLIPSES = ("...", "…")
@@ -41,11 +50,25 @@ class GopherQualityConfig:
     stop_words_cjk: list[str] = field(
         default_factory=lambda: ["的", "是", "在", "了", "和", "有", "不", "这", "我", "也"]
     )
+    compat: str = "paper"  # or "datatrove": the rules as datatrove's GopherQualityFilter applies them (see above)
+
+    def __post_init__(self):
+        check_compat("gopher_quality", self.compat)
+
+
+COMPAT = ("paper", "datatrove")
+
+
+def check_compat(step: str, compat: str) -> None:
+    if compat not in COMPAT:
+        raise LmforgeError(f"step {step!r}: compat must be one of {', '.join(COMPAT)}, got {compat!r}")
 
 
 def gopher_quality(doc: Document, cfg: GopherQualityConfig) -> Document | str:
     text = doc.text
     cjk = is_cjk_text(text)
+    if cfg.compat == "datatrove":
+        return _gopher_quality_datatrove(doc, cfg, cjk)
     ws = words(text)
     n = len(ws)
     stats = doc.metadata.setdefault("gopher", {})
@@ -73,6 +96,45 @@ def gopher_quality(doc: Document, cfg: GopherQualityConfig) -> Document | str:
     if sum(map(stop.__contains__, map(str.lower, ws))) < cfg.min_stop_words:
         return "too_few_stop_words"
     return doc
+
+
+def _gopher_quality_datatrove(doc: Document, cfg: GopherQualityConfig, cjk: bool) -> Document | str:
+    """`gopher_quality` as datatrove 0.10's GopherQualityFilter applies it (see the module docstring)."""
+    text = doc.text
+    ws = datatrove_words(text)
+    n = len(ws) or 1
+    has_alnum = _alnum_char().search
+    content = list(filter(has_alnum, ws))  # datatrove: words with a character outside its punctuation set
+    stats = doc.metadata.setdefault("gopher", {})
+    stats["words"] = len(content)
+    if len(content) < cfg.min_words:
+        return "too_few_words"
+    if len(content) > cfg.max_words:
+        return "too_many_words"
+    if not cjk:
+        mean = sum(map(len, content)) / len(content)
+        stats["mean_word_length"] = round(mean, 3)
+        if not cfg.min_mean_word_length <= mean <= cfg.max_mean_word_length:
+            return "mean_word_length"
+    if max(text.count("#"), sum(text.count(e) for e in ELLIPSES)) / n > cfg.max_symbol_word_ratio:
+        return "symbol_word_ratio"
+    lines = text.splitlines() or [""]
+    if sum(ln.lstrip().startswith(("•", "-")) for ln in lines) / len(lines) > cfg.max_bullet_lines_ratio:
+        return "bullet_lines"
+    if sum(ln.rstrip().endswith(ELLIPSES) for ln in lines) / len(lines) > cfg.max_ellipsis_lines_ratio:
+        return "ellipsis_lines"
+    if len(list(filter(_alpha_char().search, ws))) / n < cfg.min_alpha_words_ratio:
+        return "alpha_words_ratio"
+    if len(set(cfg.stop_words_cjk if cjk else cfg.stop_words).intersection(ws)) < cfg.min_stop_words:
+        return "too_few_stop_words"
+    return doc
+
+
+@functools.cache
+def _alnum_char() -> re.Pattern:
+    """A letter or a digit: datatrove's test for "not a punctuation-only word" (its punctuation set holds the ASCII
+    and common CJK marks and symbols; this counts any non-alphanumeric word as punctuation)."""
+    return re.compile(r"[^\W_]")
 
 
 @functools.cache
