@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--dpo-steps", type=int, default=60)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--rl-lr", type=float, default=1e-4)
+    ap.add_argument("--rl-temperature", type=float, default=0.7, help="sampling temperature of GRPO/PPO rollouts")
     ap.add_argument("--dpo-lr", type=float, default=5e-5)
     ap.add_argument("--ppo-rollout", type=int, default=64, help="answers per PPO rollout (a multiple of 32)")
     ap.add_argument("--ppo-epochs", type=int, default=1)
@@ -135,7 +136,7 @@ def main() -> None:
             f"{b['val_logratio_margin']:.2f}->{a['val_logratio_margin']:.2f} ({a['val_pairs']} pairs)")  # fmt: skip
 
     rl = {"task": args.task, "max_new_tokens": args.max_new_tokens, "eval_prompts": 0, "batch_size": 8,
-          "max_steps": args.rl_steps, "lr": args.rl_lr, "warmup_steps": 3, "kl_coef": 0.05, "max_kl": 0}  # fmt: skip
+          "max_steps": args.rl_steps, "lr": args.rl_lr, "temperature": args.rl_temperature, "warmup_steps": 3, "kl_coef": 0.05, "max_kl": 0}  # fmt: skip
     t0 = time.perf_counter()
     g = grpo(resolve(GrpoConfig, {}, {**common, "out": str(out / "grpo")}, {**rl, "group_size": 8}))
     wall = time.perf_counter() - t0
