@@ -5,8 +5,10 @@
 
 Greedy decoding, random weights, a KV cache on both sides; transformers is forced to emit every
 token (min_new_tokens). tok/s = batch * new tokens / wall time of the whole call (prefill included),
-best of `--repeats`. Both run in the same process, interleaved, so a busy machine hurts both alike;
-on a shared machine pass `--threads 1` (with more threads than free cores, OpenMP waits dominate both).
+best of `--repeats` rounds. Each round times every engine once, in turn (lmforge with its fused decode
+step, lmforge `fused=False` = the model's own forward each step, transformers), so a busy machine
+hurts all alike; on a shared machine pass `--threads 1` (with more threads than free cores, OpenMP
+waits dominate everything).
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ def hf_llama(cfg):
     return LlamaForCausalLM(hf_cfg).eval()
 
 
-def ours(model, ids, n):
+def ours(model, ids, n, fused=True):
     prompts = ids.tolist()
-    return lambda: generate(model, prompts, n, temperature=0)
+    return lambda: generate(model, prompts, n, temperature=0, fused=fused)
 
 
 def theirs(hf, ids, n):
@@ -51,14 +53,17 @@ def theirs(hf, ids, n):
     return run
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels, lazy imports
-    times = []
+def best_times(fns: dict, repeats: int) -> dict:
+    """Best wall time of each function over `repeats` rounds; each round runs every function once, in turn."""
+    for fn in fns.values():
+        fn()  # warm-up: allocator, kernels, lazy imports
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def main(argv=None) -> int:
@@ -83,16 +88,21 @@ def main(argv=None) -> int:
     rows = []
     for B in args.batch:
         ids = torch.randint(0, cfg.vocab_size, (B, args.prompt_len))
-        row = {"batch": B, "lmforge_tok_s": B * n / best_time(ours(model, ids, n), args.repeats)}
+        fns = {"lmforge": ours(model, ids, n), "lmforge_unfused": ours(model, ids, n, fused=False)}
         if hf is not None:
-            row["transformers_tok_s"] = B * n / best_time(theirs(hf, ids, n), args.repeats)
+            fns["transformers"] = theirs(hf, ids, n)
+        row = {"batch": B} | {f"{k}_tok_s": B * n / t for k, t in best_times(fns, args.repeats).items()}
+        if hf is not None:
             row["speedup"] = row["lmforge_tok_s"] / row["transformers_tok_s"]
+            row["speedup_unfused"] = row["lmforge_unfused_tok_s"] / row["transformers_tok_s"]
         rows.append(row)
     print(f"preset={args.preset} prompt={args.prompt_len} new={n} threads={torch.get_num_threads()} greedy, CPU")
-    print(f"{'batch':>5} {'lmforge tok/s':>14} {'transformers tok/s':>19} {'speedup':>8}")
+    print(
+        f"{'batch':>5} {'lmforge tok/s':>14} {'unfused tok/s':>14} {'transformers tok/s':>19} {'speedup':>8} {'unfused':>8}"
+    )
     for r in rows:
-        hf_s = f"{r['transformers_tok_s']:19.0f} {r['speedup']:7.2f}x" if "speedup" in r else ""
-        print(f"{r['batch']:>5} {r['lmforge_tok_s']:14.0f} {hf_s}")
+        hf_s = f"{r['transformers_tok_s']:19.0f} {r['speedup']:7.2f}x {r['speedup_unfused']:7.2f}x" if hf else ""
+        print(f"{r['batch']:>5} {r['lmforge_tok_s']:14.0f} {r['lmforge_unfused_tok_s']:14.0f} {hf_s}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": rows}, f, indent=2)

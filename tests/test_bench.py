@@ -49,4 +49,7 @@ def test_bench_generate_prints_one_json_line(capsys):
     args = _parse(argv)
     assert args.func(args) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["bench"] == "generate" and result["tokens_per_s"] > 0
+    assert result["bench"] == "generate" and result["tokens_per_s"] > 0 and result["fused"] is True
+    args = _parse([*argv, "--no-fused"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["fused"] is False

@@ -9,7 +9,8 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
-from lmforge.serve.generate import generate, generate_no_cache
+from lmforge.model.transformer import KVCache
+from lmforge.serve.generate import FusedDecoder, generate, generate_no_cache
 from lmforge.serve.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, pick
 
 
@@ -89,6 +90,82 @@ def test_length_policy_truncates_prompt_from_left():
         generate(model, [[]], 5)
 
 
+# ----------------------------------------------------------------------------- the fused decode step
+
+VARIANTS = {
+    "rope-gqa": {},
+    "learned-gelu-layernorm-bias": {"pos_encoding": "learned", "mlp": "gelu", "norm": "layernorm", "bias": True},
+    "sinusoidal-qkv-bias": {"pos_encoding": "sinusoidal", "qkv_bias": True},
+    "alibi-mqa": {"pos_encoding": "alibi", "n_kv_head": 1},
+    "rope-qk-norm-tied": {"qk_norm": True, "tie_embeddings": True},
+}
+
+
+def variant(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    kw = {"vocab_size": 101, "n_layer": 2, "d_model": 32, "n_head": 4, "n_kv_head": 2, "max_seq_len": 64}
+    kw |= {"init_std": 0.3, "tie_embeddings": False} | overrides
+    model = Transformer(ModelConfig(**kw)).eval()
+    with torch.no_grad():  # nonzero biases, so a bias put in the wrong slot shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("batch", [1, 3])  # batch 1 and above take different matmul layouts
+@pytest.mark.parametrize("padded", [False, True])
+@torch.inference_mode()
+def test_fused_decode_step_matches_model_forward(name, batch, padded):
+    model = variant(**VARIANTS[name])
+    assert FusedDecoder.supports(model)
+    P, steps = 6, 4
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 101, (batch, P))
+    kw, key_mask = {}, None
+    if padded:  # row 0 left-padded by 2: positions counted from its first real token
+        key_mask = torch.ones(batch, P + steps, dtype=torch.bool)
+        key_mask[0, :2] = False
+        kw = {"positions": (key_mask[:, :P].long().cumsum(1) - 1).clamp(min=0), "key_mask": key_mask[:, :P]}
+    ref_cache, fused_cache = KVCache(model.cfg, batch, P + steps), KVCache(model.cfg, batch, P + steps)
+    model(prompt, cache=ref_cache, **kw)
+    model(prompt, cache=fused_cache, **kw)
+    decoder = FusedDecoder(model, batch)
+    tok = torch.randint(0, 101, (batch, steps))
+    for i in range(steps):
+        L = P + i + 1
+        pos = kw["positions"][:, -1] + 1 + i if padded else None
+        step_kw = {"positions": pos[:, None], "key_mask": key_mask[:, :L]} if padded else {}
+        ref = model(tok[:, i : i + 1], cache=ref_cache, **step_kw)[0][:, -1]
+        got = decoder(tok[:, i], fused_cache, *((pos, key_mask[:, :L]) if padded else ()))
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert fused_cache.length == ref_cache.length
+    torch.testing.assert_close(fused_cache.k, ref_cache.k, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fused_generation_equals_unfused(name):
+    model = variant(**VARIANTS[name])
+    kw = {"temperature": 0, "stop_ids": [7]}
+    assert generate(model, PROMPTS, 20, **kw) == generate(model, PROMPTS, 20, fused=False, **kw)
+    assert generate(model, PROMPTS[:1], 20, **kw) == generate(model, PROMPTS[:1], 20, fused=False, **kw)
+    sampled = {"temperature": 1.2, "top_k": 30, "top_p": 0.9, "repetition_penalty": 1.2, "seed": 3}
+    assert generate(model, PROMPTS, 20, **sampled) == generate(model, PROMPTS, 20, fused=False, **sampled)
+
+
+def test_fused_path_leaves_lora_models_to_their_own_forward():
+    from lmforge.model.lora import LoraConfig, apply_lora
+
+    model = tiny()
+    names = list(model.state_dict())
+    plain = generate(model, PROMPTS, 10, temperature=0)
+    assert list(model.state_dict()) == names  # fusing added nothing to the model
+    apply_lora(model, LoraConfig(rank=2))
+    assert not FusedDecoder.supports(model)
+    assert generate(model, PROMPTS, 10, temperature=0) == plain  # lora_B starts at zero: the same function
+
+
 # ----------------------------------------------------------------------------- sampling functions
 
 
@@ -153,7 +230,10 @@ def test_generate_cli_streams_and_is_seeded(small_shards, tmp_path, capsys):
     assert main(argv) == 0
     assert capsys.readouterr().out == first.out
     assert main([*argv, "--prompt", "Second", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.count("--- prompt") == 2
+    batched = capsys.readouterr().out
+    assert batched.count("--- prompt") == 2
+    assert main([*argv, "--prompt", "Second", "--temperature", "0", "--no-fused"]) == 0
+    assert capsys.readouterr().out == batched
     assert main([*argv[:4], "--max-new-tokens", "64"]) == 2  # no room left for the prompt: one-line error
 
 

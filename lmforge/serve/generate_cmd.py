@@ -27,6 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL/HF penalty; 1 = off (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--no-fused", action="store_true", help="decode with the model's own forward, not the fused step")
     p.set_defaults(func=run)
 
 
@@ -74,7 +75,7 @@ def run(args) -> int:
     outs = generate(
         model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_ids=stop_ids, seed=args.seed,
-        pad_id=bos, stream=StreamPrinter(tok) if single else None,
+        pad_id=bos, stream=StreamPrinter(tok) if single else None, fused=not args.no_fused,
     )  # fmt: skip
     elapsed = time.perf_counter() - t0
     if single:

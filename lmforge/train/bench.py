@@ -3,6 +3,7 @@
     lmforge bench train --json                      # the tiny shape: L=4, d=256, T=256, V=8192, batch 16
     lmforge bench train --compile                   # what the training loop can switch on
     lmforge bench generate --batch-size 4 --json    # 128-token prompts, 256 new tokens, greedy
+    lmforge bench generate --no-fused               # without the fused decode step (the model's own forward)
 
 Prints one JSON line (with --json) holding tokens_per_s, params, flops_per_token and mfu
 (achieved FLOP/s over the device's dense bf16 peak; null on CPU and unknown devices).
@@ -60,14 +61,14 @@ def time_train_steps(model, idx, targets, steps: int, warmup: int, optimizer=Non
     return idx.numel() / statistics.median(times) if times else float("nan")
 
 
-def time_generate(model, prompts: list[list[int]], max_new_tokens: int) -> float:
-    """New tokens per second of greedy `lmforge.serve.generate.generate` over all rows."""
+def time_generate(model, prompts: list[list[int]], max_new_tokens: int, fused: bool = True) -> float:
+    """New tokens per second of greedy `lmforge.serve.generate.generate` over all rows (`fused`: its fast decode step)."""
     from lmforge.serve.generate import generate
 
     device = next(model.parameters()).device
     _sync(device)
     t0 = time.perf_counter()
-    out = generate(model, prompts, max_new_tokens, temperature=0)
+    out = generate(model, prompts, max_new_tokens, temperature=0, fused=fused)
     _sync(device)
     return sum(len(o) for o in out) / (time.perf_counter() - t0)
 
@@ -109,10 +110,10 @@ def bench_generate(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (args.batch_size, args.prompt_len), generator=gen).tolist()
     for _ in range(args.warmup):
-        time_generate(model, prompts, min(8, args.new_tokens))
-    tps = time_generate(model, prompts, args.new_tokens)
+        time_generate(model, prompts, min(8, args.new_tokens), fused=not args.no_fused)
+    tps = time_generate(model, prompts, args.new_tokens, fused=not args.no_fused)
     fpt = flops_per_token(cfg, args.prompt_len + args.new_tokens) / 3  # forward only: a third of training's
-    return _result("generate", args, device, tps, params, fpt)
+    return _result("generate", args, device, tps, params, fpt, fused=not args.no_fused)
 
 
 def _result(kind, args, device, tps, params, fpt, **extra) -> dict:
@@ -163,4 +164,5 @@ def register(subparsers) -> None:
         else:
             q.add_argument("--prompt-len", type=int, default=128)
             q.add_argument("--new-tokens", type=int, default=256)
+            q.add_argument("--no-fused", action="store_true", help="run the model's own forward for every decode step")
         q.set_defaults(func=_run)
