@@ -66,8 +66,9 @@ def main() -> None:
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--ppo-lr", type=float, default=1e-4)
     ap.add_argument("--ppo-lam", type=float, default=0.95)
-    ap.add_argument("--pair-prompts", type=int, default=1000, help="training prompts sampled for on-policy pairs")
+    ap.add_argument("--pair-prompts", type=int, default=2000, help="training prompts sampled for on-policy pairs")
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--methods", default="bon,rm,dpo,onpolicy,grpo,ppo", help="which to run (SFT always)")
     ap.add_argument("--json")
     args = ap.parse_args()
     out = Path(args.out)
@@ -88,10 +89,14 @@ def main() -> None:
 
     add("SFT (start)", greedy(args.model), 0.0, 0)
 
+    methods = set(args.methods.split(","))
     t0 = time.perf_counter()
-    bon = best_of_n(BestOfNConfig(model=args.model, n=args.n, task=args.task, eval_prompts=args.eval_prompts,
-                                  max_new_tokens=args.max_new_tokens, report=str(out / "best_of_n"), seed=args.seed))  # fmt: skip
-    report["best_of_n"] = bon
+    bon = {"curve": []}
+    if "bon" in methods:
+        bon = best_of_n(BestOfNConfig(model=args.model, n=args.n, task=args.task, eval_prompts=args.eval_prompts,
+                                      max_new_tokens=args.max_new_tokens, report=str(out / "best_of_n"),
+                                      seed=args.seed))  # fmt: skip
+        report["best_of_n"] = bon
     for point in bon["curve"]:
         acc = {"accuracy": point["accuracy"], "accuracy_lo": point["lo"], "accuracy_hi": point["hi"]}
         add(f"best-of-{point['k']} (verifier picks)", acc, time.perf_counter() - t0 if point["k"] == args.n else 0.0,
@@ -101,21 +106,25 @@ def main() -> None:
     pairs_path.write_text("".join(json.dumps(p) + "\n" for p in task_pairs(args.task, 4000, seed=args.seed)))
     common = {"base": args.model, "seq_len": 64, "eval_every": 0, "log_every": 1, "ckpt_every": 0, "seed": args.seed}
 
-    t0 = time.perf_counter()
-    rm = train_reward(resolve(RewardConfig, {}, {**common, "data": str(pairs_path), "out": str(out / "rm")},
-                              {"max_steps": args.dpo_steps, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5}))  # fmt: skip
-    report["reward_model"] = {"before": rm.get("before"), "after": rm.get("after"), "wall_s": time.perf_counter() - t0}
-    print(f"reward model: held-out pairwise accuracy {rm['before']['val_accuracy']:.3f} -> {rm['after']['val_accuracy']:.3f} "
-          f"[{rm['after']['val_accuracy_lo']:.3f}, {rm['after']['val_accuracy_hi']:.3f}] ({rm['after']['val_pairs']} pairs)")  # fmt: skip
+    if "rm" in methods:
+        t0 = time.perf_counter()
+        rm = train_reward(resolve(RewardConfig, {}, {**common, "data": str(pairs_path), "out": str(out / "rm")},
+                                  {"max_steps": args.dpo_steps, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5}))  # fmt: skip
+        b, a = rm["before"], rm["after"]
+        report["reward_model"] = {"before": b, "after": a, "wall_s": time.perf_counter() - t0}
+        print(f"reward model: held-out pairwise accuracy {b['val_accuracy']:.3f} -> {a['val_accuracy']:.3f} "
+              f"[{a['val_accuracy_lo']:.3f}, {a['val_accuracy_hi']:.3f}] ({a['val_pairs']} pairs)")  # fmt: skip
 
     # On-policy pairs: the model's own right and wrong answers to training prompts (best-of-n --split train).
-    t0 = time.perf_counter()
-    onpolicy = out / "onpolicy_pairs.jsonl"
-    built = best_of_n(BestOfNConfig(model=args.model, n=8, task=args.task, eval_prompts=args.pair_prompts, split="train",
-                                    max_new_tokens=args.max_new_tokens, out_pairs=str(onpolicy), seed=args.seed))  # fmt: skip
-    pair_s, pair_tokens = time.perf_counter() - t0, built["tokens_generated"]
-    report["onpolicy_pairs"] = built["pairs"]
-    print(f"on-policy pairs: {built['pairs']['written']} of {built['prompts']} prompts, {pair_s:.0f}s", flush=True)
+    onpolicy, pair_s, pair_tokens = out / "onpolicy_pairs.jsonl", 0.0, 0
+    if "onpolicy" in methods:
+        t0 = time.perf_counter()
+        built = best_of_n(BestOfNConfig(model=args.model, n=8, task=args.task, eval_prompts=args.pair_prompts,
+                                        split="train", temperature=args.rl_temperature, out_pairs=str(onpolicy),
+                                        max_new_tokens=args.max_new_tokens, seed=args.seed))  # fmt: skip
+        pair_s, pair_tokens = time.perf_counter() - t0, built["tokens_generated"]
+        report["onpolicy_pairs"] = built["pairs"]
+        print(f"on-policy pairs: {built['pairs']['written']} of {built['prompts']} prompts, {pair_s:.0f}s", flush=True)
 
     dpo_runs = [
         ("DPO (synthetic task pairs)", "dpo", pairs_path, {}, 0.0, 0),
@@ -123,6 +132,8 @@ def main() -> None:
         ("RPO (on-policy, + NLL of chosen)", "rpo-onpolicy", onpolicy, {"sft_coef": 1.0}, pair_s, pair_tokens),
     ]
     for name, folder, data, extra, extra_s, tokens in dpo_runs:
+        if (folder == "dpo" and "dpo" not in methods) or (folder != "dpo" and "onpolicy" not in methods):
+            continue
         t0 = time.perf_counter()
         d = dpo(resolve(DpoConfig, {}, {**common, "data": str(data), "out": str(out / folder)},
                         {"max_steps": args.dpo_steps, "batch_size": 32, "lr": args.dpo_lr, "beta": 0.1,
@@ -137,24 +148,28 @@ def main() -> None:
 
     rl = {"task": args.task, "max_new_tokens": args.max_new_tokens, "eval_prompts": 0, "batch_size": 8,
           "max_steps": args.rl_steps, "lr": args.rl_lr, "temperature": args.rl_temperature, "warmup_steps": 3, "kl_coef": 0.05, "max_kl": 0}  # fmt: skip
-    t0 = time.perf_counter()
-    g = grpo(resolve(GrpoConfig, {}, {**common, "out": str(out / "grpo")}, {**rl, "group_size": 8}))
-    wall = time.perf_counter() - t0
-    kl = [r["kl"] for r in _read(out / "grpo") if "kl" in r]
-    add(
-        "GRPO", greedy(out / "grpo"), wall, _generated(out / "grpo", 8 * 8), f"final KL {kl[-1]:.3f}, max {max(kl):.3f}"
-    )
-    report["grpo"] = g
+    if "grpo" in methods:
+        t0 = time.perf_counter()
+        report["grpo"] = grpo(resolve(GrpoConfig, {}, {**common, "out": str(out / "grpo")}, {**rl, "group_size": 8}))
+        wall = time.perf_counter() - t0
+        kl = [r["kl"] for r in _read(out / "grpo") if "kl" in r]
+        add(
+            "GRPO",
+            greedy(out / "grpo"),
+            wall,
+            _generated(out / "grpo", 8 * 8),
+            f"final KL {kl[-1]:.3f}, max {max(kl):.3f}",
+        )
 
-    t0 = time.perf_counter()
-    ppo_rl = {**rl, "batch_size": 32, "grad_accum": args.ppo_rollout // 32, "ppo_epochs": args.ppo_epochs,
-              "lr": args.ppo_lr, "lam": args.ppo_lam}  # fmt: skip
-    p = ppo(resolve(PpoConfig, {}, {**common, "out": str(out / "ppo")}, ppo_rl))
-    wall = time.perf_counter() - t0
-    kl = [r["kl"] for r in _read(out / "ppo") if "kl" in r]
-    add("PPO", greedy(out / "ppo"), wall, _generated(out / "ppo", args.ppo_rollout, args.ppo_epochs),
-        f"{args.ppo_rollout} answers per rollout, {args.ppo_epochs} pass(es); final KL {kl[-1]:.3f}, max {max(kl):.3f}")  # fmt: skip
-    report["ppo"] = p
+    if "ppo" in methods:
+        t0 = time.perf_counter()
+        ppo_rl = {**rl, "batch_size": 32, "grad_accum": args.ppo_rollout // 32, "ppo_epochs": args.ppo_epochs,
+                  "lr": args.ppo_lr, "lam": args.ppo_lam}  # fmt: skip
+        report["ppo"] = ppo(resolve(PpoConfig, {}, {**common, "out": str(out / "ppo")}, ppo_rl))
+        wall = time.perf_counter() - t0
+        kl = [r["kl"] for r in _read(out / "ppo") if "kl" in r]
+        add("PPO", greedy(out / "ppo"), wall, _generated(out / "ppo", args.ppo_rollout, args.ppo_epochs),
+            f"{args.ppo_rollout} answers/rollout, {args.ppo_epochs} pass(es); final KL {kl[-1]:.3f}, max {max(kl):.3f}")  # fmt: skip
 
     lines = ["| method | held-out accuracy | 95% CI | train/sample wall s | tokens generated | note |",
              "|---|---:|---|---:|---:|---|"]  # fmt: skip
