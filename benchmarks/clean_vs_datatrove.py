@@ -24,7 +24,7 @@ datatrove's `filter()` is called directly (no pipeline, stats or writer around i
 two Gopher filters share one tokenization through datatrove's own cache). Speed is documents per CPU-second
 of this process (= per core; the machines are shared, so CPU time is steadier than wall time, shown too).
 Each round times both sides on the English and the Chinese documents, alternating which side goes first;
-the ratio is taken within a round. lmforge's cache of segmented CJK runs is emptied before each pass.
+the ratio is taken within a round. lmforge's caches (segmented CJK runs, tokens) are emptied before each pass.
 
 lmforge is timed twice: at its defaults (the papers' rules) and in its datatrove-compatible mode (`COMPAT`:
 `compat: datatrove` on gopher_quality and c4, datatrove's C4 thresholds); each ratio is against the same round's
@@ -173,11 +173,13 @@ def datatrove_chain(names: list[str] = LMFORGE_CHAIN, options: dict | None = Non
 
 
 def timed(run, docs: list[tuple[str, str, str]]) -> tuple[float, float, list]:
-    """(CPU seconds, wall seconds, verdicts) of one pass. Each pass starts with lmforge's cache of segmented CJK
-    runs empty, as a single pass over a new corpus would (rounds would otherwise find every run cached)."""
+    """(CPU seconds, wall seconds, verdicts) of one pass. Each pass starts with lmforge's caches of segmented CJK
+    runs and tokens empty, as a single pass over a new corpus would (rounds would otherwise find them cached)."""
     from lmforge.data.clean.steps import text
 
-    if hasattr(text, "_segment_cjk_cached"):  # absent in older checkouts, which this script also measures
+    if hasattr(text, "clear_caches"):
+        text.clear_caches()
+    elif hasattr(text, "_segment_cjk_cached"):  # older checkouts, which this script also measures
         text._segment_cjk_cached.cache_clear()
     gc.collect()
     c0, t0 = time.process_time(), time.perf_counter()

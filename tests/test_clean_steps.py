@@ -87,6 +87,33 @@ def test_gopher_repetition():
     assert run("gopher_repetition", ZH + ZH[:120] * 2).startswith("duplicate_")
 
 
+def test_gopher_ngram_measures_match_a_direct_count():
+    # The step counts n-grams level by level from the repeated positions only; check it against the rules
+    # counted directly over every n-gram, on text with repeats of many lengths.
+    import itertools
+    import random
+    from collections import Counter
+
+    from lmforge.data.clean.steps.gopher import _dup_ngram_chars, _ngram_levels, _top_ngram_chars
+
+    rng = random.Random(0)
+    for _ in range(40):
+        vocab = ["a", "b", "c", "dd", "the", "of", "的", "我们"][: rng.randint(1, 8)]  # few words: many repeats
+        ws = [rng.choice(vocab) for _ in range(rng.randint(0, 80))]
+        lens = [0, *itertools.accumulate(map(len, ws))]
+        levels = {n: rest for n, *rest in _ngram_levels(ws, 2)}
+        for n in range(2, 11):
+            grams = [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)]
+            gram, count = Counter(grams).most_common(1)[0] if grams else ((), 0)
+            top = count * sum(map(len, gram)) if count > 1 else 0
+            later = {i for i, g in enumerate(grams) if g in grams[:i]}  # starts of n-grams seen earlier
+            dup = sum(len(ws[j]) for j in {j for i in later for j in range(i, i + n)})
+            got = (0, 0)  # no level n: no n-gram repeats (or fits)
+            if n in levels:
+                got = (_top_ngram_chars(levels[n][0], levels[n][2]), _dup_ngram_chars(*levels[n][:2], n, lens))
+            assert got == (top, dup)
+
+
 def test_c4_drops_lines_and_rejects_pages():
     page = "Home | About | Contact\nPlease enable JavaScript to view this page properly today.\n" + EN.replace(
         ". ", ".\n"

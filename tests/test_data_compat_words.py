@@ -63,3 +63,26 @@ def test_jieba_fast_path_equals_jieba():
     ]
     jb = T._jieba()
     assert [T._jieba_cut(jb, r) for r in runs] == [jieba.lcut(r, HMM=False) for r in runs]
+
+
+def test_jieba_fast_path_equals_jieba_on_fragments():
+    # Runs glued from dictionary words and their prefixes (entries jieba keeps with frequency 0), where the
+    # fast path's one-lookup table must still take a character alone exactly when jieba does.
+    import random
+
+    jieba = pytest.importorskip("jieba")
+    jb = T._jieba()
+    rng = random.Random(0)
+    vocab = sorted(w for w in T._jieba_logp(jb)[0] if 2 <= len(w) <= 5 and T._HAN.fullmatch(w))
+    picks = rng.sample(vocab, 400)
+    runs = ["".join(w[: rng.randint(1, len(w))] for w in rng.sample(picks, rng.randint(1, 6))) for _ in range(500)]
+    assert [T._jieba_cut(jb, r) for r in runs] == [jieba.lcut(r, HMM=False) for r in runs]
+
+
+def test_words_from_cached_tokens_equal_a_cold_split():
+    text = "Debian 是一个自由的操作系统（OS），提供 apt-get 等工具。\n它的软件包，ひらがな と 한국어 也能 分词…… 10%"
+    T.clear_caches()
+    cold = T.words(text)
+    assert T.words(text) == cold  # from the token cache
+    assert [w for line in text.split("\n") for w in T.words(line)] == cold
+    assert "是" in cold and "apt-get" in cold and "（OS），" in cold and "……" not in cold  # marks between runs: dropped

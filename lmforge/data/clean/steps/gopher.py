@@ -24,7 +24,7 @@ import operator
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from lmforge.data.clean.document import Document
@@ -90,7 +90,7 @@ def gopher_quality(doc: Document, cfg: GopherQualityConfig) -> Document | str:
         return "bullet_lines"
     if lines and sum(ln.endswith(ELLIPSES) for ln in lines) / len(lines) > cfg.max_ellipsis_lines_ratio:
         return "ellipsis_lines"
-    if len(list(filter(_alpha_char().search, ws))) / n < cfg.min_alpha_words_ratio:
+    if _alpha_words(ws) / n < cfg.min_alpha_words_ratio:
         return "alpha_words_ratio"
     stop = set(cfg.stop_words_cjk if cjk else cfg.stop_words)
     if sum(map(stop.__contains__, map(str.lower, ws))) < cfg.min_stop_words:
@@ -123,7 +123,7 @@ def _gopher_quality_datatrove(doc: Document, cfg: GopherQualityConfig, cjk: bool
         return "bullet_lines"
     if sum(ln.rstrip().endswith(ELLIPSES) for ln in lines) / len(lines) > cfg.max_ellipsis_lines_ratio:
         return "ellipsis_lines"
-    if len(list(filter(_alpha_char().search, ws))) / n < cfg.min_alpha_words_ratio:
+    if _alpha_words(ws) / n < cfg.min_alpha_words_ratio:
         return "alpha_words_ratio"
     if len(set(cfg.stop_words_cjk if cjk else cfg.stop_words).intersection(ws)) < cfg.min_stop_words:
         return "too_few_stop_words"
@@ -135,6 +135,12 @@ def _alnum_char() -> re.Pattern:
     """A letter or a digit: datatrove's test for "not a punctuation-only word" (its punctuation set holds the ASCII
     and common CJK marks and symbols; this counts any non-alphanumeric word as punctuation)."""
     return re.compile(r"[^\W_]")
+
+
+def _alpha_words(ws: list[str]) -> int:
+    """The number of words with an alphabetic character. `str.isalpha` (all alphabetic) settles most words, in
+    C; only the others are searched for one."""
+    return sum(map(str.isalpha, ws)) + len(list(filter(_alpha_char().search, itertools.filterfalse(str.isalpha, ws))))
 
 
 @functools.cache
@@ -177,64 +183,45 @@ def _dup_stats(parts: list[str]) -> tuple[int, int]:
     return count, chars
 
 
-def _ngrams(ws: list[str], n: int) -> list[tuple[str, ...]]:
-    """The word n-grams of `ws` in order, built in C (`zip` of shifted copies) rather than by slicing."""
-    return list(zip(*(ws[k:] for k in range(n))))
+def _ngram_levels(ws: list[str], lo: int) -> Iterator[tuple[int, list[tuple[str, ...]], Sequence[int], Counter]]:
+    """For n = lo, lo + 1, ... (while any is left): (n, the n-grams that may occur more than once with their start
+    positions, in text order, and their counts), computed lazily so a caller can stop at the first n over its limit.
+
+    Level n keeps only the positions whose n-gram occurs more than once: an n-gram that repeats extends an
+    (n-1)-gram that does, so after level `lo` (all positions) each level is built from the few repeated
+    positions of the one before, in C (`map` over the positions), instead of every n-gram of every length.
+    An n-gram that is left out occurs once: it is never the most frequent one unless none repeats, and never
+    a repetition.
+    """
+    grams = list(zip(*(ws[k:] for k in range(lo))))
+    starts: Sequence[int] = range(len(grams))
+    n, word = lo, ws.__getitem__
+    while grams:
+        counts = Counter(grams)
+        yield n, grams, starts, counts
+        n += 1
+        repeated = itertools.compress(starts, map((1).__lt__, map(counts.__getitem__, grams)))
+        starts = list(itertools.takewhile((len(ws) - n + 1).__gt__, repeated))  # an n-gram fits from there
+        grams = list(zip(*(map(word, map(k.__add__, starts)) for k in range(n))))
 
 
-def _top_ngram_chars(ws: list[str], n: int) -> int:
-    """Characters of the most frequent n-gram times its count (0 if none repeats); ties go to the n-gram seen first."""
-    grams = Counter(_ngrams(ws, n))
-    if not grams:
-        return 0
-    gram, count = grams.most_common(1)[0]
+def _top_ngram_chars(grams: list[tuple[str, ...]], counts: Counter) -> int:
+    """Characters of the most frequent n-gram times its count (0 if none repeats); ties go to the n-gram seen
+    first (`Counter` keeps the order of first occurrence, and `grams` is in text order)."""
+    gram, count = counts.most_common(1)[0]
     return count * sum(map(len, gram)) if count > 1 else 0
 
 
-def _dup_ngram_chars_levels(ws: list[str], ns: list[int]) -> Iterator[tuple[int, int]]:
-    """(n, characters of the words covered by n-grams seen earlier in the text, each word counted once) for each
-    n >= 1 in `ns`, in increasing n, computed lazily so a caller can stop at the first n over its limit.
-
-    Level by level: an n-gram that repeats an earlier one extends an (n-1)-gram that does, so after the
-    smallest n only the positions whose n-gram occurs more than once (groups, usually few or none in real
-    text) are refined by their next word, instead of hashing every n-gram of every length.
-    """
-    ns = sorted({n for n in ns if n >= 1})
-    if not ns:
-        return
-    m, lo = len(ws), ns[0]
-    lens = [0, *itertools.accumulate(map(len, ws))]  # lens[j] = characters of ws[:j]
-
-    def covered_chars(starts: list[int], n: int) -> int:  # characters of the union of [i, i + n), starts sorted
-        chars = end = 0
-        for i in starts:
-            if i + n > end:
-                chars += lens[i + n] - lens[max(i, end)]
-                end = i + n
-        return chars
-
-    # the smallest n: each position's first occurrence, all in C (a dict built back to front keeps the first)
-    grams = _ngrams(ws, lo)
-    first = dict(zip(reversed(grams), range(len(grams) - 1, -1, -1)))
-    firsts = list(map(first.__getitem__, grams))
-    starts = list(itertools.compress(range(len(grams)), map(operator.ne, firsts, range(len(grams)))))
-    if lo in ns:
-        yield lo, covered_chars(starts, lo)
-    by_first: dict[int, list[int]] = {}  # the positions of each repeated n-gram, by its first occurrence
-    for i in starts:
-        by_first.setdefault(firsts[i], [firsts[i]]).append(i)
-    groups = list(by_first.values())
-    for n in range(lo + 1, ns[-1] + 1):  # split each group by the word after its n-1 words; keep 2+ positions
-        refined = []
-        for g in groups:
-            by_next: dict[str, list[int]] = {}
-            for i in g:
-                if i + n <= m:
-                    by_next.setdefault(ws[i + n - 1], []).append(i)
-            refined += [p for p in by_next.values() if len(p) > 1]
-        groups = refined
-        if n in ns:
-            yield n, covered_chars(sorted(i for g in groups for i in g[1:]), n)  # occurrences after a group's first
+def _dup_ngram_chars(grams: list[tuple[str, ...]], starts: Sequence[int], n: int, lens: list[int]) -> int:
+    """Characters of the words covered by n-grams seen earlier in the text, each word counted once; `lens[j]` is
+    the number of characters of the first j words."""
+    first = dict(zip(reversed(grams), reversed(starts)))  # built back to front: each n-gram's first position
+    chars = end = 0
+    for i in itertools.compress(starts, map(operator.ne, map(first.__getitem__, grams), starts)):
+        if i + n > end:  # the union of the spans [i, i + n), in increasing i
+            chars += lens[i + n] - lens[max(i, end)]
+            end = i + n
+    return chars
 
 
 def gopher_repetition(doc: Document, cfg: GopherRepetitionConfig) -> Document | str:
@@ -253,14 +240,22 @@ def gopher_repetition(doc: Document, cfg: GopherRepetitionConfig) -> Document | 
             return f"duplicate_{what}_chars"
     ws = words(text)
     word_chars = sum(map(len, ws)) or 1
+    ns = [int(n) for n in (*cfg.top_ngram_max_ratio, *cfg.dup_ngram_max_ratio) if int(n) >= 1]
+    levels = _ngram_levels(ws, min(ns, default=1))
+    done: dict[int, tuple] = {}  # filled from `levels` as far as the checks below need
+
+    def level(n: int) -> tuple | None:  # (n-grams, starts, counts) of the n-grams that may repeat; None: none
+        while n >= 1 and n not in done and (nxt := next(levels, None)) is not None:
+            done[nxt[0]] = nxt[1:]
+        return done.get(n)
+
     for n, max_ratio in sorted(cfg.top_ngram_max_ratio.items()):
-        if _top_ngram_chars(ws, int(n)) / word_chars > max_ratio:
+        lv = level(int(n))
+        if lv and _top_ngram_chars(lv[0], lv[2]) / word_chars > max_ratio:
             return f"top_{n}gram"
-    levels = _dup_ngram_chars_levels(ws, [int(n) for n in cfg.dup_ngram_max_ratio])
-    dup_chars: dict[int, int] = {}  # filled from `levels` as far as the checks below need
+    lens = [0, *itertools.accumulate(map(len, ws))]
     for n, max_ratio in sorted(cfg.dup_ngram_max_ratio.items()):
-        while int(n) >= 1 and int(n) not in dup_chars:
-            dup_chars.update([next(levels)])
-        if dup_chars.get(int(n), 0) / word_chars > max_ratio:
+        lv = level(int(n))
+        if lv and _dup_ngram_chars(lv[0], lv[1], int(n), lens) / word_chars > max_ratio:
             return f"duplicate_{n}grams"
     return doc

@@ -9,12 +9,14 @@ English keeps punctuation attached to a word and never counts it alone.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 
 # CJK Unified Ideographs (+ ext. A, compatibility), Hiragana, Katakana, Hangul.
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 CJK_RUN = re.compile(f"[{_CJK}]+")
 CJK_CHAR = re.compile(f"[{_CJK}]")
+_CJK_SPLIT = re.compile(f"([{_CJK}]+)")
 _ALNUM = re.compile(r"[^\W_]")  # exactly the characters str.isalnum() is true for, searched in C
 
 
@@ -23,7 +25,7 @@ def is_cjk_text(text: str, min_share: float = 0.3) -> bool:
     if min_share > 0 and not CJK_CHAR.search(text):
         return False
     chars = sum(map(len, text.split()))  # str.split() splits on exactly the characters str.isspace() is true for
-    return chars > 0 and len(CJK_CHAR.findall(text)) / chars >= min_share
+    return chars > 0 and sum(map(len, CJK_RUN.findall(text))) / chars >= min_share  # runs: fewer items than chars
 
 
 @functools.cache
@@ -58,26 +60,33 @@ def _jieba_logp(jb) -> tuple[dict, dict, float]:
 
 def _jieba_cut(jb, run: str) -> list[str]:
     """`jb.lcut(run, HMM=False)` for a run of Chinese characters, the same words (checked against jieba on every
-    run of the benchmark corpus and in tests/test_data_cjk_words.py), ~3x faster. jieba's algorithm: every
+    run of the benchmark corpus and in tests/test_data_compat_words.py), ~2.4x faster. jieba's algorithm: every
     dictionary word starting at each position is an edge, and the path of the highest summed log probability
     (ties: the longer word) is the segmentation; this walks the positions right to left once, looking each
-    candidate's log probability up rather than computing it. Words added to jieba after the first call are not
-    seen (the table is built once)."""
-    freq, logp, unknown = _jieba_logp(jb)
+    candidate's log probability up (one lookup in `_jieba_table`) rather than computing it. Words added to jieba
+    after the first call are not seen (the table is built once)."""
+    table, unknown = _jieba_table(jb)
     n = len(run)
     best = [0.0] * (n + 1)
     end = [0] * n
+    get = table.get
     for k in range(n - 1, -1, -1):
-        bp, bx = None, k
-        i, frag = k, run[k]
-        while i < n and frag in freq:
-            if freq[frag]:
-                p = logp[frag] + best[i + 1]
+        bp, bx, i = get(run[k], _ABSENT), k, k + 1
+        if bp is _ABSENT:  # no dictionary word starts with this character: it is a word of its own
+            bp = None
+            i = n
+        elif bp is not None:  # the character is a word
+            bp += best[i]
+        while i < n:
+            lp = get(run[k : i + 1], _ABSENT)
+            if lp is _ABSENT:  # not even a prefix of a dictionary word: no longer word starts at k
+                break
+            if lp is not None:
+                p = lp + best[i + 1]
                 if bp is None or p >= bp:  # i grows: on a tie the longer word wins, as in jieba's max()
                     bp, bx = p, i
             i += 1
-            frag = run[k : i + 1]
-        best[k] = bp if bp is not None else logp.get(run[k], unknown) + best[k + 1]
+        best[k] = bp if bp is not None else unknown + best[k + 1]  # no word: the character alone, as jieba
         end[k] = bx
     out, x = [], 0
     while x < n:
@@ -86,12 +95,24 @@ def _jieba_cut(jb, run: str) -> list[str]:
     return out
 
 
+_ABSENT = object()
+
+
+@functools.cache
+def _jieba_table(jb) -> tuple[dict, float]:
+    """`_jieba_cut`'s one lookup per candidate: each dictionary word -> its log probability, each prefix that is
+    no word -> None; and the log probability of an unknown character."""
+    freq, logp, unknown = _jieba_logp(jb)
+    return {w: (logp[w] if f else None) for w, f in freq.items()}, unknown
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _segment_cjk_cached(jb, run: str) -> tuple[str, ...]:
-    # Cached because the steps segment the same runs again (gopher_repetition, gopher_quality, then c4 line by
-    # line); keyed on the backend too, so a test that hides jieba does not get jieba's cached answers. jieba
-    # (without its HMM for unknown words: ~2x slower, and a Gopher/C4 count needs no new-word discovery) is the
-    # cost of Chinese text in these steps; `_jieba_cut` gives its answer for pure Chinese runs ~3x faster.
+    # Cached because runs recur, within a document and across documents (short ones like "的" most of all; the
+    # steps' repeated passes over one document's tokens are served by `_TokenWords`); keyed on the backend too, so
+    # a test that hides jieba does not get jieba's cached answers. jieba (without its HMM for unknown words: ~2x
+    # slower, and a Gopher/C4 count needs no new-word discovery) is the cost of Chinese text in these steps;
+    # `_jieba_cut` gives its answer for pure Chinese runs ~2.4x faster.
     # Counting each character as a word (the issue allows it) would be faster again, but it changes the rules
     # for Chinese: on the benchmark's Chinese documents 8% of the keep/drop decisions changed (character
     # 5-grams repeat where word 5-grams do not; 50 characters is not 50 words), so words stay jieba's.
@@ -106,26 +127,60 @@ def _segment_cjk(run: str) -> tuple[str, ...]:
     return _segment_cjk_cached(_jieba(), run)
 
 
+def _token_words(jb, token: str) -> tuple[str, ...]:
+    """The words of one whitespace-separated token: itself, or with CJK runs inside it, the runs segmented and
+    the pieces between them kept if they hold a letter or digit."""
+    if not CJK_CHAR.search(token):
+        return (token,)
+    parts = _CJK_SPLIT.split(token)  # [piece, run, piece, run, ..., piece]: the runs at the odd places
+    alnum = _ALNUM.search
+    out = [parts[0]] if alnum(parts[0]) else []
+    for run, rest in zip(parts[1::2], parts[2::2]):
+        out += _segment_cjk_cached(jb, run)
+        if rest and alnum(rest):
+            out.append(rest)
+    return tuple(out)
+
+
+class _TokenWords(dict):
+    """token -> `_token_words(jb, token)`, filled on a miss: `words` maps a text's tokens through it in C, so
+    the second and later passes over a document's tokens (gopher_quality after gopher_repetition, c4 line by
+    line) cost a dict lookup each. Emptied when the tokens it holds reach `_MAX_TOKEN_CHARS` characters (a few
+    tens of MB of words: the bound is on characters because one token can be a whole line of Chinese)."""
+
+    def __init__(self, jb):
+        super().__init__()
+        self.jb = jb
+        self.chars = 0
+
+    def __missing__(self, token: str) -> tuple[str, ...]:
+        if self.chars >= _MAX_TOKEN_CHARS:
+            self.clear()
+            self.chars = 0
+        out = self[token] = _token_words(self.jb, token)
+        self.chars += len(token)
+        return out
+
+
+_MAX_TOKEN_CHARS = 1 << 20
+
+
+@functools.cache
+def _token_words_cache(jb) -> _TokenWords:
+    return _TokenWords(jb)  # one per backend, so a test that hides jieba does not get jieba's cached answers
+
+
+def clear_caches() -> None:
+    """Forget every segmented CJK run and token (benchmarks/clean_vs_datatrove.py times each pass from cold)."""
+    _segment_cjk_cached.cache_clear()
+    _token_words_cache.cache_clear()
+
+
 def words(text: str) -> list[str]:
     """The words of `text`: whitespace-separated tokens, with CJK runs inside them segmented."""
     if not CJK_CHAR.search(text):
         return text.split()
-    out: list[str] = []
-    for token in text.split():
-        if not CJK_CHAR.search(token):
-            out.append(token)
-            continue
-        pos = 0
-        for m in CJK_RUN.finditer(token):
-            rest = token[pos : m.start()]
-            if _ALNUM.search(rest):
-                out.append(rest)
-            out.extend(_segment_cjk(m.group()))
-            pos = m.end()
-        rest = token[pos:]
-        if _ALNUM.search(rest):
-            out.append(rest)
-    return out
+    return list(itertools.chain.from_iterable(map(_token_words_cache(_jieba()).__getitem__, text.split())))
 
 
 # --- datatrove-compatible words and sentences (the `compat: datatrove` option of gopher_quality and c4) ---
