@@ -1,6 +1,8 @@
 """`lmforge ppo`: proximal policy optimization with a value head, against a verifier or a reward model.
 
     lmforge ppo --model runs/demo/sft --task add --out runs/ppo --max-steps 100
+    lmforge ppo --model runs/demo/task-sft --task sort --out runs/ppo-sort --max-steps 100 --batch-size 32 \
+        --set grad_accum=2 --set ppo_epochs=1 --set lam=1.0 --set temperature=0.7 --lr 3e-4   # BENCHMARKS.md
     lmforge ppo --model runs/demo/sft --reward-model runs/rm --prompts prompts.jsonl --out runs/ppo-rm --lora
 
 The RLHF recipe of Ziegler et al. (2019) and InstructGPT (Ouyang et al. 2022), as TRL implements
@@ -90,7 +92,7 @@ class PpoConfig(FinetuneConfig):
     top_p: float = 1.0
     kl_coef: float = 0.05  # weight of the per-token KL penalty in the reward
     gamma: float = 1.0
-    lam: float = 0.95
+    lam: float = 0.95  # GAE's lambda; 1.0 (Monte Carlo) did better on a verifiable task from a fresh value head
     clip: float = 0.2  # policy ratio clip
     value_clip: float = 0.2  # how far a value may move from its rollout value before its loss is clipped
     vf_coef: float = 0.1
