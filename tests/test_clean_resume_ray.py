@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,7 @@ def test_ray_executor_matches_local_and_resumes_local_shards(corpus, tmp_path, m
     clean_corpus([src], local, steps=STEPS, workers=2, shard_docs=3, progress=False)
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it for good; later forked pools would inherit it
     ray.init(num_cpus=2, include_dashboard=False)  # one instance for both runs (clean_corpus leaves it up)
     try:
         out = tmp_path / "ray"
@@ -204,3 +206,4 @@ def test_ray_executor_matches_local_and_resumes_local_shards(corpus, tmp_path, m
             assert (local / part).read_bytes() == (resumed / part).read_bytes()
     finally:
         ray.shutdown()
+        signal.signal(signal.SIGTERM, sigterm)

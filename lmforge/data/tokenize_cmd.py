@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import multiprocessing
 import os
 import re
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data import data_subparsers
-from lmforge.data.parallel import ordered_map
+from lmforge.data.parallel import closing_pool, make_pool, ordered_map
 from lmforge.data.readers import iter_texts, list_files
 from lmforge.data.shards import DTYPES, VERSION, ShardWriter, dtype_for_vocab
 from lmforge.errors import LmforgeError
@@ -127,17 +126,16 @@ def _encoded(chunks: Iterator[list[str]], tokenizer_dir: str, val_fraction: floa
     # fork (not spawn) so scripts without an `if __name__ == "__main__"` guard work. Setting
     # TOKENIZERS_PARALLELISM while forking keeps tokenizers from warning that a child of a process that
     # used its thread pool loses it; the workers are single-threaded on purpose.
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        pool = ctx.Pool(workers, initializer=_init_encoder, initargs=(tokenizer_dir, val_fraction, True))
+        pool = make_pool(workers, _init_encoder, (tokenizer_dir, val_fraction, True))
     finally:
         if saved is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
-    with pool:
+    with closing_pool(pool):
         yield from ordered_map(pool, _encode_chunk, chunks, ahead=2 * workers)
 
 

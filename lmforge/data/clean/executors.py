@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import collections
 import itertools
-import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterable, Iterator
 
-from lmforge.data.parallel import ordered_map
+from lmforge.data.parallel import closing_pool, make_pool, ordered_map
 from lmforge.errors import LmforgeError
 
 EXECUTORS = ("local", "ray")
@@ -68,8 +68,7 @@ def _pool_map(fn: Callable, items: Iterable[tuple], workers: int) -> Iterator[tu
             keys.append(key)
             yield task
 
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with ctx.Pool(workers) as pool:
+    with closing_pool(make_pool(workers)) as pool:
         for result in ordered_map(pool, fn, tasks(), ahead=2 * workers):
             yield keys.popleft(), result
 
@@ -78,6 +77,7 @@ def _ray_map(fn: Callable, items: Iterable[tuple], workers: int) -> Iterator[tup
     import ray
 
     started = not ray.is_initialized()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     if started:
         address = os.environ.get("RAY_ADDRESS")
         try:
@@ -107,3 +107,7 @@ def _ray_map(fn: Callable, items: Iterable[tuple], workers: int) -> Iterator[tup
             ray.cancel(ref)
         if started:
             ray.shutdown()
+            # ray.init installs its own SIGTERM handler in this process and leaves it there after shutdown;
+            # process pools forked later inherit it and then never die on Pool.terminate (seen in the tests).
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
