@@ -76,7 +76,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def run_recipe(recipe: dict, out: Path) -> dict:
     from lmforge.align.grpo import GrpoConfig, grpo
-    from lmforge.align.prefs import task_pairs
+    from lmforge.align.prefs import chosen_as_sft, task_pairs
     from lmforge.data.clean.pipeline import clean_corpus, format_summary
     from lmforge.data.tokenize_cmd import tokenize_corpus
     from lmforge.tokenizer.train import train_tokenizer
@@ -159,8 +159,7 @@ def run_recipe(recipe: dict, out: Path) -> dict:
         examples = int(align.get("warmup_examples", 8000))
         _say(f"[8/{n}] sft warm-up on {examples} checked {gcfg.task} answers -> {wcfg.out}")
         if not Path(wcfg.data).is_file():
-            rows = [{"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]}
-                    for p in task_pairs(gcfg.task, examples, seed=gcfg.seed)]  # fmt: skip
+            rows = chosen_as_sft(task_pairs(gcfg.task, examples, seed=gcfg.seed))
             atomic_write_text(wcfg.data, "".join(json.dumps(r) + "\n" for r in rows))
         sft(wcfg)
         _say(f"[9/{n}] grpo on {gcfg.task} -> {gcfg.out}")

@@ -184,6 +184,11 @@ def task_pairs(name: str, n: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
+def chosen_as_sft(pairs: list[dict]) -> list[dict]:
+    """The chosen answers alone as `messages` records for `lmforge sft` (a warm-up on verified answers)."""
+    return [{"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]} for p in pairs]
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("prefs", help="build preference pairs from real signals (chitchat ratings, tasks)")
     p.add_argument("--source", required=True, help="chitchat, or task:NAME (add, mul, sort, reverse, convert)")
@@ -203,7 +208,7 @@ def _main(args: argparse.Namespace) -> int:
     else:
         raise LmforgeError(f"--source must be chitchat or task:NAME, got {args.source!r}")
     if args.sft:
-        pairs = [{"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]} for p in pairs]
+        pairs = chosen_as_sft(pairs)
     atomic_write_text(args.out, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     print(f"lmforge prefs: {len(pairs)} {'conversations' if args.sft else 'pairs'} from {args.source} -> {args.out}")
     return 0
