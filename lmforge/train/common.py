@@ -5,6 +5,7 @@ Used by `lmforge pretrain` (and later stages); each stage keeps its own loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -61,6 +62,11 @@ def setup_distributed(device: torch.device) -> Dist:
 
 def teardown_distributed() -> None:
     if dist.is_initialized():
+        # Wait for every rank before tearing down: a rank that destroys its gloo group while another is still
+        # in a collective (rank 0 saving the last checkpoint) was seen to abort at exit ("terminate called
+        # without an active exception", SIGABRT) on a loaded 2-core machine.
+        with contextlib.suppress(RuntimeError):
+            dist.barrier()
         dist.destroy_process_group()
 
 
