@@ -107,6 +107,9 @@ def run_recipe(recipe: dict, out: Path) -> dict:
             raise LmforgeError(f"recipe: unknown align field(s) {', '.join(sorted(unknown))}; known: "
                                f"{', '.join(sorted(ALIGN_KEYS))}")  # fmt: skip
         task = align.get("task", "sort")
+        examples = align.get("warmup_examples", 8000)
+        if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
+            raise LmforgeError(f"recipe: align.warmup_examples must be a positive integer, got {examples!r}")
         wcfg = resolve_sft_config(align.get("warmup", {}), {"base": str(sft_dir), "out": str(out / "task-sft"),
                                                             "data": str(out / "task-sft.jsonl")}, {})  # fmt: skip
         gcfg = resolve(GrpoConfig, align.get("grpo", {}), {"base": str(out / "task-sft"), "out": str(out / "grpo"),
@@ -156,7 +159,6 @@ def run_recipe(recipe: dict, out: Path) -> dict:
     atomic_write_text(out / "chat.txt", transcript)
     print(transcript)
     if gcfg is not None:
-        examples = int(align.get("warmup_examples", 8000))
         _say(f"[8/{n}] sft warm-up on {examples} checked {gcfg.task} answers -> {wcfg.out}")
         if not Path(wcfg.data).is_file():
             rows = chosen_as_sft(task_pairs(gcfg.task, examples, seed=gcfg.seed))

@@ -57,6 +57,9 @@ def test_recipe_align_needs_sft_and_known_fields(tmp_path, capsys):
     path.write_text("sft: {data: chatterbot}\nalign: {tsk: sort}\n")
     assert main(["run", "--recipe", str(path)]) == 2
     assert "unknown align field(s) tsk" in capsys.readouterr().err
+    path.write_text("sft: {data: chatterbot}\nalign: {warmup_examples: lots}\n")
+    assert main(["run", "--recipe", str(path)]) == 2
+    assert "align.warmup_examples must be a positive integer, got 'lots'" in capsys.readouterr().err
 
 
 def test_recipe_unknown_section_is_one_line_error(tmp_path, capsys):

@@ -271,8 +271,8 @@ def markdown_table(report: dict) -> str:
             f"--out-sft: {report['sft']['written']} of {report['sft']['of']} prompts -> {report['sft']['path']}",
         ]
     if "pairs" in report:
-        why = ", ".join(f"{k}: {v}" for k, v in report["pairs"]["skipped"].items() if v) or "none skipped"
         pairs = report["pairs"]
+        why = ", ".join(f"{k}: {v}" for k, v in pairs["skipped"].items() if v) or "none skipped"
         lines += ["", f"--out-pairs: {pairs['written']} of {pairs['of']} prompts -> {pairs['path']} ({why})"]
     return "\n".join(lines) + "\n"
 
