@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model.matmul import Linear, set_cpu_matmul
 from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.train.bench import time_train_steps
 from lmforge.train.common import tune_cpu_allocator
@@ -94,19 +95,34 @@ def lmforge_gpt2(a):
     return Transformer(cfg)
 
 
-# (row name, builder, torch.compile, AdamW(fused=True)); the first row is the baseline of the ratio column,
-# the second of the "vs nanoGPT fused" column. Without fused=True, AdamW on CPU runs torch's default
-# implementation, which is what nanoGPT's configure_optimizers gets on CPU (it asks for fused on CUDA only).
-# lmforge's `pretrain` uses fused AdamW on CPU (make_optimizer), so its row is the training loop as shipped.
+def nanogpt_onednn(a):
+    """nanoGPT's model.py with its nn.Linear layers switched to lmforge's Linear (same parameters, tying kept)."""
+    model = nanogpt(a)
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear
+    return model
+
+
+# (row name, builder, torch.compile, AdamW(fused=True), lmforge's CPU matmul backend); the first row is the
+# baseline of the ratio column, the second of the "vs nanoGPT fused" column. Without fused=True, AdamW on
+# CPU runs torch's default implementation, which is what nanoGPT's configure_optimizers gets on CPU (it asks
+# for fused on CUDA only). lmforge's `pretrain` uses fused AdamW on CPU (make_optimizer) and oneDNN for its
+# fp32 matmuls (lmforge/model/matmul.py), so its row is the training loop as shipped. The backend only
+# changes rows built from lmforge's Linear (the lmforge rows and the "nanoGPT, oneDNN linears" row):
+# the "aten" rows show what the same code gives through torch's default (MKL) matmuls.
 ROWS = [
-    ("nanoGPT (as shipped: default AdamW on CPU)", nanogpt, False, False),
-    ("nanoGPT, fused AdamW", nanogpt, False, True),
-    ("HF GPT2LMHeadModel, fused AdamW", hf_gpt2, False, True),
-    ("HF LlamaForCausalLM, fused AdamW", hf_llama, False, True),
-    ("lmforge tiny (as pretrain runs it)", lmforge_tiny, False, True),
-    ("lmforge gpt2-like, fused AdamW", lmforge_gpt2, False, True),
-    ("nanoGPT, compiled, fused AdamW", nanogpt, True, True),
-    ("lmforge tiny, compiled", lmforge_tiny, True, True),
+    ("nanoGPT (as shipped: default AdamW on CPU)", nanogpt, False, False, "onednn"),
+    ("nanoGPT, fused AdamW", nanogpt, False, True, "onednn"),
+    ("HF GPT2LMHeadModel, fused AdamW", hf_gpt2, False, True, "onednn"),
+    ("HF LlamaForCausalLM, fused AdamW", hf_llama, False, True, "onednn"),
+    ("lmforge tiny (as pretrain runs it)", lmforge_tiny, False, True, "onednn"),
+    ("lmforge tiny, torch's matmuls (aten)", lmforge_tiny, False, True, "aten"),
+    ("lmforge gpt2-like, fused AdamW", lmforge_gpt2, False, True, "onednn"),
+    ("nanoGPT, oneDNN linears, fused AdamW", nanogpt_onednn, False, True, "onednn"),
+    ("nanoGPT, compiled, fused AdamW", nanogpt, True, True, "onednn"),
+    ("lmforge tiny, compiled", lmforge_tiny, True, True, "onednn"),
+    ("lmforge tiny, compiled, torch's matmuls (aten)", lmforge_tiny, True, True, "aten"),
 ]
 
 
@@ -145,7 +161,8 @@ def main(argv=None) -> int:
     idx = torch.randint(0, a.vocab_size, (a.batch_size, a.seq_len))
     targets = torch.roll(idx, -1, dims=1)
     entries = []
-    for name, build, compile_, fused in rows:
+    for name, build, compile_, fused, backend in rows:
+        set_cpu_matmul(backend)
         torch.manual_seed(0)
         model = build(a)
         params = sum(p.numel() for p in model.parameters())  # parameters() skips the tied duplicate
@@ -156,12 +173,13 @@ def main(argv=None) -> int:
         first_s = time.perf_counter() - t0
         time_train_steps(step_model, idx, targets, steps=0, warmup=a.warmup - 1, optimizer=opt)
         entries.append({"model": name, "params": params, "compile_s": first_s if compile_ else None,
-                        "step": (step_model, opt), "rounds": []})  # fmt: skip
+                        "step": (step_model, opt), "backend": backend, "rounds": []})  # fmt: skip
         print(f"built {name}: {params:,} params, first step {first_s:.1f}s", file=sys.stderr)
     for r in range(a.rounds):
         order = entries if r % 2 == 0 else entries[::-1]  # alternate direction: no model always runs first
         for e in order:
             step_model, opt = e["step"]
+            set_cpu_matmul(e["backend"])
             e["rounds"].append(time_train_steps(step_model, idx, targets, steps=a.steps, warmup=0, optimizer=opt))
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
 

@@ -76,9 +76,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
     try:
+        args = build_parser(argv).parse_args(argv)  # inside: building the parser imports the commands
         rc = args.func(args)
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)

@@ -19,10 +19,10 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.model.matmul import Linear, linear
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -70,12 +70,10 @@ class LoraLinear(nn.Linear):
         self.lora_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (
-            F.linear(x, self.weight, self.bias) + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
-        )
+        return linear(x, self.weight, self.bias) + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
 
-    def merged(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device)
+    def merged(self) -> Linear:
+        out = Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device)
         with torch.no_grad():
             out.weight.copy_(self.weight + self.scaling * (self.lora_B @ self.lora_A))
             if self.bias is not None:

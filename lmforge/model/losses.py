@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.model.matmul import mm_nn, mm_nt, mm_tn
+
 IGNORE_INDEX = -100
 
 
 def _chunk_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    logits = x @ weight.t()
+    logits = mm_nt(x, weight)
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
@@ -42,9 +44,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs[torch.arange(len(ts), device=ts.device), safe] -= 1.0
             probs.mul_(valid[:, None])
             g = probs.to(x.dtype)
-            grad_x[s : s + chunk] = g @ weight
+            grad_x[s : s + chunk] = mm_nn(g, weight)
             if g.dtype == xs.dtype == grad_w.dtype:
-                grad_w.addmm_(g.t(), xs)
+                grad_w.add_(mm_tn(g, xs))
             else:  # bf16 under autocast: accumulate the head's gradient in fp32
                 grad_w.add_(g.t() @ xs)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.model.matmul import Linear
 from lmforge.model.transformer import KVCache, Transformer
 from lmforge.serve.sampling import apply_repetition_penalty, pick
 
@@ -119,10 +120,10 @@ class FusedDecoder:
 
     @staticmethod
     def supports(model) -> bool:
-        """Our Transformer with plain nn.Linear projections (a LoRA-wrapped or other model uses its own forward)."""
+        """Our Transformer with plain linear projections (a LoRA-wrapped or other model uses its own forward)."""
         if not isinstance(model, Transformer):
             return False
-        return all(type(m) is nn.Linear for name, m in model.named_modules() if name.endswith(_PROJ))
+        return all(type(m) in (nn.Linear, Linear) for name, m in model.named_modules() if name.endswith(_PROJ))
 
     def __call__(self, tok: torch.Tensor, cache: KVCache, positions=None, key_mask=None) -> torch.Tensor:
         """tok (B,) -> next-token logits (B, V); writes the new keys/values into `cache` and advances it.
