@@ -37,12 +37,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = _chunk_logits(xs, weight)
             valid = ts != IGNORE_INDEX
             safe = ts.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+            logp = torch.log_softmax(logits, dim=-1)  # one fused pass; logits are freed
+            total -= (logp.gather(1, safe[:, None]).squeeze(1) * valid).sum()
             # d(sum of losses)/d(logits) = softmax - onehot(target), zero on ignored rows; in place on the chunk.
-            probs = logits.sub_(lse[:, None]).exp_()
+            probs = logp.exp_()
             probs[torch.arange(len(ts), device=ts.device), safe] -= 1.0
-            probs.mul_(valid[:, None])
+            if probs.device.type != "cpu" or not bool(valid.all()):  # (a CPU check is free; on a GPU it would sync)
+                probs.mul_(valid[:, None])
             g = probs.to(x.dtype)
             grad_x[s : s + chunk] = mm_nn(g, weight)
             if g.dtype == xs.dtype == grad_w.dtype:
