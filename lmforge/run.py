@@ -176,14 +176,23 @@ def run_recipe(recipe: dict, out: Path) -> dict:
 
 
 def _align_report(cfg, result: dict) -> dict:
-    """Held-out exact-match accuracy of the warm-up model (GRPO's step 0) and of the GRPO model, and the KL."""
+    """Held-out exact-match accuracy of the warm-up model (GRPO's step 0) and of the GRPO model, the paired
+    change on the same prompts (fixed, broken, exact McNemar p), and the KL."""
+    from lmforge.align.rollout import paired_change
+
     b, a = result["before"], result["after"]
     kls = [r["kl"] for r in map(json.loads, (Path(cfg.out) / "metrics.jsonl").open()) if "kl" in r]
+    paired = paired_change(cfg.out, b["step"], a["step"])
     summary = (f"held-out {cfg.task} accuracy (greedy, {a['val_prompts']} prompts never trained on): "
                f"{b['val_accuracy']:.3f} [{b['val_accuracy_lo']:.3f}, {b['val_accuracy_hi']:.3f}] -> "
                f"{a['val_accuracy']:.3f} [{a['val_accuracy_lo']:.3f}, {a['val_accuracy_hi']:.3f}] after "
-               f"{a['step']} GRPO steps; KL to the warm-up model: last {kls[-1]:.3f}, max {max(kls):.3f}")  # fmt: skip
-    return {"task": cfg.task, "before": b, "after": a, "kl_last": kls[-1], "kl_max": max(kls), "summary": summary}
+               f"{a['step']} GRPO steps")  # fmt: skip
+    if paired:
+        summary += (f"; same prompts: {paired['fixed']} fixed, {paired['broken']} broken "
+                    f"(exact McNemar p = {paired['p_value']:.2g})")  # fmt: skip
+    summary += f"; KL to the warm-up model: last {kls[-1]:.3f}, max {max(kls):.3f}"
+    return {"task": cfg.task, "before": b, "after": a, "paired": paired, "kl_last": kls[-1], "kl_max": max(kls),
+            "summary": summary}  # fmt: skip
 
 
 def _chat_transcript(run_dir: Path, chat: dict) -> str:

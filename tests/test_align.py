@@ -88,6 +88,17 @@ def test_wilson_interval():
     assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
 
 
+def test_mcnemar_exact_by_hand():
+    from lmforge.eval.stats import mcnemar_exact
+
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(10, 0) == pytest.approx(2 / 2**10)  # all 10 discordant prompts went one way
+    assert mcnemar_exact(0, 10) == mcnemar_exact(10, 0)
+    assert mcnemar_exact(6, 4) == pytest.approx(2 * 386 / 1024)  # 2 * P(X <= 4 | n=10, p=1/2)
+    assert mcnemar_exact(5, 5) == 1.0  # 2 * P(X <= 5) = 1.25, capped
+    assert mcnemar_exact(9, 1) == pytest.approx(2 * 11 / 1024)  # (C(10,0) + C(10,1)) / 2^10, two-sided
+
+
 # ----------------------------------------------------------------------------- tasks and pairs
 
 

@@ -166,3 +166,62 @@ def test_init_from_grows_vocabulary_after_tokenizer_extend(small_shards, small_c
     tokenize_corpus([zh], tmp_path / "other_tok", tmp_path / "other", workers=1, progress=False)
     with pytest.raises(LmforgeError, match="nor an extension"):
         pretrain(config(tmp_path / "other", tmp_path / "bad", max_steps=1, init_from=str(base_run)))
+
+
+def test_smaller_micro_batch_keeps_the_sequences_per_step():
+    from lmforge.train.common import smaller_micro_batch
+
+    assert [smaller_micro_batch(b) for b in (16, 12, 6, 5, 2, 1)] == [8, 6, 3, 1, 1, None]
+
+
+def _oom_above(monkeypatch, limit: int) -> list[int]:
+    """Training forwards on more than `limit` rows raise torch.OutOfMemoryError, as a full GPU does."""
+    import torch
+
+    from lmforge.model.transformer import Transformer
+
+    real, tried = Transformer.forward, []
+
+    def forward(self, idx, *args, **kwargs):
+        if self.training and idx.shape[0] > limit:
+            tried.append(idx.shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+    return tried
+
+
+def test_out_of_memory_shrinks_the_micro_batch_and_the_same_command_resumes(
+    small_shards, tmp_path, monkeypatch, capsys
+):
+    ref, fit = tmp_path / "ref", tmp_path / "fit"
+    pretrain(config(small_shards, ref, "grad_accum=4", max_steps=4, batch_size=2))
+    tried = _oom_above(monkeypatch, 2)
+    pretrain(config(small_shards, fit, max_steps=2, batch_size=8))
+    assert tried == [8, 4]  # then 2 fits
+    assert "using micro-batch 2 x 4 accumulation (the same 8 sequences per step)" in capsys.readouterr().err
+    meta = json.loads((fit / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert (meta["train_config"]["batch_size"], meta["train_config"]["grad_accum"]) == (2, 4)
+    assert "batch_size: 2" in (fit / "config.yaml").read_text()
+    # The original command again: resumes with the split that fit, and the run is the one a 2 x 4 run gives.
+    pretrain(config(small_shards, fit, max_steps=4, batch_size=8))
+    assert "resuming with the checkpoint's micro-batch 2 x 4" in capsys.readouterr().err
+    assert train_losses(fit) == train_losses(ref)
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match=r"cannot resume: 8 sequences per step .* but 4 now"):
+        pretrain(config(small_shards, fit, max_steps=6, batch_size=4))
+
+
+def test_out_of_memory_at_micro_batch_1_is_a_one_line_error(small_shards, tmp_path, monkeypatch):
+    from lmforge.errors import LmforgeError
+
+    _oom_above(monkeypatch, 0)
+    with pytest.raises(LmforgeError) as e:
+        pretrain(config(small_shards, tmp_path / "run", max_steps=2, batch_size=2))
+    assert str(e.value) == (
+        "out of memory on cpu at step 1 with micro-batch 1 x seq_len 64: lower seq_len, or use LoRA, freeze or FSDP "
+        "(CUDA out of memory. Tried to allocate 2.00 GiB (simulated))"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()

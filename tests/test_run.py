@@ -42,6 +42,12 @@ def test_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     assert [r["step"] for r in evals] == [0, 2]
     align = json.loads((out / "align.json").read_text())
     assert align["before"]["val_prompts"] == 4 and align["after"]["step"] == 2 and align["kl_max"] >= 0
+    # Paired on the same prompts: the per-prompt results of both evaluations are saved and agree with the accuracies.
+    per = [json.loads((out / "grpo" / "eval" / f"step_{s:08d}.json").read_text())["correct"] for s in (0, 2)]
+    fixed = sum(1 for x, y in zip(*per) if not x and y)
+    broken = sum(1 for x, y in zip(*per) if x and not y)
+    assert (align["paired"]["fixed"], align["paired"]["broken"]) == (fixed, broken)
+    assert sum(per[1]) / 4 == align["after"]["val_accuracy"] and "McNemar p" in align["summary"]
     # A rerun finds every stage done (pretraining is already at max_steps) and only samples again.
     capsys.readouterr()
     assert main(["run", "--recipe", str(path), "--out", str(out), "--set", "sample.max_new_tokens=4"]) == 0

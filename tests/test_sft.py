@@ -360,3 +360,22 @@ def test_lora_on_smollm2_trains_under_one_percent_lowers_loss_and_merges_exactly
 
 def lora_tensors_of(run):
     return ckpt.load_tensors(ckpt.resolve_checkpoint(run) / "adapter.safetensors")
+
+
+def test_out_of_memory_shrinks_the_sft_micro_batch(base_run, chats, tmp_path, monkeypatch, capsys):
+    """The same loop fit as pretraining (tests/test_pretrain.py), on packed SFT rows: equal to an explicit 2 x 2 run."""
+    real, tried = Transformer.forward, []
+
+    def forward(self, idx, *args, **kwargs):
+        if self.training and idx.shape[0] > 2:
+            tried.append(idx.shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, idx, *args, **kwargs)
+
+    sft(_cfg(base_run, chats, tmp_path / "ref", max_steps=4, batch_size=2, grad_accum=2, samples=0, eval_every=0))
+    monkeypatch.setattr(Transformer, "forward", forward)
+    sft(_cfg(base_run, chats, tmp_path / "fit", max_steps=4, samples=0, eval_every=0))
+    assert tried == [4] and "using micro-batch 2 x 2 accumulation" in capsys.readouterr().err
+    assert [r["loss"] for r in _records(tmp_path / "fit") if "loss" in r] == [
+        r["loss"] for r in _records(tmp_path / "ref") if "loss" in r
+    ]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.align.losses import grpo_advantages, kl_per_token, masked_mean, policy_gradient_loss
-from lmforge.align.rollout import answer_logprobs, prompt_ids, rows, sample, task_accuracy
+from lmforge.align.rollout import answer_logprobs, prompt_ids, rows, sample, save_eval_items, task_accuracy
 from lmforge.align.tasks import get_task, make_split
 from lmforge.chat.template import ChatFormat
 from lmforge.config import require
@@ -175,6 +175,7 @@ def _train(cfg: GrpoConfig, run: FinetuneRun, dd) -> dict:
         if not eval_items:
             return None
         acc = task_accuracy(model, fmt, task, eval_items, cfg.max_new_tokens, cfg.system or None)
+        acc = save_eval_items(run.run_dir, step, eval_items, acc, write=dd.main)
         return {f"val_{k}": v for k, v in acc.items()}
 
     return {"trainable_params": trainable, **run.train(optimizer, source, evaluate, dd, step_loss)}

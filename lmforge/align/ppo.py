@@ -63,6 +63,7 @@ from lmforge.align.rollout import (
     question_messages,
     rows,
     sample,
+    save_eval_items,
     split_prompts,
     task_accuracy,
 )
@@ -322,6 +323,7 @@ def _train(cfg: PpoConfig, run: FinetuneRun, dd) -> dict:
             return None
         if cfg.task:
             result = task_accuracy(model, fmt, task, eval_items, cfg.max_new_tokens, system)
+            result = save_eval_items(run.run_dir, step, eval_items, result, write=dd.main)
         else:
             result = held_out_reward(model, fmt, scorer, eval_items, cfg.max_new_tokens)
         return {f"val_{k}": v for k, v in result.items()}

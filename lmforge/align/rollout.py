@@ -13,6 +13,7 @@ rewarded) for stopping, and an answer cut by `max_new_tokens` is counted as not 
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import torch
 
 from lmforge.align.batching import collate, encode_side
 from lmforge.errors import LmforgeError
-from lmforge.eval.stats import wilson_interval
+from lmforge.eval.stats import mcnemar_exact, wilson_interval
+from lmforge.fileio import atomic_write_json
 from lmforge.serve.generate import generate
 
 
@@ -60,11 +62,36 @@ def task_accuracy(model, fmt, task, items, max_new_tokens: int, system: str | No
     """Greedy exact-match accuracy on (question, answer) items, with its 95% interval and mean length."""
     prompts = [fmt.encode(question_messages(q, system), add_generation_prompt=True) for q, _ in items]
     outs, ended = sample(model, prompts, 1, max_new_tokens, temperature=0.0, stop_ids=fmt.stop_ids)
-    right = sum(task.reward(fmt.tokenizer.decode(o), a) == 1.0 for o, (_, a) in zip(outs, items, strict=True))
+    correct = [task.reward(fmt.tokenizer.decode(o), a) == 1.0 for o, (_, a) in zip(outs, items, strict=True)]
+    right = sum(correct)
     lo, hi = wilson_interval(right, len(items))
     return {"accuracy": right / len(items), "accuracy_lo": lo, "accuracy_hi": hi, "prompts": len(items),
             "mean_length": sum(map(len, outs)) / len(outs), "ended": sum(ended) / len(ended),
-            "tokens_generated": sum(map(len, outs))}  # fmt: skip
+            "tokens_generated": sum(map(len, outs)), "correct": correct}  # fmt: skip
+
+
+def save_eval_items(run_dir: Path, step: int, items, result: dict, write: bool = True) -> dict:
+    """Write which held-out prompts were answered right at `step` (RUN/eval/step_N.json, for paired before/after
+    comparisons: `paired_change`; `write` False on non-main ranks); returns the record without the per-prompt list."""
+    result = dict(result)
+    correct = result.pop("correct")
+    if write:
+        record = {"step": step, "questions": [q for q, _ in items], "correct": [int(c) for c in correct]}
+        atomic_write_json(Path(run_dir) / "eval" / f"step_{step:08d}.json", record)
+    return result
+
+
+def paired_change(run_dir: Path, before: int, after: int) -> dict | None:
+    """Fixed / broken held-out prompts between two saved evaluations of one run, with the exact McNemar p-value."""
+    paths = [Path(run_dir) / "eval" / f"step_{s:08d}.json" for s in (before, after)]
+    if not all(p.is_file() for p in paths):
+        return None
+    b, a = (json.loads(p.read_text()) for p in paths)
+    if b["questions"] != a["questions"]:
+        return None
+    fixed = sum(1 for x, y in zip(b["correct"], a["correct"], strict=True) if not x and y)
+    broken = sum(1 for x, y in zip(b["correct"], a["correct"], strict=True) if x and not y)
+    return {"fixed": fixed, "broken": broken, "p_value": mcnemar_exact(fixed, broken)}
 
 
 def question_messages(question: str, system: str | None = None) -> list[dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,32 @@ def tune_cpu_allocator() -> bool:
         return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
     except (OSError, AttributeError):
         return False
+
+
+def smaller_micro_batch(batch_size: int) -> int | None:
+    """The micro-batch to retry with after running out of memory: the largest divisor of batch_size that is at
+    most half of it (so batch_size / it more accumulation steps keep the sequences per step), or None at 1."""
+    for b in range(batch_size // 2, 0, -1):
+        if batch_size % b == 0:
+            return b
+    return None
+
+
+def adopt_saved_batch_split(cfg, saved: dict, where) -> None:
+    """Resume check for the batch: the sequences per step must match the checkpoint's; its micro-batch split is kept.
+
+    A run whose micro-batch was shrunk to fit memory saved the split it used, so rerunning the
+    original command resumes with that split (the same losses as the run so far) instead of refusing.
+    """
+    b, a = int(saved.get("batch_size", 0)), int(saved.get("grad_accum", 0))
+    if b * a != cfg.batch_size * cfg.grad_accum:
+        raise LmforgeError(
+            f"{where}: cannot resume: {b * a} sequences per step (batch_size {b} x grad_accum {a}) in the checkpoint "
+            f"but {cfg.batch_size * cfg.grad_accum} now (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum})"
+        )
+    if (b, a) != (cfg.batch_size, cfg.grad_accum):
+        print(f"lmforge: resuming with the checkpoint's micro-batch {b} x {a} accumulation", file=sys.stderr)
+        cfg.batch_size, cfg.grad_accum = b, a
 
 
 def lr_at(step: int, *, peak: float, total: int, warmup: int, schedule: str, min_ratio: float, decay_fraction: float):

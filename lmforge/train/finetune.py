@@ -33,10 +33,11 @@ from lmforge.model.lora import LoraConfig, apply_lora, load_lora_tensors, lora_t
 from lmforge.model.transformer import param_part
 from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.common import make_optimizer, pick_device
+from lmforge.train.common import adopt_saved_batch_split, make_optimizer, pick_device
 
 FREEZABLE = ("embeddings", "attention", "mlp", "norms")
-COMMON_RESUME = ("base", "lora", "lora_rank", "lora_targets", "freeze", "batch_size", "seq_len", "grad_accum", "seed")
+# Must match to resume (and the sequences per step: adopt_saved_batch_split keeps the checkpoint's micro-batch split).
+COMMON_RESUME = ("base", "lora", "lora_rank", "lora_targets", "freeze", "seq_len", "seed")
 
 
 @dataclass
@@ -187,6 +188,7 @@ class FinetuneRun:
                         f"{self.resume_from}: cannot resume: {key} is {saved.get(key)!r} in the checkpoint "
                         f"but {getattr(cfg, key)!r} now (use a new --out, or the same config)"
                     )
+            adopt_saved_batch_split(cfg, saved, self.resume_from)
             if self.meta["base"]["fingerprint"] != self.base_fingerprint:
                 raise LmforgeError(f"{self.resume_from}: cannot resume: the base model {cfg.base} changed since")
         self.tokenizer_dir = ckpt.tokenizer_dir(self.base_ckpt, base_meta)

@@ -6,7 +6,10 @@ A stage builds its model, optimizer, loader and `save`/`evaluate` closures (`Loo
 then hands them here. The loop owns what must behave the same everywhere: the LR
 schedule, gradient accumulation (with DDP's no_sync), clipping, the NaN policy,
 throughput and MFU, metrics records, checkpoint-before-evaluation, the time budget,
-and SIGTERM/Ctrl-C turning into "checkpoint, then exit cleanly".
+SIGTERM/Ctrl-C turning into "checkpoint, then exit cleanly", and running out of memory:
+a stage that sets `fit_memory` (pretrain and sft in one process) retries the step with a
+smaller micro-batch and more accumulation (the same sequences per step) and says so;
+elsewhere it stops with a one-line error naming the step and micro-batch.
 
 A loader's `next_batch()` returns either `(x, y)` (pretraining) or a dict of forward
 arguments (`idx`, `targets`, optional `positions`, `doc_ids`) plus `num_tokens`,
@@ -18,17 +21,21 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import yaml
 from tqdm import tqdm
 
+from lmforge.config import to_dict
 from lmforge.errors import LmforgeError
+from lmforge.fileio import atomic_write_text
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.common import lr_at
+from lmforge.train.common import lr_at, smaller_micro_batch
 
 
 class StopFlag:
@@ -69,6 +76,8 @@ class LoopParts:
     # The alignment stages pass their own (DPO, reward ranking, policy gradient) and its metrics
     # (rewards, margins, KL, ...) are averaged over micro-batches into each metrics record.
     step_loss: Callable | None = None
+    # Out of memory in a forward/backward: halve the loader's micro-batch (`loader.B`) and retry the step.
+    fit_memory: bool = False
 
 
 def forward_loss(model, batch, autocast) -> tuple[torch.Tensor, int, dict]:
@@ -102,6 +111,55 @@ def _guard(cfg, metrics: dict, step: int, run_dir) -> None:
         )
 
 
+def _accumulate(cfg, parts: LoopParts, step_loss) -> tuple[torch.Tensor, int, dict]:
+    """Forward and backward over grad_accum micro-batches: (summed mean loss, real tokens, averaged metrics)."""
+    model, dd = parts.model, parts.dd
+    loss_sum = torch.zeros((), device=parts.device)
+    step_tokens, extra = 0, {}
+    for micro in range(cfg.grad_accum):
+        batch = parts.loader.next_batch()
+        sync = micro == cfg.grad_accum - 1
+        no_sync = dd.enabled and not sync and hasattr(model, "no_sync")
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            loss, n, metrics = step_loss(model, batch, parts.autocast)
+            loss = loss / cfg.grad_accum
+            loss.backward()
+        loss_sum += loss.detach()
+        step_tokens += n
+        for k, v in metrics.items():
+            extra[k] = extra.get(k, 0.0) + float(v) / cfg.grad_accum
+    return loss_sum, step_tokens, extra
+
+
+def _out_of_memory(cfg, parts: LoopParts, step: int, message: str, desc: str) -> None:
+    """Shrink the micro-batch after an out-of-memory error (same sequences per step), or raise a one-line error."""
+    where = f"{parts.device}" + (f" (rank {parts.dd.rank})" if parts.dd.enabled else "")
+    first_line = message.splitlines()[0]
+    smaller = smaller_micro_batch(cfg.batch_size) if parts.fit_memory and not parts.dd.enabled else None
+    if smaller is None:
+        hint = (
+            "lower seq_len, or use LoRA, freeze or FSDP"
+            if cfg.batch_size == 1
+            else "lower batch_size and raise grad_accum"
+        )
+        raise LmforgeError(
+            f"out of memory on {where} at step {step} with micro-batch {cfg.batch_size} x seq_len {cfg.seq_len}: "
+            f"{hint} ({first_line})"
+        )
+    old, per_step = cfg.batch_size, cfg.batch_size * cfg.grad_accum
+    cfg.batch_size, cfg.grad_accum = smaller, cfg.grad_accum * (old // smaller)
+    parts.loader.B = smaller
+    if parts.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if parts.dd.main:
+        atomic_write_text(parts.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    print(
+        f"lmforge {desc}: out of memory on {where} at micro-batch {old}; using micro-batch {smaller} x "
+        f"{cfg.grad_accum} accumulation (the same {per_step} sequences per step)",
+        file=sys.stderr,
+    )
+
+
 def train_loop(cfg, parts: LoopParts, start_step: int, tokens_seen: int, desc: str) -> dict:
     """Run optimizer steps start_step+1 .. cfg.max_steps; returns the last metrics record."""
     model, optimizer, loader, dd, device = parts.model, parts.optimizer, parts.loader, parts.dd, parts.device
@@ -120,20 +178,16 @@ def train_loop(cfg, parts: LoopParts, start_step: int, tokens_seen: int, desc: s
                        min_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)  # fmt: skip
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            step_tokens, extra = 0, {}
-            for micro in range(cfg.grad_accum):
-                batch = loader.next_batch()
-                sync = micro == cfg.grad_accum - 1
-                no_sync = dd.enabled and not sync and hasattr(model, "no_sync")
-                with model.no_sync() if no_sync else contextlib.nullcontext():
-                    loss, n, metrics = step_loss(model, batch, parts.autocast)
-                    loss = loss / cfg.grad_accum
-                    loss.backward()
-                loss_sum += loss.detach()
-                step_tokens += n
-                for k, v in metrics.items():
-                    extra[k] = extra.get(k, 0.0) + float(v) / cfg.grad_accum
+            position, oom = loader.state_dict(), None
+            try:
+                loss_sum, step_tokens, extra = _accumulate(cfg, parts, step_loss)
+            except torch.OutOfMemoryError as e:
+                oom = str(e) or "out of memory"  # only the message: the traceback holds the step's activations
+            if oom is not None:
+                optimizer.zero_grad(set_to_none=True)
+                _out_of_memory(cfg, parts, step + 1, oom, desc)  # raises unless the micro-batch could shrink
+                loader.load_state_dict(position)  # the step again, from the same data, in smaller pieces
+                continue
             if dd.enabled:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
                 t = torch.tensor(step_tokens, device=device)

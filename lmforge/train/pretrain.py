@@ -34,6 +34,7 @@ from lmforge.model.transformer import ModelConfig, Transformer, flops_per_token
 from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.common import (
+    adopt_saved_batch_split,
     make_optimizer,
     peak_flops,
     pick_device,
@@ -44,8 +45,8 @@ from lmforge.train.common import (
 from lmforge.train.loop import LoopParts, train_loop
 from lmforge.train.metrics import MetricsLogger
 
-# Settings that must match for a resume to continue the same run.
-RESUME_FIELDS = ("batch_size", "seq_len", "grad_accum")
+# Settings that must match for a resume to continue the same run (and sequences per step: adopt_saved_batch_split).
+RESUME_FIELDS = ("seq_len",)
 
 
 def register(subparsers) -> None:
@@ -86,6 +87,7 @@ def _check_resume(meta: dict, cfg, path: Path) -> None:
             raise LmforgeError(
                 f"{path}: cannot resume: {key} is {saved_train.get(key)!r} in the checkpoint but {getattr(cfg, key)!r} now"
             )
+    adopt_saved_batch_split(cfg, saved_train, path)
 
 
 def pretrain(cfg) -> dict:
@@ -213,7 +215,8 @@ def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
             file=sys.stderr,
         )
     parts = LoopParts(model, optimizer, loader, save, run_eval, logger, device, dd, autocast,
-                      flops_per_token(cfg.model, cfg.seq_len), peak_flops(device), run_dir)  # fmt: skip
+                      flops_per_token(cfg.model, cfg.seq_len), peak_flops(device), run_dir,
+                      fit_memory=not dd.enabled)  # fmt: skip
     return train_loop(cfg, parts, start_step, tokens_seen, desc="pretrain")
 
 
