@@ -97,3 +97,14 @@ def test_llama_logits_match_transformers(tie):
         ref = hf(idx).logits
         got, _ = ours(idx)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_training_forward_compiles_without_graph_breaks():
+    """torch.compile sees the whole training forward, chunked loss and oneDNN products included (one graph)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = Transformer(ModelConfig(vocab_size=128, n_layer=1, d_model=32, n_head=2, max_seq_len=16))
+    idx = torch.randint(0, 128, (2, 16))
+    explained = torch._dynamo.explain(model)(idx, torch.roll(idx, -1, dims=1))
+    assert explained.graph_break_count == 0, explained.break_reasons

@@ -42,7 +42,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d(sum of losses)/d(logits) = softmax - onehot(target), zero on ignored rows; in place on the chunk.
             probs = logp.exp_()
             probs[torch.arange(len(ts), device=ts.device), safe] -= 1.0
-            if probs.device.type != "cpu" or not bool(valid.all()):  # (a CPU check is free; on a GPU it would sync)
+            # Zero ignored rows; skipped when every row counts, checked only in eager CPU runs (on a GPU the
+            # check would sync, and under torch.compile it would break the graph; there the multiply is cheap).
+            if torch.compiler.is_compiling() or probs.device.type != "cpu" or not bool(valid.all()):
                 probs.mul_(valid[:, None])
             g = probs.to(x.dtype)
             grad_x[s : s + chunk] = mm_nn(g, weight)
