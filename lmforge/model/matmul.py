@@ -17,9 +17,9 @@ precision, results agree with MKL's to fp32 rounding (tests/test_matmul.py).
 oneDNN's linear computes x @ w.T; the backward products are the same op on transposed views,
 arranged so that the larger of the two output dimensions is oneDNN's "output channels" (up to
 1.7x faster for the weight gradient). Under torch.compile the products are an opaque custom op
-(`lmforge::onednn_linear`), so inductor fuses the elementwise work around them. Anything else (GPU,
-bf16, autocast, empty tensors, a PyTorch without the op) uses torch's ops, so behaviour off the CPU fp32 path is
-exactly torch's. The op is private (`torch.ops.mkldnn._linear_pointwise`): when a PyTorch
+(`lmforge::onednn_linear`), so inductor fuses the elementwise work around them. Anything else
+(GPU, bf16, autocast, empty tensors, a PyTorch without the op) uses torch's ops, so behaviour off
+the CPU fp32 path is exactly torch's. The op is private (`torch.ops.mkldnn._linear_pointwise`): when a PyTorch
 version drops it, this falls back rather than failing.
 """
 
