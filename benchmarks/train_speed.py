@@ -9,6 +9,8 @@ betas 0.9/0.95), timed by `lmforge.train.bench.time_train_steps` (forward + back
 optimizer step). Models are interleaved round by round, so drift in machine load (other
 processes on the same cores) hits all of them alike; the reported number is the median of the
 per-round medians. torch.compile time is reported separately and excluded from tokens/s.
+Rows built from lmforge's `Linear` run their fp32 products through oneDNN (lmforge/model/matmul.py);
+the "(aten)" rows run the same code through torch's default (MKL) products, for the comparison.
 The results go into BENCHMARKS.md ("Training speed, CPU").
 """
 

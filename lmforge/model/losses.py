@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.model.matmul import mm_nn, mm_nt, mm_tn
+from lmforge.model.matmul import mm_nn, mm_nt, mm_tn, onednn_applies
 
 IGNORE_INDEX = -100
 
@@ -34,10 +34,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=x.device)
         for s in range(0, x.shape[0], chunk):
             xs, ts = x[s : s + chunk], targets[s : s + chunk]
-            logits = _chunk_logits(xs, weight)
             valid = ts != IGNORE_INDEX
             safe = ts.clamp(min=0)
-            logp = torch.log_softmax(logits, dim=-1)  # one fused pass; logits are freed
+            logp = torch.log_softmax(_chunk_logits(xs, weight), dim=-1)  # one fused pass over the chunk's logits
             total -= (logp.gather(1, safe[:, None]).squeeze(1) * valid).sum()
             # d(sum of losses)/d(logits) = softmax - onehot(target), zero on ignored rows; in place on the chunk.
             probs = logp.exp_()
@@ -48,8 +47,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs.mul_(valid[:, None])
             g = probs.to(x.dtype)
             grad_x[s : s + chunk] = mm_nn(g, weight)
-            if g.dtype == xs.dtype == grad_w.dtype:
+            if onednn_applies(g, xs):
                 grad_w.add_(mm_tn(g, xs))
+            elif g.dtype == xs.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), xs)
             else:  # bf16 under autocast: accumulate the head's gradient in fp32
                 grad_w.add_(g.t() @ xs)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
