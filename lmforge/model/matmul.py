@@ -101,7 +101,6 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias):
         ctx.save_for_backward(x2, weight)
-        ctx.has_bias = bias is not None
         return _onednn(x2, weight, bias)
 
     @staticmethod
@@ -112,7 +111,7 @@ class _Linear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad
         grad_x = mm_nn(grad, weight) if need_x else None
         grad_w = mm_tn(grad, x2) if need_w else None  # skipped for frozen weights (LoRA)
-        grad_b = grad.sum(0) if ctx.has_bias and need_b else None
+        grad_b = grad.sum(0) if need_b else None  # False when there is no bias
         return grad_x, grad_w, grad_b
 
 

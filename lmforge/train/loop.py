@@ -7,7 +7,7 @@ then hands them here. The loop owns what must behave the same everywhere: the LR
 schedule, gradient accumulation (with DDP's no_sync), clipping, the NaN policy,
 throughput and MFU, metrics records, checkpoint-before-evaluation, the time budget,
 SIGTERM/Ctrl-C turning into "checkpoint, then exit cleanly", and running out of memory:
-a stage that sets `fit_memory` (pretrain and sft in one process) retries the step with a
+a stage that sets `fit_memory` (pretrain and sft, in one process) retries the step with a
 smaller micro-batch and more accumulation (the same sequences per step) and says so;
 elsewhere it stops with a one-line error naming the step and micro-batch.
 
@@ -76,7 +76,8 @@ class LoopParts:
     # The alignment stages pass their own (DPO, reward ranking, policy gradient) and its metrics
     # (rewards, margins, KL, ...) are averaged over micro-batches into each metrics record.
     step_loss: Callable | None = None
-    # Out of memory in a forward/backward: halve the loader's micro-batch (`loader.B`) and retry the step.
+    # Out of memory in a forward/backward: halve the loader's micro-batch (`loader.B`) and retry the step
+    # (single process only: under DDP the other ranks would wait in all-reduce, so it stops with an error).
     fit_memory: bool = False
 
 

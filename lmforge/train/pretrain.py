@@ -216,7 +216,7 @@ def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
         )
     parts = LoopParts(model, optimizer, loader, save, run_eval, logger, device, dd, autocast,
                       flops_per_token(cfg.model, cfg.seq_len), peak_flops(device), run_dir,
-                      fit_memory=not dd.enabled)  # fmt: skip
+                      fit_memory=True)  # fmt: skip
     return train_loop(cfg, parts, start_step, tokens_seen, desc="pretrain")
 
 

@@ -152,7 +152,7 @@ def _sft(cfg: SftConfig, run: FinetuneRun, dd) -> dict:
     before = run_eval(0) if run.meta is None else None
     parts = LoopParts(train_model, optimizer, loader, save_main, run_eval, logger, device, dd, run.autocast,
                       flops_per_token(model.cfg, cfg.seq_len), peak_flops(device), run.run_dir,
-                      fit_memory=not dd.enabled)  # fmt: skip
+                      fit_memory=True)  # fmt: skip
     last = train_loop(cfg, parts, run.start_step, run.tokens_seen, desc="sft")
     result = {"trainable_params": trainable, "total_params": total, **last}
     if before:
