@@ -5,79 +5,80 @@
     lmforge tokenizer train ...      # then: data tokenize, pretrain, generate
 
 Each stage module defines `register(subparsers)`, which adds its subcommand and
-sets `func` to a function taking the parsed arguments. Any `LmforgeError`
-becomes a one-line message on stderr and exit code 2.
+sets `func` to a function taking the parsed arguments; COMMANDS below says which
+module registers which command, so only the one being run is imported. Any
+`LmforgeError` becomes a one-line message on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from lmforge.errors import LmforgeError
 
+# Every command: the modules that register it and the line `lmforge --help` shows for it. Only the modules of the
+# command being run (or asked for with `lmforge CMD --help`) are imported, so listing the commands imports none of
+# them: most import torch (seconds). tests/test_data_cli_imports.py checks this table against what they register.
+COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "run": (("lmforge.run",), "run a whole recipe (default: the CPU demo on Shakespeare)"),
+    "tokenizer": (("lmforge.tokenizer.cli",), "train or extend a byte-level BPE tokenizer"),
+    "data": (
+        (
+            "lmforge.data.tokenize_cmd",
+            "lmforge.data.clean.cli",
+            "lmforge.data.quality_cmd",
+            "lmforge.data.mix",
+            "lmforge.data.stats",
+        ),
+        "prepare training data (tokenize into shards, ...)",
+    ),
+    "params": (("lmforge.params",), "parameter count by part and FLOPs per token of a model config"),
+    "pretrain": (("lmforge.train.pretrain",), "pretrain a model on token shards (resumes if RUN_DIR has a checkpoint)"),
+    "sft": (("lmforge.train.sft",), "instruction-tune a model on conversations (answer-only loss; --lora)"),
+    "prefs": (("lmforge.align.prefs",), "build preference pairs from real signals (chitchat ratings, tasks)"),
+    "reward": (("lmforge.align.reward",), "train a reward model on preference pairs (pairwise ranking loss)"),
+    "dpo": (("lmforge.align.dpo",), "direct preference optimization (DPO / IPO / SimPO) on pairs"),
+    "grpo": (("lmforge.align.grpo",), "GRPO on a verifiable task (group-relative advantages, KL to the reference)"),
+    "ppo": (("lmforge.align.ppo",), "PPO with a value head, rewarded by a verifiable task or a reward model"),
+    "best-of-n": (("lmforge.align.best_of_n",), "best-of-N sampling by a verifier or reward model: curve, RS data"),
+    "generate": (("lmforge.serve.generate_cmd",), "continue prompts with a trained model (KV-cache sampling)"),
+    "chat": (("lmforge.serve.chat_cmd",), "chat with a model in the terminal (stdin lines when piped)"),
+    "bench": (("lmforge.train.bench",), "time a training step or generation"),
+    "import": (("lmforge.hub.import_cmd",), "import a Hugging Face folder or a GGUF file as an lmforge checkpoint"),
+    "export": (("lmforge.hub.export_cmd",), "export a run or checkpoint as a Hugging Face model folder"),
+}
 
-def _data_modules() -> list:
-    # `lmforge data ...` needs only these, none of which imports torch (tests/test_data_cli_imports.py checks it).
-    from lmforge.data import mix, quality_cmd, tokenize_cmd
-    from lmforge.data import stats as data_stats
-    from lmforge.data.clean import cli as clean_cli
 
-    return [tokenize_cmd, clean_cli, quality_cmd, mix, data_stats]
+def _modules_of(command: str) -> list:
+    """The modules that register `command`, imported."""
+    return [importlib.import_module(name) for name in COMMANDS[command][0]]
 
 
 def _command_modules() -> list:
-    # Imported here, not at module top, so `import lmforge.cli` stays cheap and side-effect free.
-    from lmforge import params, run
-    from lmforge.align import best_of_n, dpo, grpo, ppo, prefs, reward
-    from lmforge.data import mix, quality_cmd, tokenize_cmd
-    from lmforge.data import stats as data_stats
-    from lmforge.data.clean import cli as clean_cli
-    from lmforge.hub import export_cmd, import_cmd
-    from lmforge.serve import chat_cmd, generate_cmd
-    from lmforge.tokenizer import cli as tokenizer_cli
-    from lmforge.train import bench, pretrain, sft
-
-    return [
-        run,
-        tokenizer_cli,
-        tokenize_cmd,
-        clean_cli,
-        quality_cmd,
-        mix,
-        data_stats,
-        params,
-        pretrain,
-        sft,
-        prefs,
-        reward,
-        dpo,
-        grpo,
-        ppo,
-        best_of_n,
-        generate_cmd,
-        chat_cmd,
-        bench,
-        import_cmd,
-        export_cmd,
-    ]
+    """Every command module, imported (what `lmforge --help` lists without importing; the tests compare them)."""
+    return [module for command in COMMANDS for module in _modules_of(command)]
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The parser for `argv` (default `sys.argv[1:]`): every command, or only the `data` ones for a `data` command."""
+    """The parser for `argv` (default `sys.argv[1:]`): its command registered in full, or every command listed
+    by name and help only (for `lmforge --help`, no command or an unknown one), importing no command module."""
     parser = argparse.ArgumentParser(prog="lmforge", description="Build a language model end to end.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    # A `data` command registers only the data modules: the others import torch (~1.5 s), which cleaning, mixing
-    # or inspecting a corpus never needs.
-    data_only = (sys.argv[1:] if argv is None else argv)[:1] == ["data"]
-    for module in _data_modules() if data_only else _command_modules():
-        module.register(sub)
+    first = (sys.argv[1:] if argv is None else argv)[:1]
+    if first and first[0] in COMMANDS:
+        for module in _modules_of(first[0]):
+            module.register(sub)
+    else:
+        for name, (_, help_text) in COMMANDS.items():
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser(argv).parse_args(argv)  # inside: building the parser imports the commands
+        args = build_parser(argv).parse_args(argv)  # inside: building the parser imports the command's modules
         rc = args.func(args)
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)

@@ -10,6 +10,8 @@ Precedence: preset defaults <- YAML recipe <- plain CLI flags <- `--set`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,12 @@ import yaml
 
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import ModelConfig
+
+
+def did_you_mean(name: str, known) -> str:
+    """The end of an unknown-key error: ` (did you mean 'x'?)` with the closest of `known` to `name`, or ""."""
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def require(checks: list[tuple[bool, str]], prefix: str = "config: ") -> None:
@@ -36,6 +44,8 @@ class TrainConfig:
     out: str = ""  # run folder: checkpoints, metrics.jsonl, TensorBoard events, resolved config
     preset: str = "tiny"  # model preset the `model` fields start from
     init_from: str = ""  # start from these weights (run or checkpoint folder; its model config wins); not a resume
+    # The data's tokenizer decides model.vocab_size (pretrain_vocab_size): unset, it is the tokenizer's size rounded up
+    # to 64; set (recipe, --set), it is kept if it holds every token (extra rows) and is an error if smaller.
     model: ModelConfig = field(default_factory=ModelConfig)
     batch_size: int = 16  # sequences per micro-batch per process
     seq_len: int = 256  # tokens per sequence
@@ -62,6 +72,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     nan_policy: str = "stop"  # stop: error out on a NaN/inf loss; skip: skip that batch (counted)
     parallel: str = "ddp"  # under torchrun: ddp (replicate) or fsdp (FSDP2 fully_shard)
+
+    # Not a field: the model fields the user set (recipe, flags or --set) rather than took from the preset, filled
+    # by resolve_train_config; it says where values came from (see pretrain_vocab_size), not what runs.
+    model_fields_set = frozenset()
 
     def validate(self) -> TrainConfig:
         checks = [
@@ -122,7 +136,7 @@ def apply_updates(cfg, updates: dict, prefix: str = ""):
     for key, value in updates.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise LmforgeError(f"unknown config field {full!r}")
+            raise LmforgeError(f"unknown config field {full!r}{did_you_mean(full, _field_paths(cfg, prefix))}")
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -131,6 +145,15 @@ def apply_updates(cfg, updates: dict, prefix: str = ""):
         else:
             setattr(cfg, key, _coerce(value, hints[key], full))
     return cfg
+
+
+def _field_paths(cfg, prefix: str = "") -> list[str]:
+    """Every field name of the dataclass `cfg`, nested ones dotted (`model.pos_encoding`): what a typo may mean."""
+    paths = []
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), f"{prefix}{f.name}"
+        paths += [name, *(_field_paths(value, f"{name}.") if dataclasses.is_dataclass(value) else [])]
+    return paths
 
 
 def parse_set(items: list[str]) -> dict:
@@ -179,7 +202,10 @@ def load_config_file(path: str | Path, known: set[str], expected: str) -> dict:
         raise LmforgeError(f"{path}: expected a mapping with {expected}")
     unknown = sorted(set(cfg) - known)
     if unknown:
-        raise LmforgeError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise LmforgeError(
+            f"{path}: unknown key(s) {', '.join(unknown)}{did_you_mean(unknown[0], known)} "
+            f"(known: {', '.join(sorted(known))})"
+        )
     return cfg
 
 
@@ -203,7 +229,26 @@ def resolve_train_config(recipe: dict | None, flags: dict, sets: dict) -> TrainC
     if "n_head" in touched and "n_kv_head" not in touched and mha:
         m.n_kv_head = None
     m.__post_init__()
+    cfg.model_fields_set = frozenset(touched)
     return cfg.validate()
+
+
+def pretrain_vocab_size(cfg: TrainConfig, tokenizer_size: int, data: str) -> int:
+    """Embedding rows for pretraining on data whose tokenizer has `tokenizer_size` tokens: the data decides.
+
+    model.vocab_size left unset (the preset's value): the tokenizer's size rounded up to 64 (faster matmuls).
+    Set explicitly: kept when it holds every token (the extra rows are never a target), an error when smaller.
+    With init_from the checkpoint's model config wins, so only the tokenizer counts.
+    """
+    rounded = 64 * math.ceil(tokenizer_size / 64)
+    if cfg.init_from or "vocab_size" not in cfg.model_fields_set:
+        return rounded
+    if cfg.model.vocab_size < tokenizer_size:
+        raise LmforgeError(
+            f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the {tokenizer_size} tokens of the "
+            f"tokenizer of {data}; set at least {tokenizer_size}, or leave it unset (then {rounded})"
+        )
+    return cfg.model.vocab_size
 
 
 def to_dict(cfg) -> dict:

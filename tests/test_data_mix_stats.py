@@ -259,3 +259,23 @@ def test_stats_bad_input(tmp_path, capsys):
         assert main(["data", "stats", str(folder)]) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1
+
+
+def test_stats_plots_say_how_many_sources_they_leave_out_without_warnings(tmp_path, capsys):
+    import warnings
+
+    texts = _passages(70, lines_per_doc=2)
+    sources = []
+    for i in range(35):  # more than a plot shows; long names, as input paths often are
+        name = f"crawl-segment-{i:02d}-" + "x" * 60
+        path = _jsonl(tmp_path / f"s{i}.jsonl", [{"text": t} for t in texts[2 * i : 2 * i + 2]])
+        sources.append({"name": name, "path": str(path)})
+    mix_sources(sources, tmp_path / "m", total_docs=70, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's tight_layout warning reached the console before
+        assert main(["data", "stats", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "per_source.png, shares.png, lengths.png: only the 30 largest plotted, 5 sources of 35 left out" in out
+    saved = json.loads((tmp_path / "m" / "stats" / "stats.json").read_text())
+    assert saved["plots_left_out"] == {p: "5 sources of 35" for p in ("per_source.png", "shares.png", "lengths.png")}
+    assert len(saved["per_source"]) == 35  # the tables keep every source

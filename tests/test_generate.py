@@ -227,6 +227,7 @@ def test_generate_cli_streams_and_is_seeded(small_shards, tmp_path, capsys):
     assert main(argv) == 0
     first = capsys.readouterr()
     assert first.out.startswith("To be, or not") and "tok/s" in first.err
+    assert "stopped at --max-new-tokens=12" in first.err or "stopped at the end token" in first.err
     assert main(argv) == 0
     assert capsys.readouterr().out == first.out
     assert main([*argv, "--prompt", "Second", "--temperature", "0"]) == 0
@@ -263,3 +264,57 @@ def test_repetition_penalty_never_penalizes_stop_tokens():
     assert generate(model, [[3, 1, 3, 2]], 4, temperature=0, repetition_penalty=1.5, stop_ids=[3]) == [[]]
     # Not a stop token: penalized as seen (7 first; once 7 is seen too, 3 wins again at 1.33 > 1.2).
     assert generate(model, [[3, 1, 3, 2]], 2, temperature=0, repetition_penalty=1.5) == [[7, 3]]
+
+
+def _im_end_model(tok_dir, path):
+    """A checkpoint whose model always predicts <|im_end|>: an instruction-tuned model given a bare prompt."""
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train.checkpoint import model_tensors, save_checkpoint
+
+    tok = load_tokenizer(tok_dir)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=1, d_model=32, n_head=4, max_seq_len=64,
+                      norm="layernorm", bias=True, tie_embeddings=False)  # fmt: skip
+    model = Transformer(cfg)
+    with torch.no_grad():  # the final norm outputs e_0 whatever the input; the head maps e_0 to <|im_end|>
+        model.norm.weight.zero_()
+        model.norm.bias.zero_()
+        model.norm.bias[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.token_to_id("<|im_end|>"), 0] = 10.0
+    meta = {"model_config": cfg.to_dict(), "tokenizer": {"dir": str(tok_dir)}}
+    save_checkpoint(path, 1, model_tensors(model.state_dict(), cfg.tie_embeddings), meta)
+    return path
+
+
+def test_generate_says_why_it_stopped_and_chat_wraps_the_prompt(small_shards, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from lmforge.chat.template import ChatFormat
+    from lmforge.cli import main
+
+    tok_dir = small_shards.parent / "tok"
+    run = _im_end_model(tok_dir, tmp_path / "run")
+    argv = ["generate", str(run), "--prompt", "Hello there", "--device", "cpu", "--temperature", "0",
+            "--max-new-tokens", "8"]  # fmt: skip
+    assert main(argv) == 0
+    got = capsys.readouterr()
+    assert got.out == "Hello there\n"  # nothing generated: the end token is not printed
+    assert "0 tokens in" in got.err
+    assert "stopped at the end token <|im_end|> after 0 tokens; this looks like a chat model: try --chat" in got.err
+
+    seen = []
+
+    def recording(model, prompts, *a, **kw):
+        seen.append((prompts, kw["stop_ids"]))
+        return generate(model, prompts, *a, **kw)
+
+    monkeypatch.setattr(importlib.import_module("lmforge.serve.generate"), "generate", recording)
+    assert main([*argv, "--chat"]) == 0
+    fmt = ChatFormat(tok_dir)
+    assert seen[-1] == ([fmt.encode([{"role": "user", "content": "Hello there"}], add_generation_prompt=True)],
+                        fmt.stop_ids)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "stopped at the end token <|im_end|> after 0 tokens" in err and "try --chat" not in err
+    # Several prompts: the reason per prompt.
+    assert main([*argv, "--prompt", "Again"]) == 0
+    assert "prompt 2 stopped at the end token <|im_end|> after 0 tokens" in capsys.readouterr().err

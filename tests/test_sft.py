@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -289,6 +291,42 @@ def test_sft_bad_config_is_one_line_error(base_run, chats, tmp_path, capsys, ext
     )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("lmforge: error:") == 1 and message in err.splitlines()[-1]
+    assert not (tmp_path / "x").exists()  # nothing written before the inputs were checked
+
+
+@pytest.mark.parametrize("data", ["missing.jsonl", "no_such_packaged_set"])
+def test_sft_bad_data_leaves_no_run_folder(base_run, tmp_path, capsys, data):
+    out = tmp_path / "run"
+    rc = main(["sft", "--model", str(base_run), "--data", str(tmp_path / data) if "." in data else data,
+               "--out", str(out), "--max-steps", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("lmforge: error:") == 1
+    assert not out.exists()  # no config.yaml or tokenizer/ left behind
+    rc = main(["sft", "--model", str(tmp_path / "no_model"), "--data", "chitchat", "--out", str(out)])
+    assert rc == 2 and "no_model" in capsys.readouterr().err and not out.exists()
+
+
+def test_sft_exit_code_after_a_signal_and_at_the_time_budget(base_run, chats, tmp_path, monkeypatch, capsys):
+    """130 after Ctrl-C, 143 after SIGTERM (128 + the signal), so `... && next stage` stops; 0 at --max-seconds."""
+    from lmforge.train import loop
+
+    argv = ["sft", "--model", str(base_run), "--data", str(chats), "--out", str(tmp_path / "t"), "--max-steps", "5",
+            "--batch-size", "4", "--seq-len", "64", "--max-seconds", "1e-9"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "stopped at the time budget" in err and "rerun the same command to resume" in err
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        real = loop._accumulate
+
+        def signalled(*a, sig=sig, real=real):  # the signal arrives during the step, as from a terminal or a scheduler
+            out = real(*a)
+            os.kill(os.getpid(), sig)
+            return out
+
+        monkeypatch.setattr(loop, "_accumulate", signalled)
+        assert main([*argv[:6], str(tmp_path / sig.name), *argv[7:-2]]) == code
+        assert f"stopped by {sig.name}" in capsys.readouterr().err
+        assert ckpt.read_meta(ckpt.resolve_checkpoint(tmp_path / sig.name))["step"] == 1
 
 
 # ----------------------------------------------------------------------------- lmforge chat

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from tok_helpers import chinese_docs, write_english_corpus
 
-from lmforge.data.readers import iter_texts
+from lmforge.data.holdout import FileHoldout
+from lmforge.data.readers import iter_docs, iter_texts
 from lmforge.data.shards import HEADER_SIZE, load_index, open_shard, read_header, split_num_tokens, write_shard
-from lmforge.data.tokenize_cmd import format_summary, is_val, tokenize_corpus
+from lmforge.data.tokenize_cmd import format_summary, tokenize_corpus
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer.special import load_tokenizer, tokenizer_hash
 from lmforge.tokenizer.train import train_tokenizer
@@ -66,12 +67,15 @@ def test_tokens_match_direct_encoding_split_by_document(setup, tmp_path):
     index = tokenize_corpus([corpus], tok_dir, out, val_fraction=0.2, workers=1, progress=False)
     tok = load_tokenizer(tok_dir)
     expected = {"train": [], "val": []}
-    docs = [text for text, _ in iter_texts([corpus])]
+    docs = list(iter_docs([corpus]))
     assert len(docs) == 50
-    for text in docs:
-        split = "val" if is_val(text.encode("utf-8"), 0.2) else "train"
-        expected[split].append((tok.encode(text, add_special_tokens=False).ids + [0], len(text.encode("utf-8"))))
-    assert 0 < len(expected["val"]) < 25  # both splits are used, by document
+    holdout = FileHoldout(0.2)
+    for doc in docs:
+        n = len(doc.text.encode("utf-8"))
+        split = "val" if holdout.assign(doc.file, n) else "train"
+        expected[split].append((tok.encode(doc.text, add_special_tokens=False).ids + [0], n))
+    assert len(expected["val"]) == 10  # every 5th document
+    assert index["files"] == holdout.files and index["files"][str(corpus / "zh.jsonl")]["val_docs"] == 6
     for split in ("train", "val"):
         got = _read_split(out, index, split)
         assert got.tolist() == [t for ids, _ in expected[split] for t in ids]
@@ -155,7 +159,7 @@ def test_readers_formats(tmp_path):
     (tmp_path / "d" / ".hidden.txt").write_text("skipped")
     got = [(t, s.replace(str(tmp_path), "")) for t, s in iter_texts([tmp_path / "d"])]
     assert got == [("a", "/d/1.jsonl.gz:1"), ("b", "/d/1.jsonl.gz:3"), ("a", "/d/2.jsonl.zst:1"),
-                   ("b", "/d/2.jsonl.zst:3"), ("whole file", "/d/sub/4.txt")]  # fmt: skip
+                   ("b", "/d/2.jsonl.zst:3"), ("whole file", "/d/sub/4.txt:1")]  # fmt: skip
     assert [t for t, _ in iter_texts([tmp_path / "3.parquet"], text_field="body")] == ["p0", "p1"]
     with pytest.raises(LmforgeError, match="3.parquet: column 'n' is int64, not a string column"):
         list(iter_texts([tmp_path / "3.parquet"], text_field="n"))

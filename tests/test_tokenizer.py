@@ -212,8 +212,11 @@ def test_cli_bad_input_exit_2_one_line_no_output(cli_main, tmp_path, capsys, con
 
 def test_cli_train_and_extend(cli_main, tok_dir, tmp_path, capsys):
     corpus = write_english_corpus(tmp_path / "corpus", works=2, docs_per_work=2)
-    rc = cli_main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "400", "--out", str(tmp_path / "t")])
-    assert rc == 0 and "bytes/token" in capsys.readouterr().out
+    rc = cli_main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "400", "--out", str(tmp_path / "t"),
+                   "--doc-bytes", "2000"])  # 4 files of 10 kB: 4 documents each at most 2 kB  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "bytes/token" in out and "from 4 file(s)" in out and "vocabulary by script: Latin" in out
+    assert json.loads((tmp_path / "t" / "train_report.json").read_text())["text_split"]["doc_bytes"] == 2000
     zh = tmp_path / "zh"
     zh.mkdir()
     for i, d in enumerate(chinese_docs(40)):

@@ -96,23 +96,20 @@ def pair_batches(pairs: list[tuple], batch_size: int, pad_id: int, device="cpu")
     return [collate_pairs(pairs[i : i + batch_size], pad_id, device) for i in range(0, len(pairs), batch_size)]
 
 
-def pair_data(cfg, run, main: bool) -> tuple[object, list, list, str]:
-    """Read, split (by prompt) and encode the run's preference pairs; write data_report.json.
+def pair_data(cfg, run) -> tuple[object, list, list, str, dict]:
+    """Read, split (by prompt) and encode the run's preference pairs; writes nothing.
 
-    Returns (chat format, train pairs, held-out pairs, a one-line summary) for reward and dpo.
+    Returns (chat format, train pairs, held-out pairs, a one-line summary, the data report) for reward and dpo.
     """
     from lmforge.align.prefs import load_pairs, split_pairs
     from lmforge.chat.template import ChatFormat
-    from lmforge.fileio import atomic_write_json
 
     fmt = ChatFormat(run.tokenizer_dir)
     ps = load_pairs(cfg.data)
     train_pairs, val_pairs = split_pairs(ps.pairs, cfg.val_fraction, cfg.seed)
     train, train_report = encode_pairs(fmt, train_pairs, cfg.seq_len)
     val, val_report = encode_pairs(fmt, val_pairs, cfg.seq_len)
-    if main:
-        atomic_write_json(run.run_dir / "data_report.json",
-                          {"source": ps.source, "skipped": ps.skipped, "train": train_report, "val": val_report})  # fmt: skip
+    report = {"source": ps.source, "skipped": ps.skipped, "train": train_report, "val": val_report}
     summary = (f"{len(train)} train / {len(val)} held-out pairs ({sum(ps.skipped.values())} skipped: {ps.skipped}, "
                f"{train_report['too_long'] + val_report['too_long']} longer than seq_len)")  # fmt: skip
-    return fmt, train, val, summary
+    return fmt, train, val, summary, report

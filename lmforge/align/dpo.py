@@ -90,10 +90,9 @@ def _train(cfg: DpoConfig, run: FinetuneRun, dd) -> dict:
     trainable, total = run.make_trainable()
     if ref is not None:
         ref.to(run.device)
-    if dd.main:
-        run.write_run_files()
-    fmt, train, val, summary = pair_data(cfg, run, dd.main)
-    if dd.main:
+    fmt, train, val, summary, report = pair_data(cfg, run)
+    if dd.main:  # only now that the pairs are read: a bad --data leaves no run folder behind
+        run.write_run_files({"data_report.json": report})
         run.say(f"{cfg.loss}, beta={cfg.beta}: {summary}; training {trainable:,} of {total:,} parameters")
     pad_id = fmt.stop_ids[0] if fmt.stop_ids else 0
     model, device = run.model, run.device

@@ -33,7 +33,6 @@ from lmforge.align.tasks import get_task, make_split
 from lmforge.chat.template import ChatFormat
 from lmforge.config import require
 from lmforge.errors import LmforgeError
-from lmforge.fileio import atomic_write_json
 from lmforge.model.lora import adapters_disabled
 from lmforge.train.common import setup_distributed, teardown_distributed
 from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command
@@ -135,8 +134,6 @@ def _train(cfg: GrpoConfig, run: FinetuneRun, dd) -> dict:
     trainable, total = run.make_trainable()
     if ref is not None:
         ref.to(run.device)
-    if dd.main:
-        run.write_run_files()
     fmt = ChatFormat(run.tokenizer_dir)
     if not fmt.stop_ids:
         raise LmforgeError(f"{run.tokenizer_dir}: the tokenizer has no turn-end token to stop answers at")
@@ -148,9 +145,10 @@ def _train(cfg: GrpoConfig, run: FinetuneRun, dd) -> dict:
     source = RolloutSource(model, fmt, task, train_items, cfg, device, dd.rank)
     if run.meta is not None:
         source.load_state_dict(run.meta["loader"])
-    if dd.main:
-        atomic_write_json(run.run_dir / "task.json", {"task": task.name, "description": task.description,
-                          "train_prompts": len(train_items), "eval_prompts": len(eval_items)})  # fmt: skip
+    if dd.main:  # the first write to the run folder, once the inputs are checked
+        about = {"task": task.name, "description": task.description, "train_prompts": len(train_items),
+                 "eval_prompts": len(eval_items)}  # fmt: skip
+        run.write_run_files({"task.json": about})
         run.say(f"task {task.name} ({task.description}); {cfg.batch_size} prompts x {cfg.group_size} answers per "
                 f"micro-batch; training {trainable:,} of {total:,} parameters")  # fmt: skip
 

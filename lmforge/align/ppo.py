@@ -71,7 +71,7 @@ from lmforge.align.tasks import get_task, make_split
 from lmforge.chat.template import ChatFormat
 from lmforge.config import require
 from lmforge.errors import LmforgeError
-from lmforge.fileio import atomic_path, atomic_write_json
+from lmforge.fileio import atomic_path
 from lmforge.model.lora import adapters_disabled
 from lmforge.train.common import setup_distributed, teardown_distributed
 from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command
@@ -259,8 +259,6 @@ def _train(cfg: PpoConfig, run: FinetuneRun, dd) -> dict:
     trainable, total = run.make_trainable(value_head)
     if ref is not None:
         ref.to(run.device)
-    if dd.main:
-        run.write_run_files()
     fmt = ChatFormat(run.tokenizer_dir)
     if not fmt.stop_ids:
         raise LmforgeError(f"{run.tokenizer_dir}: the tokenizer has no turn-end token to stop answers at")
@@ -287,6 +285,9 @@ def _train(cfg: PpoConfig, run: FinetuneRun, dd) -> dict:
             return scorer([p for p, _ in chosen], answers)
 
         about = {"reward_model": cfg.reward_model, "prompts": cfg.prompts, "skipped": skipped}
+    if dd.main:  # the first write to the run folder, once the inputs (task or reward model, prompts) are checked
+        run.write_run_files({"reward.json": {**about, "train_prompts": len(train_items),
+                                             "eval_prompts": len(eval_items)}})  # fmt: skip
     optimizer = run.optimizer()
     source = RolloutBuffer(model, value_head, ref, fmt, train_items, score, cfg, device, run.autocast, dd.rank)
     rollouts_dir = run.run_dir / "rollouts"
@@ -295,8 +296,6 @@ def _train(cfg: PpoConfig, run: FinetuneRun, dd) -> dict:
         source.load_rollout(rollouts_dir, run.start_step)
     save = run.saver(optimizer, source)
     if dd.main:
-        atomic_write_json(run.run_dir / "reward.json",
-                          {**about, "train_prompts": len(train_items), "eval_prompts": len(eval_items)})  # fmt: skip
         run.say(f"reward: {cfg.task or cfg.reward_model}; rollouts of {cfg.rollout_size} answers, {cfg.ppo_epochs} "
                 f"passes of {cfg.minibatches} minibatch(es) each; training {trainable:,} of {total:,} parameters")  # fmt: skip
 

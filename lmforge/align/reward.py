@@ -92,10 +92,9 @@ def _train(cfg: RewardConfig, run: FinetuneRun, dd) -> dict:
         head.weight.normal_(0.0, 1.0 / (run.model.cfg.d_model + 1) ** 0.5, generator=g)
         head.bias.zero_()
     trainable, total = run.make_trainable(head)
-    if dd.main:
-        run.write_run_files()
-    fmt, train, val, summary = pair_data(cfg, run, dd.main)
-    if dd.main:
+    fmt, train, val, summary, report = pair_data(cfg, run)
+    if dd.main:  # only now that the pairs are read: a bad --data leaves no run folder behind
+        run.write_run_files({"data_report.json": report})
         run.say(f"{summary}; training {trainable:,} of {total:,} parameters")
     pad_id = fmt.stop_ids[0] if fmt.stop_ids else 0
     device = run.device

@@ -59,7 +59,14 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data import data_subparsers
-from lmforge.data.readers import PARQUET_BATCH_ROWS, list_files, open_jsonl, parse_jsonl_line, stream_errors
+from lmforge.data.readers import (
+    PARQUET_BATCH_ROWS,
+    iter_file,
+    list_files,
+    open_jsonl,
+    parse_jsonl_line,
+    stream_errors,
+)
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_path, atomic_write_json
 
@@ -189,16 +196,11 @@ def check_source(s: dict) -> Source:
 
 def iter_records(files: list[Path], text_field: str) -> Iterator[tuple[dict, str, str]]:
     """(record, text, where) for every non-empty document of `files`: a JSONL line or Parquet row with all
-    its fields, or a `.txt` file as `{}`; `where` is `FILE:LINE`, `FILE:rowN` or `FILE`."""
+    its fields, or a document of a `.txt` file as `{}`; `where` is `FILE:LINE` or `FILE:rowN`."""
     for path in files:
         name = path.name.lower()
-        if name.endswith(".txt"):
-            try:
-                text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
-            except UnicodeDecodeError:
-                raise LmforgeError(f"{path}: not valid UTF-8") from None
-            if text:
-                yield {}, text, str(path)
+        if name.endswith(".txt"):  # split into documents as every command splits text (`textsplit.py`)
+            yield from (({}, doc.text, doc.source) for doc in iter_file(path))
         elif name.endswith(".parquet"):
             yield from _parquet_records(path, text_field)
         else:

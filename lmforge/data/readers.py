@@ -1,16 +1,19 @@
 """Read documents from text corpora: `.txt`, `.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.parquet`.
 
-    from lmforge.data.readers import iter_texts
-    for text, source in iter_texts(["corpus/"]):   # used by `lmforge tokenizer train` and `lmforge data tokenize`
-        ...
+    from lmforge.data.readers import iter_docs
+    for doc in iter_docs(["corpus/"]):   # used by `lmforge tokenizer train` and `lmforge data tokenize`
+        doc.text, doc.source, doc.file
 
 Folders are walked recursively in sorted order (hidden files skipped), so every
-run sees the documents in the same order. A `.txt` file is one document; a JSONL
-line or a Parquet row is one document, its text in `text_field`.
+run sees the documents in the same order. A JSONL line or a Parquet row is one
+document, its text in `text_field`. A `.txt` file is a stream of documents, split
+by `textsplit.split_text` (blank-line paragraphs grouped up to 16 KiB, or `--doc-sep`);
+how it split (a separator that never occurs, over-long lines cut) is a one-line warning.
 
-This stage is strict: an empty or non-UTF-8 file, a malformed JSONL line, or a
-record without the text field is an `LmforgeError` naming the file (and line).
-Empty texts inside JSONL/Parquet records are skipped: they carry nothing to learn.
+This stage is strict: an empty or non-UTF-8 file (with a guess at its encoding), a
+malformed JSONL line, or a record without the text field is an `LmforgeError` naming
+the file (and line). Empty texts inside JSONL/Parquet records are skipped: they carry
+nothing to learn.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
-from lmforge.errors import LmforgeError
+from lmforge.data.textsplit import SplitStats, TextSplit, split_notes, split_text
+from lmforge.errors import LmforgeError, warn
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 PARQUET_BATCH_ROWS = 1024
@@ -58,20 +62,66 @@ def list_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+class Doc(NamedTuple):
+    text: str
+    source: str  # FILE:LINE (text, JSONL) or FILE:rowN (Parquet)
+    file: str  # the input file, for per-file counts and splits
+
+
+# Encodings users' non-UTF-8 files come in, tried in this order to name the likely one in the error.
+GUESS_ENCODINGS = ("gb18030", "big5", "shift_jis", "euc-kr", "cp1252")
+
+
+def guess_encoding(data: bytes) -> str | None:
+    """The legacy encoding `data` most likely is in (None if no guess): a UTF-16 byte-order mark, or the first of
+    GUESS_ENCODINGS that decodes it, for the CJK ones only if most of its non-ASCII text comes out as CJK."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    sample = data[: 1 << 16]
+    for enc in GUESS_ENCODINGS:
+        try:
+            text = sample.decode(enc)
+        except UnicodeDecodeError:
+            if enc != "cp1252" and len(sample) < len(data):  # the sample may end inside a character
+                try:
+                    text = sample[:-4].decode(enc)
+                except UnicodeDecodeError:
+                    continue
+            else:
+                continue
+        other = [c for c in text if ord(c) > 127]
+        cjk = sum("\u3000" <= c <= "\u9fff" or "\uac00" <= c <= "\ud7af" or "\uff00" <= c <= "\uffef" for c in other)
+        if enc == "cp1252" or (other and cjk >= 0.7 * len(other)):
+            return enc
+    return None
+
+
 def _decode(data: bytes, where: str, base_offset: int = 0) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         byte = data[e.start]
-        raise LmforgeError(f"{where}: not valid UTF-8 (byte 0x{byte:02x} at offset {base_offset + e.start})") from None
+        enc = guess_encoding(data)
+        hint = ""
+        if enc:
+            also = " (or BIG5, SHIFT_JIS: a guess)" if enc == "gb18030" else ""
+            hint = f"; it looks like {enc.upper()}{also}: convert it with iconv -f {enc.upper()} -t UTF-8"
+        raise LmforgeError(
+            f"{where}: not valid UTF-8 (byte 0x{byte:02x} at offset {base_offset + e.start}){hint}"
+        ) from None
 
 
-def _read_txt(path: Path) -> Iterator[tuple[str, str]]:
+def _read_txt(path: Path, split: TextSplit) -> Iterator[Doc]:
     data = path.read_bytes()
-    if not data:
+    if not data.strip():
         raise LmforgeError(f"{path}: empty file")
-    text = _decode(data, str(path))
-    yield text.removeprefix("\ufeff"), str(path)  # a byte-order mark is an encoding artifact, not text
+    text = _decode(data, str(path)).removeprefix("\ufeff")  # a byte-order mark is an encoding artifact, not text
+    del data
+    stats = SplitStats()
+    for piece in split_text(text, split, stats):
+        yield Doc(piece.text, f"{path}:{piece.line}", str(path))
+    for note in split_notes(str(path), split, stats):
+        warn(note)
 
 
 def open_jsonl(path: Path) -> BinaryIO:
@@ -110,7 +160,7 @@ def parse_jsonl_line(line: str, where: str, text_field: str) -> tuple[dict, str]
     return record, text
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+def _read_jsonl(path: Path, text_field: str) -> Iterator[Doc]:
     offset, nonblank = 0, 0
     try:
         with open_jsonl(path) as f:
@@ -123,14 +173,14 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
                 nonblank += 1
                 _, text = parse_jsonl_line(line, where, text_field)
                 if text:
-                    yield text, where
+                    yield Doc(text, where, str(path))
     except stream_errors(path) as e:
         raise LmforgeError(f"{path}: cannot read ({e})") from None
     if nonblank == 0:
         raise LmforgeError(f"{path}: empty file")
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+def _read_parquet(path: Path, text_field: str) -> Iterator[Doc]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -151,22 +201,64 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
             if text is None:
                 raise LmforgeError(f"{path}: row {row}: {text_field!r} is null")
             if text:
-                yield text, f"{path}:row{row}"
+                yield Doc(text, f"{path}:row{row}", str(path))
             row += 1
 
 
-def iter_file(path: Path, text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """The (text, source) documents of one file; source is the path, plus `:LINE` (JSONL) or `:rowN` (Parquet)."""
+def iter_file(path: Path, text_field: str = "text", split: TextSplit | None = None) -> Iterator[Doc]:
+    """The documents of one file; `split` says how a `.txt` file splits into documents (default: `TextSplit()`)."""
     kind = _kind(path)
     if kind == ".txt":
-        yield from _read_txt(path)
+        yield from _read_txt(path, split or TextSplit())
     elif kind == ".parquet":
         yield from _read_parquet(path, text_field)
     else:
         yield from _read_jsonl(path, text_field)
 
 
-def iter_texts(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """Yield (text, source) for every document under `paths`, in a deterministic order."""
+def iter_docs(paths: Iterable[str | Path], text_field: str = "text", split: TextSplit | None = None) -> Iterator[Doc]:
+    """Every document under `paths`, in a deterministic order."""
     for path in list_files(paths):
-        yield from iter_file(path, text_field)
+        yield from iter_file(path, text_field, split)
+
+
+def iter_texts(paths: Iterable[str | Path], text_field: str = "text", split: TextSplit | None = None):
+    """(text, source) of every document under `paths`, in a deterministic order."""
+    for doc in iter_docs(paths, text_field, split):
+        yield doc.text, doc.source
+
+
+def add_split_args(parser, defaults: bool = True) -> None:
+    """`--doc-sep`, `--doc-bytes`, `--max-doc-bytes`: how `.txt` inputs split into documents (`textsplit.py`).
+    With `defaults=False` unset flags stay None, so a config file's values can fill them (`split_from_config`)."""
+    from lmforge.data.textsplit import DOC_BYTES, MAX_DOC_BYTES
+
+    parser.add_argument("--doc-sep", default=None, metavar="SEP",
+                        help="in .txt files, documents are separated by SEP (e.g. '<|endoftext|>'; '\\n' escapes "
+                        "allowed); default: blank-line paragraphs grouped up to --doc-bytes")  # fmt: skip
+    parser.add_argument("--doc-bytes", type=int, default=DOC_BYTES if defaults else None, metavar="N",
+                        help=f"largest .txt document when grouping paragraphs (default {DOC_BYTES:,})")  # fmt: skip
+    parser.add_argument(
+        "--max-doc-bytes",
+        type=int,
+        default=MAX_DOC_BYTES if defaults else None,
+        metavar="N",
+        help=f"with --doc-sep, longer documents are cut at line boundaries (default {MAX_DOC_BYTES:,})",
+    )
+
+
+def _unescape(sep: str | None) -> str | None:
+    return None if sep is None else sep.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def split_from_args(args) -> TextSplit:
+    """The `TextSplit` of parsed `add_split_args` flags (`\\n`, `\\t` in --doc-sep read as escapes)."""
+    return TextSplit(doc_sep=_unescape(args.doc_sep), doc_bytes=args.doc_bytes, max_doc_bytes=args.max_doc_bytes)
+
+
+def split_from_config(args, cfg: dict) -> TextSplit:
+    """The `TextSplit` of flags (added with `defaults=False`) over a config's `doc_sep`, `doc_bytes`, `max_doc_bytes`."""
+    fields = {k: getattr(args, k) if getattr(args, k) is not None else cfg.get(k)
+              for k in ("doc_sep", "doc_bytes", "max_doc_bytes")}  # fmt: skip
+    fields["doc_sep"] = _unescape(fields["doc_sep"])
+    return TextSplit(**{k: v for k, v in fields.items() if v is not None})

@@ -44,6 +44,7 @@ from lmforge.fileio import atomic_path, atomic_write_json
 WORDS = "words: whitespace-separated pieces, each CJK character one word"
 BATCH_DOCS = 512
 HIST_BINS = 40
+MAX_PLOTTED = 30  # bars of a chart, sources of the length histogram: the largest; the rest are counted as left out
 LINE_RE = re.compile(r":(\d+|row\d+)$")
 # CJK characters and CJK punctuation (ideographic comma, full stop, fullwidth ，！？：；): spaces, before splitting
 CJK_SPACE = re.compile(f"{CJK_CHAR.pattern[:-1]}\u3000-\u303f\uff01-\uff0f\uff1a-\uff20\uff5b-\uff65]")
@@ -139,8 +140,14 @@ def _edges(values) -> np.ndarray:
     return np.unique(np.geomspace(1, max(top, 2) + 1, HIST_BINS + 1).round()).astype(np.int64)
 
 
+def _docs(row: dict) -> int:
+    """Documents in a table row: `docs` (mix), or kept + rejected (clean)."""
+    return row.get("docs", 0) + row.get("kept_docs", 0) + row.get("rejected_docs", 0)
+
+
 def _table_dict(counts: dict) -> dict:
-    return {k: dict(v) for k, v in sorted(counts.items(), key=lambda kv: (-kv[1].get("docs", 0), kv[0]))}
+    """Rows with the most documents first (then by name)."""
+    return {k: dict(v) for k, v in sorted(counts.items(), key=lambda kv: (-_docs(kv[1]), kv[0]))}
 
 
 # --- the two kinds of folder ---
@@ -266,37 +273,62 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def _bars(plt, path: Path, title: str, table: dict, columns: list[tuple[str, list[str]]], unit: str) -> None:
-    """Horizontal bars, one panel per (label, keys) column: keys stacked (e.g. kept_docs, rejected_docs)."""
-    names = list(table)[:30]
+def _plotted(table: dict) -> list[str]:
+    """The rows a plot shows: the MAX_PLOTTED with the most documents, in the table's order."""
+    if len(table) <= MAX_PLOTTED:
+        return list(table)
+    largest = set(sorted(table, key=lambda k: -_docs(table[k]))[:MAX_PLOTTED])
+    return [k for k in table if k in largest]
+
+
+def _label(name: str) -> str:
+    """A row name short enough for a plot's axis (long paths keep their end, as in the printed table)."""
+    return name if len(name) <= 48 else "..." + name[-45:]
+
+
+def _left_out_note(shown: int, total: int, what: str) -> str:
+    return f" ({total - shown} {what} of {total} left out: the smallest)" if shown < total else ""
+
+
+def _bars(plt, path: Path, title: str, table: dict, columns: list[tuple[str, list[str]]], unit: str, what: str) -> int:
+    """Horizontal bars, one panel per (label, keys) column: keys stacked (e.g. kept_docs, rejected_docs).
+
+    Shows the MAX_PLOTTED largest rows; the title says how many were left out, and so does the return value."""
+    names = _plotted(table)
     fig, axes = plt.subplots(1, len(columns), figsize=(6 * len(columns), 1.5 + 0.35 * len(names)), squeeze=False)
     for ax, (label, keys) in zip(axes[0], columns):
         left = np.zeros(len(names))
         for key in keys:
             vals = np.array([table[n].get(key, 0) for n in names], dtype=float)
-            ax.barh(names, vals, left=left, label=key.split("_")[0])
+            ax.barh([_label(n) for n in names], vals, left=left, label=key.split("_")[0])
             left += vals
         ax.set_xlabel(unit if label == "tokens" else label)
         ax.invert_yaxis()
         if len(keys) > 1:
             ax.legend(fontsize="small")
-    fig.suptitle(title)
+    fig.suptitle(title + _left_out_note(len(names), len(table), what))
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
+    return len(table) - len(names)
 
 
 def _histogram(plt, path: Path, title: str, series: dict, edges: list[int], unit: str) -> None:
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    # The legend goes beside the axes, in as many columns as keep it as tall as the axes: inside them, a legend
+    # of many sources outgrew the figure and tight_layout gave up with a warning.
+    per_column = 15
+    columns = max(1, -(-len(series) // per_column))
+    fig, ax = plt.subplots(figsize=(8 + 2.5 * columns, 4.5))
     for k, (label, values) in enumerate(series.items()):
         if values:  # the first series filled, the others as outlines, so none hides another
             style = {"histtype": "stepfilled", "alpha": 0.35} if k == 0 else {"histtype": "step", "linewidth": 1.5}
-            ax.hist(np.clip(values, edges[0], edges[-1]), bins=edges, label=label, **style)
+            ax.hist(np.clip(values, edges[0], edges[-1]), bins=edges, label=_label(label), **style)
     ax.set_xscale("log")
     ax.set_xlabel(f"document length ({unit})")
     ax.set_ylabel("documents")
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # (no documents at all: nothing to label)
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -308,42 +340,52 @@ def _plots(stats: dict, out: Path, unit: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
+    made, left_out = [], {}
 
-    def bars(name, title, table, columns):
+    def bars(name, title, table, columns, what):
         if table:
-            _bars(plt, out / name, title, table, columns, unit)
+            left = _bars(plt, out / name, title, table, columns, unit, what)
             made.append(name)
+            if left:
+                left_out[name] = f"{left} {what} of {len(table)}"
 
     if stats["kind"] == "clean":
         both = [("docs", ["kept_docs", "rejected_docs"]), ("tokens", ["kept_tokens", "rejected_tokens"])]
         bars("per_step.png", "rejected per step", stats["per_step"],
-             [("docs", ["rejected_docs"]), ("tokens", ["rejected_tokens"])])  # fmt: skip
+             [("docs", ["rejected_docs"]), ("tokens", ["rejected_tokens"])], "steps")  # fmt: skip
         bars("per_reason.png", "rejected per reason", stats["per_reason"],
-             [("docs", ["rejected_docs"]), ("tokens", ["rejected_tokens"])])  # fmt: skip
-        bars("per_language.png", "per language", stats["per_language"], both)
-        bars("per_source.png", "per source", stats["per_source"], both)
+             [("docs", ["rejected_docs"]), ("tokens", ["rejected_tokens"])], "reasons")  # fmt: skip
+        bars("per_language.png", "per language", stats["per_language"], both, "languages")
+        bars("per_source.png", "per source", stats["per_source"], both, "sources")
         title = "document lengths before (kept + rejected) and after (kept) cleaning"
+        series = stats["_series"]
     else:
-        bars("per_source.png", "per source", stats["per_source"], [("docs", ["docs"]), ("tokens", ["tokens"])])
-        shares = {n: {"target": v["target_share"], f"achieved ({stats['share_unit']})": v["share"]}
-                  for n, v in stats["per_source"].items()}  # fmt: skip
+        table = stats["per_source"]
+        bars("per_source.png", "per source", table, [("docs", ["docs"]), ("tokens", ["tokens"])], "sources")
+        names = _plotted(table)
+        note = _left_out_note(len(names), len(table), "sources")
+        shares = {n: {"target": table[n]["target_share"], f"achieved ({stats['share_unit']})": table[n]["share"]}
+                  for n in names}  # fmt: skip
         fig, ax = plt.subplots(figsize=(8, 1.5 + 0.5 * len(shares)))
         y = np.arange(len(shares))
         for k, key in enumerate(next(iter(shares.values()))):
             ax.barh(y + 0.4 * k, [v[key] for v in shares.values()], height=0.4, label=key)
-        ax.set_yticks(y + 0.2, list(shares))
+        ax.set_yticks(y + 0.2, [_label(n) for n in shares])
         ax.invert_yaxis()
         ax.set_xlabel("share of the output")
+        ax.set_title("target and achieved shares" + note)
         ax.legend(fontsize="small")
         fig.tight_layout()
         _save(fig, out / "shares.png")
         plt.close(fig)
         made.append("shares.png")
-        title = "document lengths per source"
-    _histogram(plt, out / "lengths.png", title, stats["_series"], stats["lengths"]["bin_edges"], unit)
+        title = "document lengths per source" + note
+        series = {n: stats["_series"][n] for n in sorted(stats["_series"]) if n in set(names)}
+        if note:
+            left_out["shares.png"] = left_out["lengths.png"] = f"{len(table) - len(names)} sources of {len(table)}"
+    _histogram(plt, out / "lengths.png", title, series, stats["lengths"]["bin_edges"], unit)
     made.append("lengths.png")
-    return made
+    return made, left_out
 
 
 # --- the stage ---
@@ -371,8 +413,9 @@ def data_stats(folder: str | Path, out: str | Path | None = None, *, tokenizer: 
     out = Path(out) if out is not None else folder / "stats"
     out.mkdir(parents=True, exist_ok=True)
     unit = "tokens" if counter.tok is not None else "words"
-    plots = _plots(stats, out, unit)
-    stats = {"dir": str(folder), "token_counting": counter.method, "unit": unit, **stats, "plots": plots}
+    plots, left_out = _plots(stats, out, unit)
+    stats = {"dir": str(folder), "token_counting": counter.method, "unit": unit, **stats, "plots": plots,
+             "plots_left_out": left_out}  # fmt: skip
     del stats["_series"]
     atomic_write_json(out / "stats.json", stats)
     stats["out"] = str(out)
@@ -382,7 +425,7 @@ def data_stats(folder: str | Path, out: str | Path | None = None, *, tokenizer: 
 def _fmt_table(headers: list[str], rows: list[list]) -> list[str]:
     cells = [[f"{v:,}" if isinstance(v, int) else f"{v:.1%}" if isinstance(v, float) else str(v) for v in r]
              for r in rows]  # fmt: skip
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    widths = [max([len(str(h)), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
 
     def line(row: list[str]) -> str:
         return "  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -425,4 +468,9 @@ def format_table(stats: dict) -> str:
              f"{v.get('p90', 0):g}", v.get("max", 0)] for k, v in lengths.items()]  # fmt: skip
     lines += _fmt_table([f"length ({u})", "docs", u, "mean", "median", "p90", "max"], rows)
     lines.append(f"  plots and stats.json: {stats['out']}/ ({', '.join(stats['plots'])})")
+    by_rows: dict[str, list[str]] = {}
+    for png, left in stats["plots_left_out"].items():
+        by_rows.setdefault(left, []).append(png)
+    for left, pngs in by_rows.items():
+        lines.append(f"  {', '.join(pngs)}: only the {MAX_PLOTTED} largest plotted, {left} left out (all are above)")
     return "\n".join(lines)

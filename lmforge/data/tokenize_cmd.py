@@ -2,10 +2,13 @@
 
     lmforge data tokenize --input corpus/ --tokenizer runs/tok --out runs/data [--val-fraction 0.01] [--workers 2]
 
-Documents are read in a fixed order (`readers.iter_texts`), encoded in chunks, each followed by the
-end-of-text id, and routed to the train or val split by a hash of their text (so duplicates land in
-the same split). When the hash puts no document in val (small corpora), the last document goes there
-instead; when it puts none in train, the last one goes to train. The output depends only on the
+Documents are read in a fixed order (`readers.iter_docs`; `.txt` files split into documents as
+`textsplit.py` says: `--doc-sep`, `--doc-bytes`), encoded in chunks, each followed by the end-of-text
+id, and routed to the val split as a share of each input file's documents (`holdout.py`), so every
+file, and every language in its own file, is on both sides. When that puts no document in val (every
+file too small), the last document goes there, with a warning if that empties its file from train;
+a corpus of one document has no val split and says so (pretraining then cannot validate).
+`index.json` counts documents and bytes per input file and split. The output depends only on the
 input and the tokenizer, not on --workers.
 
 Parallelism: with --workers 1 the chunks are encoded in this process by `tokenizers`' own batch
@@ -22,7 +25,6 @@ as plain text, never as the special id.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import time
@@ -32,10 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data import data_subparsers
+from lmforge.data.holdout import FileHoldout
 from lmforge.data.parallel import closing_pool, make_pool, ordered_map
-from lmforge.data.readers import iter_texts, list_files
+from lmforge.data.readers import add_split_args, iter_docs, list_files, split_from_args
 from lmforge.data.shards import DTYPES, VERSION, ShardWriter, dtype_for_vocab
-from lmforge.errors import LmforgeError
+from lmforge.data.textsplit import TextSplit, nbytes
+from lmforge.errors import LmforgeError, warn
 from lmforge.fileio import atomic_write_json
 from lmforge.tokenizer.special import EOT, load_tokenizer, tokenizer_hash
 
@@ -50,10 +54,12 @@ def register(subparsers) -> None:
                    help=".txt, .jsonl(.gz/.zst) or .parquet files, or folders of them")  # fmt: skip
     p.add_argument("--tokenizer", required=True, help="tokenizer folder (from `lmforge tokenizer train`)")
     p.add_argument("--out", required=True, help="output folder for the shards and index.json")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for val (default 0.01)")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="share of each input file's documents for val (default 0.01; 0: no val split)")  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="encoder processes (default min(cpu count, 8))")
     p.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard (default 50M)")
     p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text (default text)")
+    add_split_args(p)
     p.set_defaults(func=_run)
 
 
@@ -61,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     index = tokenize_corpus(
         args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
-        shard_tokens=args.shard_tokens, text_field=args.text_field,
+        shard_tokens=args.shard_tokens, text_field=args.text_field, split=split_from_args(args),
     )  # fmt: skip
     print(format_summary(index, args.out, time.perf_counter() - t0))
     return 0
@@ -70,46 +76,39 @@ def _run(args: argparse.Namespace) -> int:
 # --- encoding (runs in this process or in pool workers) ---
 
 _tok = None  # the worker's tokenizer, loaded once per process
-_fraction = 0.0
 _dtype = None
 
 
-def _init_encoder(tokenizer_dir: str, val_fraction: float, single_thread: bool) -> None:
-    global _tok, _fraction, _dtype
+def _init_encoder(tokenizer_dir: str, single_thread: bool) -> None:
+    global _tok, _dtype
     if single_thread:  # pool workers: parallelism comes from the processes, not from Rust threads
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _tok = load_tokenizer(tokenizer_dir)
     _tok.encode_special_tokens = True
-    _fraction = val_fraction
     _dtype = DTYPES[dtype_for_vocab(_tok.get_vocab_size(with_added_tokens=True))]
 
 
-def is_val(data: bytes, fraction: float) -> bool:
-    """The document goes to val when a hash of its UTF-8 text, as a number in [0, 1), is below `fraction`."""
-    h = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-    return h / 2**64 < fraction
-
-
-def _encode_chunk(texts: list[str]) -> tuple[list[np.ndarray], list[int], list[bool]]:
-    """Encode a chunk of documents: per document its tokens (EOT appended), UTF-8 size and split."""
+def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
+    """Encode a chunk of documents: per document its tokens, EOT appended."""
     eot = _tok.token_to_id(EOT)
-    tokens, sizes, val = [], [], []
-    for text, enc in zip(texts, _tok.encode_batch_fast(texts, add_special_tokens=False)):
-        data = text.encode("utf-8")
+    tokens = []
+    for enc in _tok.encode_batch_fast(texts, add_special_tokens=False):
         arr = np.empty(len(enc.ids) + 1, dtype=_dtype)
         arr[:-1] = enc.ids
         arr[-1] = eot
         tokens.append(arr)
-        sizes.append(len(data))
-        val.append(is_val(data, _fraction))
-    return tokens, sizes, val
+    return tokens
 
 
-def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
+def _chunks(docs: Iterable, split: FileHoldout, meta: list) -> Iterator[list[str]]:
+    """Chunks of document texts for the encoder; each document's (file, UTF-8 size, is val) goes to `meta`, in
+    the same order, since the split is decided here, in reading order, not in the workers."""
     chunk, size = [], 0
-    for text in docs:
-        chunk.append(text)
-        size += len(text)
+    for doc in docs:
+        n = nbytes(doc.text)
+        meta.append((doc.file, n, split.assign(doc.file, n)))
+        chunk.append(doc.text)
+        size += len(doc.text)
         if size >= CHUNK_BYTES or len(chunk) >= CHUNK_DOCS:
             yield chunk
             chunk, size = [], 0
@@ -117,10 +116,10 @@ def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def _encoded(chunks: Iterator[list[str]], tokenizer_dir: str, val_fraction: float, workers: int):
+def _encoded(chunks: Iterator[list[str]], tokenizer_dir: str, workers: int):
     """Yield `_encode_chunk` results in input order, in this process or across a pool of `workers`."""
     if workers == 1:
-        _init_encoder(tokenizer_dir, val_fraction, single_thread=False)
+        _init_encoder(tokenizer_dir, single_thread=False)
         yield from map(_encode_chunk, chunks)
         return
     # fork (not spawn) so scripts without an `if __name__ == "__main__"` guard work. Setting
@@ -129,7 +128,7 @@ def _encoded(chunks: Iterator[list[str]], tokenizer_dir: str, val_fraction: floa
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        pool = make_pool(workers, _init_encoder, (tokenizer_dir, val_fraction, True))
+        pool = make_pool(workers, _init_encoder, (tokenizer_dir, True))
     finally:
         if saved is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
@@ -151,16 +150,17 @@ def tokenize_corpus(
     workers: int | None = None,
     shard_tokens: int = 50_000_000,
     text_field: str = "text",
+    split: TextSplit | None = None,
     progress: bool = True,
 ) -> dict:
     """Encode the documents under `inputs` into shards in `out`; write `out/index.json` last and return it."""
-    if not 0 <= val_fraction < 1:
-        raise LmforgeError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    holdout = FileHoldout(val_fraction)
     if shard_tokens < 1:
         raise LmforgeError(f"--shard-tokens must be at least 1, got {shard_tokens}")
     workers = workers or min(os.cpu_count() or 1, 8)
     if workers < 1:
         raise LmforgeError(f"--workers must be at least 1, got {workers}")
+    split = split or TextSplit()
     tok = load_tokenizer(tokenizer_dir)
     eot_id = tok.token_to_id(EOT)
     if eot_id is None:
@@ -168,40 +168,52 @@ def tokenize_corpus(
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     list_files(inputs)  # fail on a missing input before touching `out`
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "index.json").unlink(missing_ok=True)  # the folder is unfinished until the new index lands
     header = {"version": VERSION, "dtype": dtype_for_vocab(vocab_size), "vocab_size": vocab_size,
               "tokenizer_hash": tokenizer_hash(tokenizer_dir), "eot_id": eot_id}  # fmt: skip
-    writers = {s: ShardWriter(out, s, header, shard_tokens) for s in ("train", "val")}
+    writers = None  # created with the folder once the first document has been read (a bad input leaves nothing)
 
     from tqdm import tqdm
 
     bar = tqdm(desc="tokenize", unit="B", unit_scale=True, disable=None if progress else True)
-    docs = (text for text, _ in iter_texts(inputs, text_field))
-    held, n_docs = None, 0  # the latest document is held back so the end can balance an empty split
-    for tokens, sizes, val in _encoded(_chunks(docs), str(tokenizer_dir), val_fraction, workers):
-        for doc in zip(tokens, sizes, val):
+    meta: list[tuple[str, int, bool]] = []
+    held = None  # the latest document is held back so the end can balance an empty split
+    for tokens in _encoded(_chunks(iter_docs(inputs, text_field, split), holdout, meta), str(tokenizer_dir), workers):
+        if writers is None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "index.json").unlink(missing_ok=True)  # the folder is unfinished until the new index lands
+            writers = {s: ShardWriter(out, s, header, shard_tokens) for s in ("train", "val")}
+        for arr, info in zip(tokens, meta[: len(tokens)], strict=True):
             if held is not None:
-                writers["val" if held[2] else "train"].add(held[0], held[1])
-            held = doc
-            n_docs += 1
-        bar.update(sum(sizes))
+                writers["val" if held[1][2] else "train"].add(held[0], held[1][1])
+            held = (arr, info)
+        bar.update(sum(info[1] for info in meta[: len(tokens)]))
+        del meta[: len(tokens)]
     bar.close()
     if held is None:
         raise LmforgeError(f"{', '.join(map(str, inputs))}: no documents (all texts are empty)")
-    split = "val" if held[2] else "train"
-    if n_docs >= 2 and val_fraction > 0 and writers["val"].num_docs == 0:
-        split = "val"
-    elif writers["train"].num_docs == 0 and n_docs >= 2:
-        split = "train"
-    writers[split].add(held[0], held[1])
+    arr, (file, n, is_val) = held
+    n_docs = holdout.totals()["train_docs"] + holdout.totals()["val_docs"]
+    if n_docs >= 2 and val_fraction > 0 and writers["val"].num_docs == 0 and not is_val:
+        holdout.move(file, n, held=True)  # every file was too small for its share: the last document is val
+        is_val = True
+        if file in holdout.whole_files(held=True):
+            warn(f"{file}: its only document is the validation split (the corpus is too small to take a share of "
+                 "each file; add text or lower --doc-bytes)")  # fmt: skip
+    elif writers["train"].num_docs == 0 and is_val and n_docs >= 2:
+        holdout.move(file, n, held=False)
+        is_val = False
+    writers["val" if is_val else "train"].add(arr, n)
+    if val_fraction > 0 and n_docs < 2:
+        warn(f"{', '.join(map(str, inputs))}: one document only, so no validation split (pretraining will not "
+             "validate); add text, lower --doc-bytes or use --doc-sep")  # fmt: skip
 
     splits = {s: w.close() for s, w in writers.items()}
     keep = {e["file"] for entries in splits.values() for e in entries}
     for stale in out.iterdir():  # shards of an earlier, larger run in the same folder
         if SHARD_RE.fullmatch(stale.name) and stale.name not in keep:
             stale.unlink()
-    index = {**header, "tokenizer_dir": str(Path(tokenizer_dir).resolve()), "splits": splits}
+    index = {**header, "tokenizer_dir": str(Path(tokenizer_dir).resolve()), "splits": splits,
+             "val_fraction": val_fraction, "text_split": split.to_dict(), "files": holdout.files}  # fmt: skip
     atomic_write_json(out / "index.json", index)
     return index
 

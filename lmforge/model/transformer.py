@@ -38,7 +38,7 @@ MLPS = ("swiglu", "gelu")
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 8192  # rows of the embedding; padded up to a multiple of 64 by presets for speed
+    vocab_size: int = 8192  # rows of the embedding (a multiple of 64 is faster); pretrain: from the data unless set
     n_layer: int = 4  # Transformer blocks
     d_model: int = 256  # width of the residual stream
     n_head: int = 4  # query heads

@@ -31,19 +31,24 @@ def register(subparsers) -> None:
 
 
 def _add_inputs(parser: argparse.ArgumentParser) -> None:
+    from lmforge.data.readers import add_split_args
+
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
                         help=".txt, .jsonl(.gz/.zst) or .parquet files, or folders of them")  # fmt: skip
     parser.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text (default text)")
     parser.add_argument("--heldout-fraction", type=float, default=0.05,
-                        help="hold out every (1/f)-th document to measure bytes per token (default 0.05)")  # fmt: skip
+                        help="share of each input file's documents held out to measure bytes per token "
+                        "(default 0.05)")  # fmt: skip
+    add_split_args(parser)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from lmforge.data.readers import split_from_args
     from lmforge.tokenizer.train import format_report, train_tokenizer
 
     report = train_tokenizer(
         args.input, args.vocab_size, args.out, min_frequency=args.min_frequency,
-        heldout_fraction=args.heldout_fraction, text_field=args.text_field,
+        heldout_fraction=args.heldout_fraction, text_field=args.text_field, split=split_from_args(args),
         model_max_length=args.model_max_length, show_progress=True,
     )  # fmt: skip
     print(format_report(report, args.out))
@@ -51,11 +56,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _extend(args: argparse.Namespace) -> int:
+    from lmforge.data.readers import split_from_args
     from lmforge.tokenizer.extend import extend_tokenizer, format_report
 
     report = extend_tokenizer(
         args.base, args.input, args.add, args.out, min_frequency=args.min_frequency,
-        heldout_fraction=args.heldout_fraction, text_field=args.text_field,
+        heldout_fraction=args.heldout_fraction, text_field=args.text_field, split=split_from_args(args),
     )  # fmt: skip
     print(format_report(report, args.out))
     return 0

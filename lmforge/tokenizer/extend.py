@@ -17,7 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from lmforge.data.readers import iter_texts
+from lmforge.data.readers import iter_docs
+from lmforge.data.textsplit import TextSplit
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_dir
 from lmforge.tokenizer.special import load_tokenizer, tokenizer_hash
@@ -26,7 +27,9 @@ from lmforge.tokenizer.train import HeldOut, bytes_per_token, tokenizer_config, 
 MAX_RETRAINS = 6  # the extension BPE is retrained with a doubled size until it yields enough new merges
 
 
-def _learn_merges(base, inputs, text_field: str, heldout_fraction: float, n_merges: int, min_frequency: int):
+def _learn_merges(
+    base, inputs, text_field: str, split: TextSplit, heldout_fraction: float, n_merges: int, min_frequency: int
+):
     """Train a BPE with the base's pre-tokenizer on `inputs`; return (merges in order, HeldOut, hit_size_limit)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -40,8 +43,7 @@ def _learn_merges(base, inputs, text_field: str, heldout_fraction: float, n_merg
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    docs = (text for text, _ in iter_texts(inputs, text_field))
-    tok.train_from_iterator(held.train_batches(docs), trainer)
+    tok.train_from_iterator(held.train_batches(iter_docs(inputs, text_field, split)), trainer)
     if held.train_docs == 0:
         raise LmforgeError(f"{', '.join(map(str, inputs))}: no documents to learn new tokens from")
     merges = [
@@ -78,6 +80,7 @@ def extend_tokenizer(
     min_frequency: int = 2,
     heldout_fraction: float = 0.05,
     text_field: str = "text",
+    split: TextSplit | None = None,
 ) -> dict:
     """Append `add` tokens learned on `inputs` to the tokenizer in `base_dir`; write `out` atomically; return the report."""
     from tokenizers import Tokenizer
@@ -92,7 +95,9 @@ def extend_tokenizer(
     t0 = time.perf_counter()
     n_merges = 2 * add
     for _ in range(MAX_RETRAINS):
-        merges, held, hit_limit = _learn_merges(base, inputs, text_field, heldout_fraction, n_merges, min_frequency)
+        merges, held, hit_limit = _learn_merges(
+            base, inputs, text_field, split or TextSplit(), heldout_fraction, n_merges, min_frequency
+        )
         ext_json = json.loads(base.to_str())
         added = _append_merges(ext_json, merges, add)
         if added == add or not hit_limit:  # enough, or the new text has no more merges to give
@@ -106,7 +111,7 @@ def extend_tokenizer(
     changed = [t for t, i in base.get_vocab(with_added_tokens=True).items() if ext_vocab.get(t) != i]
     if changed:
         raise RuntimeError(f"extension changed the ids of {len(changed)} base tokens, e.g. {changed[0]!r}")
-    check = held.texts or [text for text, _ in itertools.islice(iter_texts(inputs, text_field), 100)]
+    check = held.texts or [d.text for d in itertools.islice(iter_docs(inputs, text_field, split), 100)]
     bad = [t for t in check if ext.decode(ext.encode(t).ids, skip_special_tokens=False) != t]
     if bad:
         raise RuntimeError(f"extended tokenizer does not round-trip {len(bad)} of {len(check)} documents")
@@ -124,6 +129,7 @@ def extend_tokenizer(
         "train_bytes": held.train_bytes,
         "heldout_docs": held.held_docs,
         "heldout_bytes": held.held_bytes,
+        "files": held.split.files,
         "heldout_bytes_per_token": {
             "base": bytes_per_token(base, held.texts),
             "extended": bytes_per_token(ext, held.texts),

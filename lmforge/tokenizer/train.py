@@ -4,7 +4,11 @@
 
 Writes `DIR/tokenizer.json`, `DIR/tokenizer_config.json` (loadable unchanged by
 transformers' `PreTrainedTokenizerFast.from_pretrained(DIR)` / `AutoTokenizer`) and
-`DIR/train_report.json` (sizes, time, bytes per token on a held-out slice).
+`DIR/train_report.json`: sizes, time, documents per input file on each side, bytes per token on
+held-out documents (a share of each input file, `data/holdout.py`), overall and per language
+(langid), and the share of the vocabulary per script (Latin, Han, ...), so a language the
+tokenizer did not learn shows at once. `.txt` inputs split into documents as `data/textsplit.py`
+says (`--doc-sep`, `--doc-bytes`).
 
 Byte-level BPE as in GPT-2 (Radford et al. 2019): the 256 byte symbols are the
 initial alphabet, so every string is encodable and there is no UNK token. The
@@ -19,16 +23,20 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lmforge.data.readers import iter_texts
-from lmforge.errors import LmforgeError
+from lmforge.data.holdout import FileHoldout
+from lmforge.data.readers import Doc, iter_docs
+from lmforge.data.textsplit import TextSplit, nbytes
+from lmforge.errors import LmforgeError, warn
 from lmforge.fileio import atomic_dir
 from lmforge.tokenizer.special import CHAT_TEMPLATE, EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS
 
 # The pre-tokenizer splits text into pieces that BPE merges never cross. GPT-4's cl100k pattern
 # (as used by Qwen2), with two changes:
-# - digits are split one by one (`\p{N}`, as Qwen2 and Llama 1/2 do, instead of cl100k's groups of up to 3):
+# - ASCII digits are split one by one (as Qwen2 and Llama 1/2 do, instead of cl100k's groups of up to 3):
 #   every number is spelled with the same 10 digit tokens, which helps small models with arithmetic and
-#   spends no vocabulary on the ~1000 three-digit groups (a large share of an 8k vocab);
+#   spends no vocabulary on the ~1000 three-digit groups (a large share of an 8k vocab). Other numerals
+#   (full-width １９９８ as Chinese and Japanese text writes dates, superscripts, Roman numerals) form runs
+#   BPE may merge: split one by one they cost Chinese news ~2% of its bytes per token (BENCHMARKS.md);
 # - Han characters form their own runs (` ?\p{Han}+`), apart from other letters: Chinese has no spaces, so
 #   with plain `\p{L}+` a whole sentence mixed with Latin letters would be one huge pre-token. A Han run is
 #   still one pre-token (BPE learns multi-character words inside it), and "AI模型" splits into "AI" + "模型".
@@ -40,7 +48,7 @@ PRETOKENIZE_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
     r"| ?\p{Han}+"
     r"|[^\r\n\p{L}\p{N}]?[\p{L}&&[^\p{Han}]]+"
-    r"|\p{N}"
+    r"|[0-9]|[\p{N}&&[^0-9]]+"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+"
     r"|\s+(?!\S)"
@@ -80,53 +88,63 @@ def bpe_trainer(vocab_size: int, min_frequency: int = 2, show_progress: bool = F
 
 
 class HeldOut:
-    """Deterministically hold out every k-th document (k = round(1 / fraction)) from training.
+    """Hold out a share of each input file's documents (`FileHoldout`) from training.
 
     Iterating `train_batches(docs)` yields lists of the other texts; the held-out ones collect in
-    `self.texts` (up to HELDOUT_MAX_BYTES) for measuring bytes per token afterwards. A corpus with
-    fewer than k documents (but at least 2) holds out its last one, so there is always something to
-    measure on.
+    `self.texts` (up to HELDOUT_MAX_BYTES) for measuring bytes per token afterwards. When the per-file
+    share holds out nothing (every file has fewer than about 1/(2 * fraction) documents), the last
+    document is held out, provided its file keeps another document for training.
     """
 
     def __init__(self, fraction: float):
-        if not 0 <= fraction < 1:
-            raise LmforgeError(f"--heldout-fraction must be in [0, 1), got {fraction}")
-        self.every = round(1 / fraction) if fraction > 0 else 0
+        self.split = FileHoldout(fraction, "--heldout-fraction", sides=("train", "heldout"))
         self.texts: list[str] = []
-        self.held_docs = self.held_bytes = 0
-        self.train_docs = self.train_bytes = 0
+        self.kept_bytes = 0
 
     def _hold(self, text: str, n: int) -> None:
-        self.held_docs += 1
-        if self.held_bytes < HELDOUT_MAX_BYTES:
+        if self.kept_bytes < HELDOUT_MAX_BYTES:
             self.texts.append(text)
-            self.held_bytes += n
+            self.kept_bytes += n
 
-    def train_batches(self, docs: Iterable[str]) -> Iterator[list[str]]:
-        batch, size, last = [], 0, None  # `last` waits one step in case it must be the held-out doc
-        for i, text in enumerate(docs):
-            n = len(text.encode("utf-8"))
-            if self.every and i % self.every == self.every - 1:
-                self._hold(text, n)
+    def train_batches(self, docs: Iterable[Doc]) -> Iterator[list[str]]:
+        batch, size, last, last_n = [], 0, None, 0  # `last` waits one step in case it must be the held-out doc
+        for doc in docs:
+            n = nbytes(doc.text)
+            if self.split.assign(doc.file, n):
+                self._hold(doc.text, n)
                 continue
             if last is not None:
-                batch.append(last[0])
-                size += last[1]
-                self.train_docs += 1
-                self.train_bytes += last[1]
-            last = (text, n)
+                batch.append(last.text)
+                size += last_n
+            last, last_n = doc, n
             if size >= BATCH_BYTES:
                 yield batch
                 batch, size = [], 0
         if last is not None:
-            if self.every and self.held_docs == 0 and self.train_docs > 0:
-                self._hold(*last)
+            counts = self.split.files[last.file]
+            if self.split.fraction and self.held_docs == 0 and counts["train_docs"] > 1:
+                self.split.move(last.file, last_n, held=True)
+                self._hold(last.text, last_n)
             else:
-                batch.append(last[0])
-                self.train_docs += 1
-                self.train_bytes += last[1]
+                batch.append(last.text)
         if batch:
             yield batch
+
+    @property
+    def train_docs(self) -> int:
+        return self.split.totals()["train_docs"]
+
+    @property
+    def train_bytes(self) -> int:
+        return self.split.totals()["train_bytes"]
+
+    @property
+    def held_docs(self) -> int:
+        return self.split.totals()["heldout_docs"]
+
+    @property
+    def held_bytes(self) -> int:
+        return self.split.totals()["heldout_bytes"]
 
 
 def bytes_per_token(tok, texts: list[str]) -> float | None:
@@ -135,6 +153,67 @@ def bytes_per_token(tok, texts: list[str]) -> float | None:
         return None
     n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
     return sum(len(t.encode("utf-8")) for t in texts) / max(n_tokens, 1)
+
+
+LANGID_CHARS = 4000  # langid reads this much of each held-out document
+
+
+def bytes_per_token_by_language(tok, texts: list[str]) -> dict[str, dict]:
+    """{language: {"docs", "bytes", "bytes_per_token"}} over `texts`, each document's language by langid."""
+    from lmforge.data.clean.steps.language import identifier
+
+    groups: dict[str, list[str]] = {}
+    for text in texts:
+        lang, _ = identifier().classify(text[:LANGID_CHARS].replace("\n", " "))
+        groups.setdefault(lang, []).append(text)
+    out = {}
+    for lang, group in sorted(groups.items(), key=lambda kv: -sum(map(len, kv[1]))):
+        out[lang] = {"docs": len(group), "bytes": sum(map(nbytes, group)),
+                     "bytes_per_token": round(bytes_per_token(tok, group), 4)}  # fmt: skip
+    return out
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet back to bytes: each of the 256 bytes is shown as one printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = printable + [256 + i for i in range(256 - len(printable))]
+    bytes_ = printable + [b for b in range(256) if b not in printable]
+    return {chr(c): b for c, b in zip(codes, bytes_)}
+
+
+def script_of(text: str) -> str:
+    """The script of a token's text: the Unicode script name of its first letter (Latin, Han, Cyrillic, Hangul,
+    Kana, ...), else "digits" or "punctuation/space"."""
+    import unicodedata
+
+    for ch in text:
+        if ch.isalpha():
+            name = unicodedata.name(ch, "")
+            if name.startswith("CJK"):
+                return "Han"
+            if name.startswith(("HIRAGANA", "KATAKANA")):
+                return "Kana"
+            return name.split(" ")[0].capitalize() or "other"
+    return "digits" if any(ch.isdigit() for ch in text) else "punctuation/space"
+
+
+def vocab_scripts(tok) -> dict[str, int]:
+    """How many tokens of the vocabulary belong to each script (`script_of`); byte sequences that are not whole
+    UTF-8 characters (pieces of a multi-byte character, which BPE learns on the way to CJK tokens) count as
+    "partial UTF-8", special tokens as "special"."""
+    decode = _byte_decoder()
+    specials = set(SPECIAL_TOKENS)
+    counts: dict[str, int] = {}
+    for token in tok.get_vocab(with_added_tokens=True):
+        if token in specials:
+            key = "special"
+        else:
+            try:
+                key = script_of(bytes(decode[c] for c in token).decode("utf-8"))
+            except (KeyError, UnicodeDecodeError):
+                key = "partial UTF-8"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def tokenizer_config(model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> dict:
@@ -179,6 +258,7 @@ def train_tokenizer(
     min_frequency: int = 2,
     heldout_fraction: float = 0.05,
     text_field: str = "text",
+    split: TextSplit | None = None,
     model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
     show_progress: bool = False,
 ) -> dict:
@@ -190,29 +270,38 @@ def train_tokenizer(
         )
     if min_frequency < 1:
         raise LmforgeError(f"--min-frequency must be at least 1, got {min_frequency}")
+    split = split or TextSplit()
     held = HeldOut(heldout_fraction)
-    docs = (text for text, _ in iter_texts(inputs, text_field))
     tok = new_tokenizer()
     t0 = time.perf_counter()
-    tok.train_from_iterator(held.train_batches(docs), bpe_trainer(vocab_size, min_frequency, show_progress))
+    tok.train_from_iterator(
+        held.train_batches(iter_docs(inputs, text_field, split)), bpe_trainer(vocab_size, min_frequency, show_progress)
+    )
     seconds = time.perf_counter() - t0
     if held.train_docs == 0:
         raise LmforgeError(f"{', '.join(map(str, inputs))}: no documents to train on")
     check_special_ids(tok)
+    if heldout_fraction > 0 and not held.texts:
+        warn(f"no held-out documents: the corpus has {held.train_docs} document(s) and no file has two to spare; "
+             "bytes per token are not measured (add text, or lower --doc-bytes)")  # fmt: skip
     report = {
         "kind": "train",
         "inputs": [str(Path(p).resolve()) for p in inputs],
+        "text_split": split.to_dict(),
         "requested_vocab_size": vocab_size,
         "vocab_size": tok.get_vocab_size(),
         "base_vocab_size": None,  # set by `lmforge tokenizer extend`: ids below it are the base tokenizer's
         "min_frequency": min_frequency,
         "train_docs": held.train_docs,
         "train_bytes": held.train_bytes,
-        "heldout_every": held.every,
+        "heldout_fraction": heldout_fraction,
         "heldout_eval_docs": len(held.texts),
         "heldout_docs": held.held_docs,
         "heldout_bytes": held.held_bytes,
         "heldout_bytes_per_token": bytes_per_token(tok, held.texts),
+        "heldout_by_language": bytes_per_token_by_language(tok, held.texts),
+        "vocab_scripts": vocab_scripts(tok),
+        "files": held.split.files,
         "train_seconds": round(seconds, 3),
     }
     with atomic_dir(out) as tmp:
@@ -225,9 +314,21 @@ def format_report(report: dict, out: str | Path) -> str:
     held = (
         f"{bpt:.3f} bytes/token on {report['heldout_eval_docs']} held-out docs ({report['heldout_bytes']:,} bytes)"
         if bpt is not None
-        else "no held-out docs (--heldout-fraction 0, or a single document)"
+        else "no held-out docs (--heldout-fraction 0, or too few documents)"
     )
-    return (
-        f"tokenizer: vocab {report['vocab_size']} trained on {report['train_docs']} docs "
-        f"({report['train_bytes']:,} bytes) in {report['train_seconds']:.1f}s; {held} -> {out}"
-    )
+    lines = [
+        (
+            f"tokenizer: vocab {report['vocab_size']} trained on {report['train_docs']} docs from "
+            f"{len(report['files'])} file(s) ({report['train_bytes']:,} bytes) in {report['train_seconds']:.1f}s; "
+            f"{held} -> {out}"
+        )
+    ]
+    by_lang = report.get("heldout_by_language") or {}
+    if by_lang:
+        lines.append("  held-out bytes/token by language: " + ", ".join(
+            f"{lang} {v['bytes_per_token']:.2f} ({v['docs']} docs)" for lang, v in by_lang.items()))  # fmt: skip
+    scripts = report.get("vocab_scripts") or {}
+    total = sum(scripts.values()) or 1
+    lines.append("  vocabulary by script: " + ", ".join(f"{k} {v / total:.0%}" for k, v in scripts.items()
+                                                         if v / total >= 0.005))  # fmt: skip
+    return "\n".join(lines)

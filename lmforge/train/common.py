@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -108,6 +109,23 @@ def tune_cpu_allocator() -> bool:
         return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
     except (OSError, AttributeError):
         return False
+
+
+def stop_exit_code(result: dict, stage: str) -> int:
+    """A training command's exit status from its stage's result (`stopped`, from train_loop), with a status line.
+
+    Stopped by a signal (Ctrl-C, SIGTERM): 128 + the signal number (130, 143), as shells expect of a program a signal
+    ended, so `lmforge pretrain ... && lmforge sft ...` stops there. Stopped at the time budget (--max-seconds),
+    asked for: 0. Either way the checkpoint is saved and rerunning the same command resumes.
+    """
+    stopped = result.get("stopped")
+    if stopped is None:
+        return 0
+    why = "at the time budget (--max-seconds)" if stopped == "time_budget" else f"by {stopped}"
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the same; one line is enough
+        print(f"lmforge {stage}: stopped {why} after step {result.get('step')}; checkpoint saved, "
+              "rerun the same command to resume", file=sys.stderr)  # fmt: skip
+    return 0 if stopped == "time_budget" else 128 + signal.Signals[stopped].value
 
 
 def smaller_micro_batch(batch_size: int) -> int | None:

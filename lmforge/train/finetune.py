@@ -28,12 +28,12 @@ import yaml
 
 from lmforge.config import apply_updates, require, to_dict
 from lmforge.errors import LmforgeError
-from lmforge.fileio import atomic_write_text
+from lmforge.fileio import atomic_write_json, atomic_write_text
 from lmforge.model.lora import LoraConfig, apply_lora, load_lora_tensors, lora_tensors
 from lmforge.model.transformer import param_part
 from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.common import adopt_saved_batch_split, make_optimizer, pick_device
+from lmforge.train.common import adopt_saved_batch_split, make_optimizer, pick_device, stop_exit_code
 
 FREEZABLE = ("embeddings", "attention", "mlp", "norms")
 # Must match to resume (and the sequences per step: adopt_saved_batch_split keeps the checkpoint's micro-batch split).
@@ -134,8 +134,7 @@ def add_stage_command(subparsers, name: str, help: str, config_cls, run, extra: 
     def main(args: argparse.Namespace) -> int:
         recipe = load_yaml(args.config) if args.config else {}
         flags = {**common_flags(args), **{k: getattr(args, k) for k in extra}}
-        run(resolve(config_cls, recipe, flags, parse_set(args.set)))
-        return 0
+        return stop_exit_code(run(resolve(config_cls, recipe, flags, parse_set(args.set))), name)
 
     p.set_defaults(func=main)
 
@@ -196,8 +195,13 @@ class FinetuneRun:
         self.tokens_seen = self.meta["tokens_seen"] if self.meta else 0
         self.use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda")
 
-    def write_run_files(self) -> None:
-        """Copy the tokenizer into the run (checkpoints stand alone) and write the resolved config."""
+    def write_run_files(self, reports: dict[str, dict] | None = None) -> None:
+        """Copy the tokenizer into the run (checkpoints stand alone), write the resolved config and `reports`
+        ({file name: JSON}, e.g. data_report.json).
+
+        The first write to the run folder: a stage calls it only once its inputs (base model, data, task, reward
+        model) are read and checked, so a bad input leaves no half-made run behind.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dst = self.run_dir / "tokenizer"
         if not dst.exists():
@@ -206,6 +210,8 @@ class FinetuneRun:
             shutil.copytree(self.tokenizer_dir, tmp)
             tmp.replace(dst)
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        for name, report in (reports or {}).items():
+            atomic_write_json(self.run_dir / name, report)
 
     def make_trainable(self, head: torch.nn.Module | None = None) -> tuple[int, int]:
         """Apply LoRA or freezing, restore resumed weights (and `head`); returns (trainable, total) parameters."""

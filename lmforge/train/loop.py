@@ -162,12 +162,13 @@ def _out_of_memory(cfg, parts: LoopParts, step: int, message: str, desc: str) ->
 
 
 def train_loop(cfg, parts: LoopParts, start_step: int, tokens_seen: int, desc: str) -> dict:
-    """Run optimizer steps start_step+1 .. cfg.max_steps; returns the last metrics record."""
+    """Run optimizer steps start_step+1 .. cfg.max_steps; returns the last metrics record, with `step` (the last
+    step done) and `stopped`: None when max_steps was reached, else "SIGINT", "SIGTERM" or "time_budget"."""
     model, optimizer, loader, dd, device = parts.model, parts.optimizer, parts.loader, parts.dd, parts.device
     # Clip everything the optimizer updates (a reward or value head too, not only the model).
     params = [p for group in optimizer.param_groups for p in group["params"]]
     step_loss = parts.step_loss or forward_loss
-    step, last, skipped = start_step, {}, 0
+    step, last, skipped, stopped = start_step, {}, 0, None
     began = time.perf_counter()
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not dd.main, desc=desc, dynamic_ncols=True,
@@ -229,10 +230,10 @@ def train_loop(cfg, parts: LoopParts, start_step: int, tokens_seen: int, desc: s
                 parts.save(step, tokens_seen)  # before evaluation: an evaluation crash loses nothing
             if step == cfg.max_steps or out_of_time or (cfg.eval_every and step % cfg.eval_every == 0):
                 parts.evaluate(step)
-            if stop.signal or out_of_time:
-                reason = stop.signal or f"time budget of {cfg.max_seconds:g}s"
-                bar.write(f"lmforge {desc}: stopped by {reason} at step {step}; checkpoint saved, rerun to resume")
+            if stop.signal or out_of_time:  # the caller says so (train.common.stop_exit_code, `lmforge run`)
+                stopped = stop.signal or "time_budget"
                 break
     bar.close()
     parts.logger.close()
-    return last
+    # `stopped` tells the caller (a command's exit code, `lmforge run`'s summary) that the run ended early.
+    return {**last, "step": step, "stopped": stopped}

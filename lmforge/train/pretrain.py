@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from lmforge.config import load_yaml, parse_set, resolve_train_config, to_dict
+from lmforge.config import load_yaml, parse_set, pretrain_vocab_size, resolve_train_config, to_dict
 from lmforge.data.loader import TokenLoader
 from lmforge.data.shards import load_index
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, warn
 from lmforge.eval.loss import bits_per_byte, evaluate_loss
 from lmforge.fileio import atomic_write_text
 from lmforge.model.transformer import ModelConfig, Transformer, flops_per_token
@@ -39,6 +39,7 @@ from lmforge.train.common import (
     peak_flops,
     pick_device,
     setup_distributed,
+    stop_exit_code,
     teardown_distributed,
     tune_cpu_allocator,
 )
@@ -70,8 +71,7 @@ def _main(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("data", "preset", "max_steps", "max_seconds", "batch_size", "seq_len")}
     flags.update(seed=args.seed, device=args.device, out=args.out)
     cfg = resolve_train_config(recipe, flags, parse_set(args.set))
-    pretrain(cfg)
-    return 0
+    return stop_exit_code(pretrain(cfg), "pretrain")
 
 
 def _check_resume(meta: dict, cfg, path: Path) -> None:
@@ -108,8 +108,8 @@ def pretrain(cfg) -> dict:
 def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
     index = load_index(cfg.data)
     init = _init_source(cfg, index) if cfg.init_from else None
-    # The data decides the vocabulary: embedding rows = tokenizer size rounded up to 64 (faster matmuls).
-    cfg.model.vocab_size = 64 * math.ceil(index["vocab_size"] / 64)
+    # The data decides the vocabulary: the tokenizer's size rounded up to 64, or an explicit model.vocab_size >= it.
+    cfg.model.vocab_size = pretrain_vocab_size(cfg, index["vocab_size"], cfg.data)
     cfg.validate()
 
     existing = ckpt.list_checkpoints(run_dir)
@@ -172,10 +172,20 @@ def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
     val_tokens = sum(s["num_tokens"] for s in index["splits"].get("val", []))
     val_bytes = sum(s["num_bytes"] for s in index["splits"].get("val", []))
     val_batches = None
-    if val_tokens > cfg.batch_size * cfg.seq_len + 1 and cfg.eval_batches > 0:
-        vl = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, dd.rank, dd.world_size, device=device)
-        n = max(1, min(cfg.eval_batches, val_tokens // (cfg.batch_size * cfg.seq_len * dd.world_size)))
+    # A small val split is read with fewer rows per batch rather than not at all.
+    val_rows = min(cfg.batch_size, (val_tokens - 1) // (cfg.seq_len * dd.world_size)) if val_tokens else 0
+    if val_rows >= 1 and cfg.eval_batches > 0:
+        vl = TokenLoader(cfg.data, "val", val_rows, cfg.seq_len, dd.rank, dd.world_size, device=device)
+        n = max(1, min(cfg.eval_batches, val_tokens // (val_rows * cfg.seq_len * dd.world_size)))
         val_batches = [vl.next_batch() for _ in range(n)]
+    elif dd.main:
+        why = (
+            "eval_batches is 0" if cfg.eval_batches <= 0
+            else f"{cfg.data} has no val split (tokenized with --val-fraction 0, or from a single document)"
+            if not val_tokens
+            else f"its val split has {val_tokens} tokens, fewer than one sequence of seq_len {cfg.seq_len} + 1"
+        )  # fmt: skip
+        warn(f"this run will not validate (no val_loss, no bits per byte): {why}")
 
     logger = MetricsLogger(run_dir, resume_step=start_step if meta else None, enabled=dd.main)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * dd.world_size

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.loss import evaluate_loss
-from lmforge.fileio import atomic_write_json, atomic_write_text
+from lmforge.fileio import atomic_write_text
 from lmforge.model.transformer import flops_per_token
 from lmforge.train.common import peak_flops, setup_distributed, teardown_distributed
 from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command, resolve
@@ -83,7 +83,8 @@ def sft(cfg: SftConfig) -> dict:
         teardown_distributed()
 
 
-def _prepare_data(cfg: SftConfig, tok_dir: Path, run_dir: Path, main: bool):
+def _prepare_data(cfg: SftConfig, tok_dir: Path, main: bool):
+    """Read, split and encode the conversations (writes nothing); returns them and the data report."""
     from lmforge.chat.datasets import load_conversations, split_conversations, summarize
     from lmforge.chat.packing import encode_conversations
     from lmforge.chat.template import ChatFormat
@@ -96,22 +97,21 @@ def _prepare_data(cfg: SftConfig, tok_dir: Path, run_dir: Path, main: bool):
     report = {"source": cs.source, "format": cs.format, "read": len(cs.conversations) + sum(cs.skipped.values()),
               "skipped": cs.skipped, "train": train_report, "val": val_report}  # fmt: skip
     if main:
-        atomic_write_json(run_dir / "data_report.json", report)
         print(summarize(cs), file=sys.stderr)
         print(f"lmforge sft: {train_report['examples']} train / {len(val)} val conversations, "
               f"{train_report['answer_tokens']:,} answer tokens of {train_report['tokens']:,}; "
               f"{train_report['truncated']} cut to seq_len={cfg.seq_len}, "
               f"{train_report['dropped_no_answer_left']} dropped (no answer left after the cut)", file=sys.stderr)  # fmt: skip
-    return fmt, train, val, val_convs
+    return fmt, train, val, val_convs, report
 
 
 def _sft(cfg: SftConfig, run: FinetuneRun, dd) -> dict:
     from lmforge.chat.packing import PackedLoader, all_rows_batches
 
     trainable, total = run.make_trainable()
-    if dd.main:
-        run.write_run_files()
-    fmt, train, val, val_convs = _prepare_data(cfg, run.tokenizer_dir, run.run_dir, dd.main)
+    fmt, train, val, val_convs, report = _prepare_data(cfg, run.tokenizer_dir, dd.main)
+    if dd.main:  # only now that the data is read: a bad --data leaves no run folder behind
+        run.write_run_files({"data_report.json": report})
     pad_id = fmt.tokenizer.token_to_id("<|pad|>")
     pad_id = pad_id if pad_id is not None else fmt.stop_ids[0] if fmt.stop_ids else 0
     model, device = run.model, run.device
@@ -157,7 +157,8 @@ def _sft(cfg: SftConfig, run: FinetuneRun, dd) -> dict:
     result = {"trainable_params": trainable, "total_params": total, **last}
     if before:
         result["val_loss_before"] = before["val_loss"]
-    if dd.main and run.start_step < cfg.max_steps:
+    # Interrupted (Ctrl-C, SIGTERM): the checkpoint is saved; exit now rather than generate samples first.
+    if dd.main and run.start_step < cfg.max_steps and last["stopped"] not in ("SIGINT", "SIGTERM"):
         result["val_loss_after"] = evaluate_loss(model, val_batches, run.autocast()) if val_batches else None
         result.update(write_samples(model, fmt, val_convs[: cfg.samples], run.run_dir / "samples.txt", device))
     return result

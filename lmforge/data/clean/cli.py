@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     from lmforge.data.clean.document import MAX_RECORD_BYTES
     from lmforge.data.clean.pipeline import CHUNK_DOCS
     from lmforge.data.clean.steps import DEFAULT_STEPS, STEPS
+    from lmforge.data.readers import add_split_args
 
     p = data_subparsers(subparsers).add_parser("clean", help="clean, filter and deduplicate a raw corpus")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
@@ -44,11 +45,13 @@ def register(subparsers) -> None:
     p.add_argument("--max-record-bytes", type=int, default=None, metavar="N",
                    help=f"larger records (a JSONL line, a text/HTML file, a WARC payload) are skipped and counted "
                    f"unreadable (default {MAX_RECORD_BYTES:,})")  # fmt: skip
+    add_split_args(p, defaults=False)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from lmforge.data.clean.pipeline import clean_corpus, format_summary, load_config, resolve_steps
+    from lmforge.data.readers import split_from_config
 
     cfg = load_config(args.config) if args.config else {}
     specs = resolve_steps(cfg.get("steps"), args.steps, args.languages)
@@ -63,6 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         executor=args.executor or cfg.get("executor", "local"),
         shard_docs=args.shard_docs if args.shard_docs is not None else cfg.get("shard_docs"),
         restart=args.restart,
+        split=split_from_config(args, cfg),
     )
     print(format_summary(report))
     return 0

@@ -13,8 +13,10 @@ Every record a file holds ends up either as a `Document` or as one `Unreadable` 
 
 Inputs: `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one document per non-blank line; the text in
 `text_field`, the id in `id_field`, else `file:line`; the other fields go to `metadata`),
-`.txt` (one document per file, id = the file name) and `.html`/`.htm` (one document per file;
-the raw page is `metadata["html"]` and `text` stays empty until the `extract_html` step).
+`.txt` (a stream of documents, split as `lmforge.data.textsplit` says: blank-line paragraphs grouped
+up to 16 KiB, or `doc_sep`; id = `name:line`, source = `file:line`) and `.html`/`.htm` (one document
+per file, id = the file name; the raw page is `metadata["html"]` and `text` stays empty until the
+`extract_html` step).
 
 `.warc`, `.warc.gz`, `.warc.wet.gz` (warcio): one document per 2xx `response` (or `resource`,
 `conversion`) record whose type is HTML (-> `metadata["html"]`, like an `.html` file) or plain text
@@ -28,7 +30,9 @@ at the next record found (the next gzip member, or the next `WARC/1.` line).
 A record larger than `max_record_bytes` (default `MAX_RECORD_BYTES`, 16 MiB: far above any real
 document; a 100 MB single-line JSONL record or text file is junk, and would cost gigabytes in the steps)
 is one `Unreadable` entry with its size, and is never held in memory whole: a JSONL line is read
-through in blocks, a `.txt`/`.html` file is judged by its size, a WARC payload by its first bytes.
+through in blocks, an `.html` file is judged by its size, a WARC payload by its first bytes. A `.txt`
+file is read whole and split into documents of at most `doc_bytes` (`max_doc_bytes` with `doc_sep`),
+cutting over-long lines with a warning, so no limit applies to the file.
 
 `hf:NAME_OR_PATH[:SPLIT]` (the `datasets` library, `pip install 'lmforge[hf]'`): a folder written
 by `save_to_disk` (also recognised without the `hf:` prefix), a local script-free dataset folder
@@ -49,8 +53,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.data.readers import open_jsonl, parse_jsonl_line, stream_errors
-from lmforge.errors import LmforgeError
+from lmforge.data.readers import guess_encoding, open_jsonl, parse_jsonl_line, stream_errors
+from lmforge.data.textsplit import SplitStats, TextSplit, split_notes, split_text
+from lmforge.errors import LmforgeError, warn
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 HTML_SUFFIXES = (".html", ".htm")
@@ -169,9 +174,14 @@ def _too_large(size: int, limit: int) -> str:
     return f"record too large ({size:,} bytes; max_record_bytes is {limit:,})"
 
 
-def _read_whole(path: Path, kind: str, bad: list[Unreadable], limit: int) -> Iterator[Document]:
+def _not_utf8(data: bytes) -> str:
+    enc = guess_encoding(data)
+    return "binary data (not UTF-8 text)" if enc is None else f"not UTF-8 (it looks like {enc.upper()}: convert it)"
+
+
+def _read_whole(path: Path, kind: str, bad: list[Unreadable], limit: int, split: TextSplit) -> Iterator[Document]:
     size = path.stat().st_size
-    if size > limit:
+    if size > limit and kind != ".txt":
         bad.append(Unreadable(str(path), None, _too_large(size, limit)))
         return
     data = path.read_bytes()
@@ -180,13 +190,19 @@ def _read_whole(path: Path, kind: str, bad: list[Unreadable], limit: int) -> Ite
         return
     text = _decode(data)
     if text is None or "\x00" in text:
-        bad.append(Unreadable(str(path), None, "binary data (not UTF-8 text)"))
+        bad.append(Unreadable(str(path), None, _not_utf8(data) if text is None else "binary data (not UTF-8 text)"))
         return
+    del data
     text = text.removeprefix("\ufeff")
-    if kind == ".txt":
-        yield Document(id=path.name, text=text, metadata={}, source=str(path), file=str(path))
-    else:
+    if kind != ".txt":
         yield Document(id=path.name, text="", metadata={"html": text}, source=str(path), file=str(path))
+        return
+    stats = SplitStats()
+    for piece in split_text(text, split, stats):
+        yield Document(id=f"{path.name}:{piece.line}", text=piece.text, metadata={}, source=f"{path}:{piece.line}",
+                       file=str(path))  # fmt: skip
+    for note in split_notes(str(path), split, stats):
+        warn(note)
 
 
 def _bounded_lines(f, limit: int) -> Iterator[bytes | int]:
@@ -476,6 +492,7 @@ def read_file(
     text_field: str = "text",
     id_field: str = "id",
     max_record_bytes: int = MAX_RECORD_BYTES,
+    split: TextSplit | None = None,
 ) -> Iterator[Document]:
     """The documents of one file (or dataset); what cannot be read is appended to `bad`."""
     limit = max_record_bytes
@@ -490,7 +507,7 @@ def read_file(
     elif kind in WARC_SUFFIXES:
         yield from _read_warc(path, bad, limit)
     else:
-        yield from _read_whole(path, kind, bad, limit)
+        yield from _read_whole(path, kind, bad, limit, split or TextSplit())
 
 
 def read_documents(
@@ -499,7 +516,8 @@ def read_documents(
     text_field: str = "text",
     id_field: str = "id",
     max_record_bytes: int = MAX_RECORD_BYTES,
+    split: TextSplit | None = None,
 ) -> Iterator[Document]:
     """Every document under `paths`, in a deterministic order; unreadable records go to `bad`."""
     for path in list_inputs(paths):
-        yield from read_file(path, bad, text_field, id_field, max_record_bytes)
+        yield from read_file(path, bad, text_field, id_field, max_record_bytes, split)

@@ -64,12 +64,24 @@ from lmforge.data.clean.document import MAX_RECORD_BYTES, Document, Unreadable, 
 from lmforge.data.clean.executors import check_executor, map_shards
 from lmforge.data.clean.steps import DEFAULT_STEPS, configure
 from lmforge.data.clean.steps.text import word_backend
+from lmforge.data.textsplit import TextSplit
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_dir, atomic_path, atomic_write_json
 
 CHUNK_DOCS = 256  # documents per shard (the default `shard_docs`): one task for a worker, one commit
 CHUNK_BYTES = 1 << 20  # characters of text (or HTML) at which a shard closes early: long documents
-CONFIG_KEYS = {"steps", "text_field", "id_field", "max_record_bytes", "workers", "executor", "shard_docs"}
+CONFIG_KEYS = {
+    "steps",
+    "text_field",
+    "id_field",
+    "max_record_bytes",
+    "workers",
+    "executor",
+    "shard_docs",
+    "doc_sep",
+    "doc_bytes",
+    "max_doc_bytes",
+}
 WORK = ".work"  # under OUT
 WORK_VERSION = 1  # of the work folder's layout; part of the fingerprint
 RUN_KEYS = ("workers", "executor", "shards", "seconds", "docs_per_second")  # report keys that describe the run
@@ -187,14 +199,14 @@ def process_shard(task: tuple[list[dict], list[Document]]) -> dict:
 
 
 def _read_shards(
-    files: list, text_field: str, id_field: str, shard_docs: int, max_record_bytes: int
+    files: list, text_field: str, id_field: str, shard_docs: int, max_record_bytes: int, split: TextSplit
 ) -> Iterator[tuple]:
     """(k, documents, unreadable records met while filling it) for each shard `k` of the input stream."""
     bad: list[Unreadable] = []
     docs: list[Document] = []
     k = size = seen = 0
     for f in files:
-        for doc in read_file(f, bad, text_field, id_field, max_record_bytes):
+        for doc in read_file(f, bad, text_field, id_field, max_record_bytes, split):
             docs.append(doc)
             size += len(doc.text) + len(doc.metadata.get("html", ""))
             if len(docs) >= shard_docs or size >= CHUNK_BYTES:
@@ -220,7 +232,13 @@ def _size_mtime(p: Path) -> list[int]:
 
 
 def _manifest(
-    files: list, specs: list[dict], text_field: str, id_field: str, shard_docs: int, max_record_bytes: int
+    files: list,
+    specs: list[dict],
+    text_field: str,
+    id_field: str,
+    shard_docs: int,
+    max_record_bytes: int,
+    split: TextSplit,
 ) -> dict:
     from lmforge import __version__
 
@@ -229,6 +247,7 @@ def _manifest(
         "lmforge": __version__,
         "steps": specs,
         "fields": {"text": text_field, "id": id_field, "max_record_bytes": max_record_bytes},
+        "text_split": split.to_dict(),
         "shards": {"docs": shard_docs, "chars": CHUNK_BYTES},
         "inputs": [_input_stat(f) for f in files],
     }
@@ -323,6 +342,7 @@ def clean_corpus(
     executor: str = "local",
     shard_docs: int | None = None,
     restart: bool = False,
+    split: TextSplit | None = None,
 ) -> dict:
     """Clean the documents under `inputs` into `out`, resuming an interrupted run of the same config there
     (see the module docstring); return the report."""
@@ -338,10 +358,12 @@ def clean_corpus(
     max_record_bytes = MAX_RECORD_BYTES if max_record_bytes is None else max_record_bytes
     if max_record_bytes < 1:
         raise LmforgeError(f"max_record_bytes must be at least 1, got {max_record_bytes}")
+    split = split or TextSplit()
     files = list_inputs(inputs)  # a missing input fails before `out` is touched
     out = Path(out)
     work = out / WORK
-    done = _open_work(work, _manifest(files, specs, text_field, id_field, shard_docs, max_record_bytes), restart)
+    manifest = _manifest(files, specs, text_field, id_field, shard_docs, max_record_bytes, split)
+    done = _open_work(work, manifest, restart)
     (out / "report.json").unlink(missing_ok=True)  # the folder is unfinished until the new report lands
     _remove_temps(out)
 
@@ -354,7 +376,7 @@ def clean_corpus(
     def tasks():
         nonlocal n_shards
         prepared = executor != "local"
-        for k, docs, bad in _read_shards(files, text_field, id_field, shard_docs, max_record_bytes):
+        for k, docs, bad in _read_shards(files, text_field, id_field, shard_docs, max_record_bytes, split):
             n_shards = k + 1
             if k in done:
                 bar.update(len(docs))
