@@ -13,8 +13,8 @@ and into a training and a held-out side exactly as `lmforge tokenizer train` spl
 becomes documents of at most 16 KiB) and `HeldOut` (every 20th document of the stream held out, 5% of each file).
 
 Trainers, the same vocabulary size, min_frequency 2, the same four special tokens:
-  - lmforge: `train_tokenizer([en, zh], V, out)` (its pre-tokenizer `PRETOKENIZE_PATTERN`: cl100k with digits one
-    by one and Han runs apart from other letters), which applies the split itself; the script checks that its
+  - lmforge: `train_tokenizer([en, zh], V, out)` (its pre-tokenizer `PRETOKENIZE_PATTERN`: cl100k with ASCII digits
+    one by one and Han runs apart from other letters), which applies the split itself; the script checks that its
     document counts equal the ones computed here;
   - tokenizers: `ByteLevelBPETokenizer` (GPT-2's pre-tokenizer regex, no prefix space), `train_from_iterator` on
     the training documents (the same ~1 MB batches lmforge hands its trainer).

