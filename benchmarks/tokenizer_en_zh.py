@@ -101,7 +101,7 @@ def train_lmforge(files: dict[str, Path], vocab_size: int, out: Path, held: Held
     from tokenizers import Tokenizer
 
     report = train_tokenizer([files[lang] for lang in LANGS], vocab_size, out)
-    for key, ours in (("train_docs", held.train_docs), ("heldout_docs", held.held_docs)):
+    for key, ours in held.counts().items():
         if report[key] != ours:  # the comparison is only fair on the same documents
             raise SystemExit(f"lmforge's split differs from this script's: {key} {report[key]} != {ours}")
     return Tokenizer.from_file(str(out / "tokenizer.json")), report["train_seconds"], report

@@ -87,21 +87,11 @@ def _check_section(recipe: dict, name: str, known: set[str]) -> dict:
     section = recipe.get(name) or {}
     if not isinstance(section, dict):
         raise LmforgeError(f"recipe: {name} must be a mapping of fields, got {section!r}")
-    for key in sorted(set(section) - known):
-        raise LmforgeError(f"recipe: unknown {name} field {key!r}{did_you_mean(key, known)}; known: "
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise LmforgeError(f"recipe: unknown {name} field {unknown[0]!r}{did_you_mean(unknown[0], known)}; known: "
                            f"{', '.join(sorted(known))}")  # fmt: skip
     return section
-
-
-def _inputs_identity(inputs: list) -> list:
-    """Path, size and mtime of every input file: what the clean stage's key depends on."""
-    from lmforge.data.clean.document import list_inputs
-
-    out = []
-    for f in list_inputs(inputs):
-        st = f.stat() if isinstance(f, Path) else None
-        out.append([str(f), st.st_size, st.st_mtime_ns] if st else [str(f)])
-    return out
 
 
 def _loop_result(state: StageState, name: str, result: dict, max_steps: int) -> None:
@@ -145,7 +135,8 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
     from lmforge.align.grpo import GrpoConfig, grpo
     from lmforge.align.prefs import chosen_as_sft, task_pairs
     from lmforge.config import to_dict
-    from lmforge.data.clean.pipeline import clean_corpus, format_summary, resolve_steps
+    from lmforge.data.clean.document import list_inputs
+    from lmforge.data.clean.pipeline import clean_corpus, format_summary, input_stat, resolve_steps
     from lmforge.data.corpora import CHAT, TEXT, chat_file, corpus_files
     from lmforge.data.textsplit import TextSplit
     from lmforge.data.tokenize_cmd import format_summary as format_tokenize_summary
@@ -160,7 +151,6 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
     if not isinstance(corpus, list) or not corpus or not all(isinstance(c, str) for c in corpus):
         raise LmforgeError(f"recipe: corpus must be a corpus name ({', '.join(TEXT)}) or a list of names and "
                            f"files/folders, got {recipe.get('corpus')!r}")  # fmt: skip
-    inputs = corpus_files(corpus, out / "corpus")
     clean_dir, tok_dir, shard_dir, run_dir = out / "clean", out / "tokenizer", out / "shards", out / "pretrain"
     sft_dir = out / "sft"
     # Check every section before the first minute of work.
@@ -171,11 +161,12 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
                    **_check_section(recipe, "tokenizer", TOKENIZER_KEYS)}  # fmt: skip
     tokenize_section = {"val_fraction": 0.05, **_check_section(recipe, "tokenize", TOKENIZE_KEYS)}
     tcfg = resolve_train_config(recipe.get("pretrain", {}), {"data": str(shard_dir), "out": str(run_dir)}, {})
-    scfg = None
+    scfg = chat_set = None
     if "sft" in recipe:
         sft_section = dict(recipe["sft"] or {})
-        if sft_section.get("data") in CHAT:  # a packaged set written out as JSONL first
-            sft_section["data"] = str(chat_file(sft_section["data"], out / "corpus"))
+        if sft_section.get("data") in CHAT:  # a packaged set, written out as JSONL once the recipe is checked
+            chat_set = sft_section["data"]
+            sft_section["data"] = str(out / "corpus" / f"{chat_set}.jsonl")
         scfg = resolve_sft_config(sft_section, {"base": str(run_dir), "out": str(sft_dir)}, {})
     wcfg = gcfg = None
     align = recipe.get("align")
@@ -196,8 +187,13 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
     sample = {"prompts": ["\n"], "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "seed": 0,
               **_check_section(recipe, "sample", {"prompts", "max_new_tokens", "temperature", "top_k", "seed"})}  # fmt: skip
 
+    # The recipe is checked: now the packaged corpora that need converting are written (once) into OUT/corpus.
+    inputs = corpus_files(corpus, out / "corpus")
+    if chat_set is not None:
+        chat_file(chat_set, out / "corpus")
+
     n = 9 if gcfg else 7 if scfg else 5
-    action = state.begin("clean", {"inputs": _inputs_identity(inputs), "steps": clean_steps,
+    action = state.begin("clean", {"inputs": [input_stat(f) for f in list_inputs(inputs)], "steps": clean_steps,
                                    "split": split.to_dict()}, [], [clean_dir])  # fmt: skip
     _say(f"[1/{n}] data clean -> {clean_dir}: {action}")
     if action != "skip":

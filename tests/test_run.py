@@ -128,10 +128,11 @@ def test_rerun_skips_resumes_and_rebuilds_what_changed(small_corpus, tmp_path, c
 
 def test_recipe_sections_reject_unknown_fields(tmp_path, capsys):
     path = tmp_path / "r.yaml"
-    path.write_text("tokenizer: {vocab: 8000}\n")
-    assert main(["run", "--recipe", str(path)]) == 2
+    path.write_text("corpus: [people-daily-1998, shakespeare]\ntokenizer: {vocab: 8000}\n")
+    assert main(["run", "--recipe", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "unknown tokenizer field 'vocab' (did you mean 'vocab_size'?)" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # a bad recipe writes nothing, not even the converted corpora
 
 
 @pytest.mark.slow

@@ -25,8 +25,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from lmforge.data.textsplit import SplitStats, TextSplit, split_notes, split_text
-from lmforge.errors import LmforgeError, warn
+from lmforge.data.textsplit import TextSplit, split_file_text
+from lmforge.errors import LmforgeError
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 PARQUET_BATCH_ROWS = 1024
@@ -117,11 +117,8 @@ def _read_txt(path: Path, split: TextSplit) -> Iterator[Doc]:
         raise LmforgeError(f"{path}: empty file")
     text = _decode(data, str(path)).removeprefix("\ufeff")  # a byte-order mark is an encoding artifact, not text
     del data
-    stats = SplitStats()
-    for piece in split_text(text, split, stats):
+    for piece in split_file_text(text, split, str(path)):
         yield Doc(piece.text, f"{path}:{piece.line}", str(path))
-    for note in split_notes(str(path), split, stats):
-        warn(note)
 
 
 def open_jsonl(path: Path) -> BinaryIO:
@@ -230,7 +227,7 @@ def iter_texts(paths: Iterable[str | Path], text_field: str = "text", split: Tex
 
 def add_split_args(parser, defaults: bool = True) -> None:
     """`--doc-sep`, `--doc-bytes`, `--max-doc-bytes`: how `.txt` inputs split into documents (`textsplit.py`).
-    With `defaults=False` unset flags stay None, so a config file's values can fill them (`split_from_config`)."""
+    With `defaults=False` unset flags stay None, so a config file's values can fill them (`split_from_args`)."""
     from lmforge.data.textsplit import DOC_BYTES, MAX_DOC_BYTES
 
     parser.add_argument("--doc-sep", default=None, metavar="SEP",
@@ -251,14 +248,10 @@ def _unescape(sep: str | None) -> str | None:
     return None if sep is None else sep.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def split_from_args(args) -> TextSplit:
-    """The `TextSplit` of parsed `add_split_args` flags (`\\n`, `\\t` in --doc-sep read as escapes)."""
-    return TextSplit(doc_sep=_unescape(args.doc_sep), doc_bytes=args.doc_bytes, max_doc_bytes=args.max_doc_bytes)
-
-
-def split_from_config(args, cfg: dict) -> TextSplit:
-    """The `TextSplit` of flags (added with `defaults=False`) over a config's `doc_sep`, `doc_bytes`, `max_doc_bytes`."""
-    fields = {k: getattr(args, k) if getattr(args, k) is not None else cfg.get(k)
+def split_from_args(args, cfg: dict | None = None) -> TextSplit:
+    """The `TextSplit` of parsed `add_split_args` flags (`\\n`, `\\t` in --doc-sep read as escapes); flags left
+    unset (added with `defaults=False`) take a config's `doc_sep`, `doc_bytes`, `max_doc_bytes`."""
+    fields = {k: getattr(args, k) if getattr(args, k) is not None else (cfg or {}).get(k)
               for k in ("doc_sep", "doc_bytes", "max_doc_bytes")}  # fmt: skip
     fields["doc_sep"] = _unescape(fields["doc_sep"])
     return TextSplit(**{k: v for k, v in fields.items() if v is not None})

@@ -208,6 +208,17 @@ def split_text(text: str, split: TextSplit, stats: SplitStats | None = None) -> 
         yield Piece(piece, line)
 
 
+def split_file_text(text: str, split: TextSplit, path: str) -> Iterator[Piece]:
+    """`split_text` for the contents of file `path`, with a one-line warning afterwards about how it split (a
+    separator that never occurs, lines cut inside): what every `.txt` reader does."""
+    from lmforge.errors import warn
+
+    stats = SplitStats()
+    yield from split_text(text, split, stats)
+    for note in split_notes(path, split, stats):
+        warn(note)
+
+
 def split_notes(path: str, split: TextSplit, stats: SplitStats) -> list[str]:
     """One-line warnings about how a file split: a separator that never occurs, lines cut inside."""
     notes = []

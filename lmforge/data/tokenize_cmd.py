@@ -192,7 +192,8 @@ def tokenize_corpus(
     if held is None:
         raise LmforgeError(f"{', '.join(map(str, inputs))}: no documents (all texts are empty)")
     arr, (file, n, is_val) = held
-    n_docs = holdout.totals()["train_docs"] + holdout.totals()["val_docs"]
+    totals = holdout.totals()
+    n_docs = totals["train_docs"] + totals["val_docs"]
     if n_docs >= 2 and val_fraction > 0 and writers["val"].num_docs == 0 and not is_val:
         holdout.move(file, n, held=True)  # every file was too small for its share: the last document is val
         is_val = True

@@ -44,7 +44,7 @@ def _learn_merges(
         show_progress=False,
     )
     tok.train_from_iterator(held.train_batches(iter_docs(inputs, text_field, split)), trainer)
-    if held.train_docs == 0:
+    if held.counts()["train_docs"] == 0:
         raise LmforgeError(f"{', '.join(map(str, inputs))}: no documents to learn new tokens from")
     merges = [
         tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]
@@ -125,10 +125,7 @@ def extend_tokenizer(
         "requested_add": add,
         "added": added,
         "inputs": [str(Path(p).resolve()) for p in inputs],
-        "train_docs": held.train_docs,
-        "train_bytes": held.train_bytes,
-        "heldout_docs": held.held_docs,
-        "heldout_bytes": held.held_bytes,
+        **held.counts(),  # train_docs, train_bytes, heldout_docs, heldout_bytes
         "files": held.split.files,
         "heldout_bytes_per_token": {
             "base": bytes_per_token(base, held.texts),

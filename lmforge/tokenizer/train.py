@@ -122,7 +122,7 @@ class HeldOut:
                 batch, size = [], 0
         if last is not None:
             counts = self.split.files[last.file]
-            if self.split.fraction and self.held_docs == 0 and counts["train_docs"] > 1:
+            if self.split.fraction and not self.texts and counts["train_docs"] > 1:  # nothing held out yet
                 self.split.move(last.file, last_n, held=True)
                 self._hold(last.text, last_n)
             else:
@@ -130,21 +130,9 @@ class HeldOut:
         if batch:
             yield batch
 
-    @property
-    def train_docs(self) -> int:
-        return self.split.totals()["train_docs"]
-
-    @property
-    def train_bytes(self) -> int:
-        return self.split.totals()["train_bytes"]
-
-    @property
-    def held_docs(self) -> int:
-        return self.split.totals()["heldout_docs"]
-
-    @property
-    def held_bytes(self) -> int:
-        return self.split.totals()["heldout_bytes"]
+    def counts(self) -> dict[str, int]:
+        """train_docs, train_bytes, heldout_docs, heldout_bytes (the report's keys)."""
+        return self.split.totals()
 
 
 def bytes_per_token(tok, texts: list[str]) -> float | None:
@@ -278,11 +266,12 @@ def train_tokenizer(
         held.train_batches(iter_docs(inputs, text_field, split)), bpe_trainer(vocab_size, min_frequency, show_progress)
     )
     seconds = time.perf_counter() - t0
-    if held.train_docs == 0:
+    counts = held.counts()
+    if counts["train_docs"] == 0:
         raise LmforgeError(f"{', '.join(map(str, inputs))}: no documents to train on")
     check_special_ids(tok)
     if heldout_fraction > 0 and not held.texts:
-        warn(f"no held-out documents: the corpus has {held.train_docs} document(s) and no file has two to spare; "
+        warn(f"no held-out documents: the corpus has {counts['train_docs']} document(s) and no file has two to spare; "
              "bytes per token are not measured (add text, or lower --doc-bytes)")  # fmt: skip
     report = {
         "kind": "train",
@@ -292,12 +281,9 @@ def train_tokenizer(
         "vocab_size": tok.get_vocab_size(),
         "base_vocab_size": None,  # set by `lmforge tokenizer extend`: ids below it are the base tokenizer's
         "min_frequency": min_frequency,
-        "train_docs": held.train_docs,
-        "train_bytes": held.train_bytes,
+        **counts,  # train_docs, train_bytes, heldout_docs, heldout_bytes
         "heldout_fraction": heldout_fraction,
         "heldout_eval_docs": len(held.texts),
-        "heldout_docs": held.held_docs,
-        "heldout_bytes": held.held_bytes,
         "heldout_bytes_per_token": bytes_per_token(tok, held.texts),
         "heldout_by_language": bytes_per_token_by_language(tok, held.texts),
         "vocab_scripts": vocab_scripts(tok),

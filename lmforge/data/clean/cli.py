@@ -51,7 +51,7 @@ def register(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from lmforge.data.clean.pipeline import clean_corpus, format_summary, load_config, resolve_steps
-    from lmforge.data.readers import split_from_config
+    from lmforge.data.readers import split_from_args
 
     cfg = load_config(args.config) if args.config else {}
     specs = resolve_steps(cfg.get("steps"), args.steps, args.languages)
@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         executor=args.executor or cfg.get("executor", "local"),
         shard_docs=args.shard_docs if args.shard_docs is not None else cfg.get("shard_docs"),
         restart=args.restart,
-        split=split_from_config(args, cfg),
+        split=split_from_args(args, cfg),
     )
     print(format_summary(report))
     return 0

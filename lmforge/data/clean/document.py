@@ -54,8 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.data.readers import guess_encoding, open_jsonl, parse_jsonl_line, stream_errors
-from lmforge.data.textsplit import SplitStats, TextSplit, split_notes, split_text
-from lmforge.errors import LmforgeError, warn
+from lmforge.data.textsplit import TextSplit, split_file_text
+from lmforge.errors import LmforgeError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 HTML_SUFFIXES = (".html", ".htm")
@@ -197,12 +197,9 @@ def _read_whole(path: Path, kind: str, bad: list[Unreadable], limit: int, split:
     if kind != ".txt":
         yield Document(id=path.name, text="", metadata={"html": text}, source=str(path), file=str(path))
         return
-    stats = SplitStats()
-    for piece in split_text(text, split, stats):
+    for piece in split_file_text(text, split, str(path)):
         yield Document(id=f"{path.name}:{piece.line}", text=piece.text, metadata={}, source=f"{path}:{piece.line}",
                        file=str(path))  # fmt: skip
-    for note in split_notes(str(path), split, stats):
-        warn(note)
 
 
 def _bounded_lines(f, limit: int) -> Iterator[bytes | int]:

@@ -216,7 +216,7 @@ def _read_shards(
         yield k, docs, bad[seen:]
 
 
-def _input_stat(f) -> dict:
+def input_stat(f) -> dict:
     """What identifies the contents of input `f` without reading it: path, size, mtime (of each file of a
     local dataset folder). A Hub dataset (`hf:NAME`) is known by its name only."""
     if not isinstance(f, Path):
@@ -249,7 +249,7 @@ def _manifest(
         "fields": {"text": text_field, "id": id_field, "max_record_bytes": max_record_bytes},
         "text_split": split.to_dict(),
         "shards": {"docs": shard_docs, "chars": CHUNK_BYTES},
-        "inputs": [_input_stat(f) for f in files],
+        "inputs": [input_stat(f) for f in files],
     }
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
     return {"fingerprint": digest, **what}
