@@ -46,9 +46,9 @@ def main() -> None:
     from lmforge.align.rollout import task_accuracy
     from lmforge.align.tasks import get_task, make_split
     from lmforge.chat.template import ChatFormat
+    from lmforge.config import resolve
     from lmforge.fileio import atomic_write_text
     from lmforge.train.checkpoint import load_for_inference
-    from lmforge.train.finetune import resolve
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)

@@ -134,8 +134,8 @@ def corpus(zh_html: str | Path | None = None, seed: int = 0) -> list[tuple[str, 
 
 
 def lmforge_chain(names: list[str] = LMFORGE_CHAIN, options: dict | None = None):
-    from lmforge.data.clean.document import Document
     from lmforge.data.clean.steps import configure
+    from lmforge.data.readers import Document
 
     steps = [(name, *configure(name, (options or {}).get(name))) for name in names]
 

@@ -155,8 +155,8 @@ def rss_mib() -> float:
 
 
 def quality(docs, planted: int, hard_negatives: int, seed: int) -> dict:
-    from lmforge.data.clean.document import Document
     from lmforge.data.clean.steps import configure
+    from lmforge.data.readers import Document
 
     rng = random.Random(seed)
     pool = line_pool(docs)
@@ -277,8 +277,8 @@ def generate(docs, n: int, seed: int) -> tuple[list[tuple[str, str]], dict[str, 
 
 
 def throughput(docs, n: int, seed: int, cli: bool = False, cli_workers: int = 2) -> dict:
-    from lmforge.data.clean.document import Document
     from lmforge.data.clean.steps import configure
+    from lmforge.data.readers import Document
 
     stream, near, exact = generate(docs, n, seed)
     chars = sum(len(t) for _, t in stream)

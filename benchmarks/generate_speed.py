@@ -14,6 +14,7 @@ waits dominate everything).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = preset(args.preset)
-    cfg.max_seq_len = max(cfg.max_seq_len, 512, args.prompt_len + args.new_tokens)
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, 512, args.prompt_len + args.new_tokens))
     model = Transformer(cfg).eval()
     hf = None if args.no_hf else hf_llama(cfg)
     n = args.new_tokens

@@ -27,10 +27,11 @@ from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
-from lmforge.train.sft import resolve_sft_config, sft
+from lmforge.config import resolve
+from lmforge.train.sft import SftConfig, sft
 flags = json.loads(sys.argv[1])
 t0 = time.perf_counter()
-result = sft(resolve_sft_config({}, flags, {}))
+result = sft(resolve(SftConfig, {}, flags, {}))
 result["wall_s"] = time.perf_counter() - t0
 result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 result["state_mb"] = (4 * result["total_params"] + 12 * result["trainable_params"]) / 2**20

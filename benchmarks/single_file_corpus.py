@@ -24,11 +24,10 @@ def _curve(run: Path) -> list[dict]:
 
 
 def main() -> None:
-    from lmforge.config import resolve_train_config
     from lmforge.data.corpora import shakespeare_files
     from lmforge.data.tokenize_cmd import tokenize_corpus
     from lmforge.tokenizer.train import train_tokenizer
-    from lmforge.train.pretrain import pretrain
+    from lmforge.train.pretrain import pretrain, resolve_train_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)

@@ -11,8 +11,9 @@ import json
 
 import torch
 
-from lmforge.config import parse_set, resolve_train_config
+from lmforge.config import parse_set
 from lmforge.model.transformer import Transformer, count_params, flops_per_token
+from lmforge.train.pretrain import resolve_train_config
 
 
 def register(subparsers) -> None:

@@ -31,7 +31,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from lmforge.config import did_you_mean, load_yaml, parse_set, resolve_train_config
+from lmforge.config import did_you_mean, load_yaml, parse_set, resolve, to_dict
 from lmforge.data.corpora import shakespeare_files  # noqa: F401 (tests and benchmarks import it from here)
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write_json, atomic_write_text
@@ -40,8 +40,6 @@ from lmforge.run_state import StageState
 RECIPE_KEYS = {"out", "corpus", "clean", "tokenizer", "tokenize", "pretrain", "sample", "sft", "chat", "align"}
 ALIGN_KEYS = {"task", "warmup_examples", "warmup", "grpo"}
 CLEAN_KEYS = {"steps", "doc_sep", "doc_bytes", "max_doc_bytes"}
-TOKENIZER_KEYS = {"vocab_size", "min_frequency", "heldout_fraction"}
-TOKENIZE_KEYS = {"val_fraction"}
 EXIT_TIME_BUDGET = 3  # the recipe ran to its end, but a stage stopped at its time budget (`max_seconds`)
 
 
@@ -94,6 +92,22 @@ def _check_section(recipe: dict, name: str, known: set[str]) -> dict:
     return section
 
 
+def _section(recipe: dict, name: str) -> dict:
+    """A recipe section that configures a command; the paths it reads and writes are the recipe's to set."""
+    section = recipe.get(name) or {}
+    if not isinstance(section, dict):
+        raise LmforgeError(f"recipe: {name} must be a mapping of fields, got {section!r}")
+    fixed = sorted(set(section) & {"input", "out", "tokenizer"})
+    if fixed:
+        raise LmforgeError(f"recipe: {name}.{fixed[0]} is set by `lmforge run` (inputs and outputs live under --out)")
+    return section
+
+
+def _stage_key(cfg) -> dict:
+    """What decides whether a stage's output is still good (stages.json): its config without the paths."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("input", "out", "tokenizer")}
+
+
 def _loop_result(state: StageState, name: str, result: dict, max_steps: int) -> None:
     """Record how a training stage ended; stop the pipeline on a signal (the checkpoint is saved)."""
     stopped = result.get("stopped")
@@ -134,17 +148,16 @@ def run_recipe(recipe: dict, out: Path) -> dict:
 def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
     from lmforge.align.grpo import GrpoConfig, grpo
     from lmforge.align.prefs import chosen_as_sft, task_pairs
-    from lmforge.config import to_dict
-    from lmforge.data.clean.document import list_inputs
     from lmforge.data.clean.pipeline import clean_corpus, format_summary, input_stat, resolve_steps
     from lmforge.data.corpora import CHAT, TEXT, chat_file, corpus_files
+    from lmforge.data.readers import list_inputs
     from lmforge.data.textsplit import TextSplit
+    from lmforge.data.tokenize_cmd import TokenizeConfig, tokenize_corpus
     from lmforge.data.tokenize_cmd import format_summary as format_tokenize_summary
-    from lmforge.data.tokenize_cmd import tokenize_corpus
+    from lmforge.tokenizer.cli import TokenizerTrainConfig
     from lmforge.tokenizer.train import format_report, train_tokenizer
-    from lmforge.train.finetune import resolve
-    from lmforge.train.pretrain import pretrain
-    from lmforge.train.sft import resolve_sft_config, sft
+    from lmforge.train.pretrain import pretrain, resolve_train_config
+    from lmforge.train.sft import SftConfig, sft
 
     corpus = recipe.get("corpus", "shakespeare")
     corpus = [corpus] if isinstance(corpus, str) else corpus
@@ -157,17 +170,22 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
     clean = _check_section(recipe, "clean", CLEAN_KEYS)
     split = TextSplit(**{k: clean[k] for k in ("doc_sep", "doc_bytes", "max_doc_bytes") if k in clean})
     clean_steps = resolve_steps(clean.get("steps"))  # None: the default pipeline of `lmforge data clean`
-    tok_section = {"vocab_size": 4096, "min_frequency": 2, "heldout_fraction": 0.05,
-                   **_check_section(recipe, "tokenizer", TOKENIZER_KEYS)}  # fmt: skip
-    tokenize_section = {"val_fraction": 0.05, **_check_section(recipe, "tokenize", TOKENIZE_KEYS)}
-    tcfg = resolve_train_config(recipe.get("pretrain", {}), {"data": str(shard_dir), "out": str(run_dir)}, {})
+    # The tokenizer and tokenize sections are the commands' own configs (the recipe picks inputs and outputs).
+    kept = [str(clean_dir / "kept")]
+    tok_cfg = resolve(TokenizerTrainConfig, {"vocab_size": 4096, **_section(recipe, "tokenizer")},
+                      {"input": kept, "out": str(tok_dir)}, {}, prefix="tokenizer.")  # fmt: skip
+    tokenize_cfg = resolve(TokenizeConfig, {"val_fraction": 0.05, **_section(recipe, "tokenize")},
+                           {"input": kept, "tokenizer": str(tok_dir), "out": str(shard_dir)}, {}, prefix="tokenize.")  # fmt: skip
+    tok_section, tokenize_section = _stage_key(tok_cfg), _stage_key(tokenize_cfg)
+    tcfg = resolve_train_config(recipe.get("pretrain", {}), {"data": str(shard_dir), "out": str(run_dir)}, {},
+                                prefix="pretrain.")  # fmt: skip
     scfg = chat_set = None
     if "sft" in recipe:
         sft_section = dict(recipe["sft"] or {})
         if sft_section.get("data") in CHAT:  # a packaged set, written out as JSONL once the recipe is checked
             chat_set = sft_section["data"]
             sft_section["data"] = str(out / "corpus" / f"{chat_set}.jsonl")
-        scfg = resolve_sft_config(sft_section, {"base": str(run_dir), "out": str(sft_dir)}, {})
+        scfg = resolve(SftConfig, sft_section, {"base": str(run_dir), "out": str(sft_dir)}, {}, prefix="sft.")
     wcfg = gcfg = None
     align = recipe.get("align")
     if align is not None:
@@ -178,10 +196,10 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
         examples = align.get("warmup_examples", 8000)
         if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
             raise LmforgeError(f"recipe: align.warmup_examples must be a positive integer, got {examples!r}")
-        wcfg = resolve_sft_config(align.get("warmup", {}), {"base": str(sft_dir), "out": str(out / "task-sft"),
-                                                            "data": str(out / "task-sft.jsonl")}, {})  # fmt: skip
+        wcfg = resolve(SftConfig, align.get("warmup", {}), {"base": str(sft_dir), "out": str(out / "task-sft"),
+                       "data": str(out / "task-sft.jsonl")}, {}, prefix="align.warmup.")  # fmt: skip
         gcfg = resolve(GrpoConfig, align.get("grpo", {}), {"base": str(out / "task-sft"), "out": str(out / "grpo"),
-                                                            "task": task}, {})  # fmt: skip
+                       "task": task}, {}, prefix="align.grpo.")  # fmt: skip
     chat = {"questions": [], "max_new_tokens": 60, "temperature": 0.0, "system": None,
             **_check_section(recipe, "chat", {"questions", "max_new_tokens", "temperature", "system"})}  # fmt: skip
     sample = {"prompts": ["\n"], "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "seed": 0,
@@ -204,17 +222,18 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
     action = state.begin("tokenizer", tok_section, ["clean"], [tok_dir])
     _say(f"[2/{n}] tokenizer -> {tok_dir}: {action}")
     if action != "skip":
-        report = train_tokenizer(inputs, int(tok_section["vocab_size"]), tok_dir,
-                                 min_frequency=int(tok_section["min_frequency"]),
-                                 heldout_fraction=float(tok_section["heldout_fraction"]))  # fmt: skip
+        report = train_tokenizer(inputs, tok_cfg.vocab_size, tok_dir, min_frequency=tok_cfg.min_frequency,
+                                 heldout_fraction=tok_cfg.heldout_fraction, text_field=tok_cfg.text_field,
+                                 split=tok_cfg.text_split(), model_max_length=tok_cfg.model_max_length)  # fmt: skip
         _say(textwrap.indent(format_report(report, tok_dir), "      "))
         state.finish("tokenizer")
     action = state.begin("tokenize", tokenize_section, ["tokenizer"], [shard_dir])
     _say(f"[3/{n}] tokenize -> {shard_dir}: {action}")
     if action != "skip":
         t0 = time.perf_counter()
-        index = tokenize_corpus(inputs, tok_dir, shard_dir, val_fraction=float(tokenize_section["val_fraction"]),
-                                progress=False)  # fmt: skip
+        index = tokenize_corpus(inputs, tok_dir, shard_dir, val_fraction=tokenize_cfg.val_fraction,
+                                workers=tokenize_cfg.workers, shard_tokens=tokenize_cfg.shard_tokens,
+                                text_field=tokenize_cfg.text_field, split=tokenize_cfg.text_split(), progress=False)  # fmt: skip
         _say(textwrap.indent(format_tokenize_summary(index, shard_dir, time.perf_counter() - t0), "      "))
         state.finish("tokenize")
     action = state.begin("pretrain", to_dict(tcfg), ["tokenize"], [run_dir])

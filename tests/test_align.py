@@ -168,7 +168,7 @@ def _metrics(run):
 
 def test_reward_model_learns_a_preference_and_reloads(base_run, style_pairs, tmp_path):
     from lmforge.align.reward import RewardConfig, load_reward_model, train_reward
-    from lmforge.train.finetune import resolve
+    from lmforge.config import resolve
 
     out = tmp_path / "rm"
     cfg = resolve(RewardConfig, {}, {"base": str(base_run), "data": str(style_pairs), "out": str(out)},
@@ -220,7 +220,7 @@ def test_bad_pairs_leave_no_run_folder(base_run, tmp_path, capsys, stage):
 
 def test_grpo_runs_logs_rl_metrics_and_resumes(base_run, tmp_path, toy_task):
     from lmforge.align.grpo import GrpoConfig, grpo
-    from lmforge.train.finetune import resolve
+    from lmforge.config import resolve
 
     def cfg(out, **over):
         sets = {"max_steps": 4, "batch_size": 2, "group_size": 4, "max_new_tokens": 8, "eval_prompts": 8,
@@ -243,7 +243,7 @@ def test_grpo_runs_logs_rl_metrics_and_resumes(base_run, tmp_path, toy_task):
 
 def test_grpo_stops_when_kl_explodes_keeping_the_last_checkpoint(base_run, tmp_path, toy_task):
     from lmforge.align.grpo import GrpoConfig, grpo
-    from lmforge.train.finetune import resolve
+    from lmforge.config import resolve
 
     sets = {"max_steps": 6, "batch_size": 2, "group_size": 4, "max_new_tokens": 8, "eval_prompts": 0, "lr": 5e-2,
             "train_prompts": 50, "ckpt_every": 1, "max_kl": 1e-6, "warmup_steps": 0}  # fmt: skip

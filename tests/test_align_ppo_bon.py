@@ -45,7 +45,7 @@ def _metrics(run):
 
 def _ppo_cfg(base_run, out, task, **over):
     from lmforge.align.ppo import PpoConfig
-    from lmforge.train.finetune import resolve
+    from lmforge.config import resolve
 
     sets = {"max_steps": 4, "batch_size": 8, "max_new_tokens": 8, "eval_prompts": 6, "train_prompts": 40,
             "eval_every": 0, "log_every": 1, "lr": 3e-3, "warmup_steps": 1, "vf_coef": 0.5, **over}  # fmt: skip
@@ -104,7 +104,7 @@ def test_ppo_stops_when_the_rollout_kl_exceeds_max_kl(base_run, tmp_path, toy_ta
 def reward_run(base_run, style_pairs, tmp_path_factory):
     """A reward model trained for 2 steps: enough to be a reward model, scores differ by answer."""
     from lmforge.align.reward import RewardConfig, train_reward
-    from lmforge.train.finetune import resolve
+    from lmforge.config import resolve
 
     out = tmp_path_factory.mktemp("rm") / "rm"
     sets = {"max_steps": 2, "batch_size": 4, "lr": 3e-3, "warmup_steps": 0, "eval_batches": 1, "log_every": 1}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lmforge.data.clean.document import Document
 from lmforge.data.clean.steps import configure
+from lmforge.data.readers import Document
 
 
 def _docs(n: int = 12, lines: int = 40) -> list[str]:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.clean.document import Document
 from lmforge.data.clean.pipeline import clean_corpus
 from lmforge.data.clean.steps import DEFAULT_STEPS, STEPS, configure
 from lmforge.data.clean.steps.text import words
 from lmforge.data.clean.steps.toxicity import WORDLISTS
+from lmforge.data.readers import Document
 from lmforge.errors import LmforgeError
 
 EN = (

@@ -74,7 +74,7 @@ def test_accounting_with_bad_input(messy, tmp_path):
     why = {(Path(u["file"]).name, u["line"]): u["why"] for u in report["unreadable"]}
     assert "not valid JSON" in why[("a.jsonl", 2)] and "no 'text' field" in why[("a.jsonl", 3)]
     assert "truncated" in next(w for (f, _), w in why.items() if f == "b.jsonl.gz")
-    assert "binary" in why[("c.jsonl", 1)] and "binary" in why[("d.txt", None)]
+    assert "not valid UTF-8 (byte 0xff at offset 13)" in why[("c.jsonl", 1)] and "binary" in why[("d.txt", None)]
     assert why[("e.jsonl", None)] == "empty file" and "unsupported" in why[("g.bin", None)]
     for f, n in report["per_file"].items():
         assert n["input"] == n["kept"] + n["rejected"] + n["unreadable"], f

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.clean.document import HfSource, list_inputs, read_file
 from lmforge.data.clean.pipeline import clean_corpus
+from lmforge.data.readers import HfSource, list_inputs, read_file
 from lmforge.errors import LmforgeError
 
 STEPS = [{"name": "extract_html"}, {"name": "normalize"}, {"name": "gopher_quality", "min_words": 20}]
@@ -225,7 +225,7 @@ def test_hf_saved_dataset_through_the_pipeline(offline, tmp_path):
             f"hf:{tmp_path / 'saved'}": {"input": 6, "kept": 2, "rejected": 2, "unreadable": 2}
         }
         why = {u["line"]: u["why"] for u in report["unreadable"]}
-        assert why == {2: "no 'text' field", 6: "binary data (NUL characters)"}
+        assert why == {2: "record has no 'text' field", 6: "binary data (NUL characters)"}
         kept = [json.loads(line) for line in (out / "kept/part-00000.jsonl").read_text().splitlines()]
         assert [r["id"] for r in kept] == ["a", "c"] and kept[0]["metadata"]["url"] == "http://example.org/0"
         assert kept[0]["metadata"]["crawled"].startswith("2024-01-01") and kept[0]["source"].endswith(":1")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.data.clean.document import Document
 from lmforge.data.clean.steps import STEPS, configure
 from lmforge.data.clean.steps.text import is_cjk_text, words
+from lmforge.data.readers import Document
 from lmforge.errors import LmforgeError
 
 EN = (

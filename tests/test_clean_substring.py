@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.data.clean.document import Document
 from lmforge.data.clean.pipeline import clean_corpus
 from lmforge.data.clean.steps import DEFAULT_STEPS, configure
 from lmforge.data.clean.steps.substring import removed_mask
+from lmforge.data.readers import Document
 from lmforge.errors import LmforgeError
 
 BOILER = "Subscribe to our newsletter for the latest updates. All rights reserved, Example Media 2024.\n"

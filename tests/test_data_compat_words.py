@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.data.clean.document import Document
 from lmforge.data.clean.steps import configure
 from lmforge.data.clean.steps import text as T
+from lmforge.data.readers import Document
 from lmforge.errors import LmforgeError
 
 # A line of Shakespeare-like text, and spaCy 3.8's blank English tokens for it (from spacy.blank("en")).

@@ -14,10 +14,10 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.data import quality as q
-from lmforge.data.clean.document import Document
 from lmforge.data.clean.pipeline import clean_corpus
 from lmforge.data.clean.steps import configure
 from lmforge.data.quality_cmd import train_quality
+from lmforge.data.readers import Document
 from lmforge.errors import LmforgeError
 
 ZH = "这条河在夜里慢慢上涨，到了早上，低处的田地已经被水淹没了。在山谷里生活了几十年的农民说，他们从来没有见过这样的情况。"

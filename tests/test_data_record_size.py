@@ -6,8 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 
-from lmforge.data.clean.document import read_file
 from lmforge.data.clean.pipeline import clean_corpus
+from lmforge.data.readers import read_file
 
 
 def _line(text: str) -> str:

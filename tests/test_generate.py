@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
-from lmforge.model.transformer import KVCache
+from lmforge.model.transformer import MLPS, NORMS, POS_ENCODINGS, KVCache
 from lmforge.serve.generate import FusedDecoder, generate, generate_no_cache
 from lmforge.serve.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, pick
 
@@ -113,16 +114,12 @@ def variant(**overrides) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-@pytest.mark.parametrize("batch", [1, 3])  # batch 1 and above take different matmul layouts
-@pytest.mark.parametrize("padded", [False, True])
-@torch.inference_mode()
-def test_fused_decode_step_matches_model_forward(name, batch, padded):
-    model = variant(**VARIANTS[name])
+def _check_fused_decode(model, batch: int, padded: bool) -> None:
+    """Prefill a prompt, then decode 4 tokens both ways: the fused step's logits and cache equal the model's."""
     assert FusedDecoder.supports(model)
-    P, steps = 6, 4
+    P, steps, V = 6, 4, model.cfg.vocab_size
     torch.manual_seed(1)
-    prompt = torch.randint(0, 101, (batch, P))
+    prompt = torch.randint(0, V, (batch, P))
     kw, key_mask = {}, None
     if padded:  # row 0 left-padded by 2: positions counted from its first real token
         key_mask = torch.ones(batch, P + steps, dtype=torch.bool)
@@ -132,7 +129,7 @@ def test_fused_decode_step_matches_model_forward(name, batch, padded):
     model(prompt, cache=ref_cache, **kw)
     model(prompt, cache=fused_cache, **kw)
     decoder = FusedDecoder(model, batch)
-    tok = torch.randint(0, 101, (batch, steps))
+    tok = torch.randint(0, V, (batch, steps))
     for i in range(steps):
         L = P + i + 1
         pos = kw["positions"][:, -1] + 1 + i if padded else None
@@ -142,6 +139,71 @@ def test_fused_decode_step_matches_model_forward(name, batch, padded):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert fused_cache.length == ref_cache.length
     torch.testing.assert_close(fused_cache.k, ref_cache.k, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("batch", [1, 3])  # batch 1 and above take different matmul layouts
+@pytest.mark.parametrize("padded", [False, True])
+@torch.inference_mode()
+def test_fused_decode_step_matches_model_forward(name, batch, padded):
+    _check_fused_decode(variant(**VARIANTS[name]), batch, padded)
+
+
+# Every ModelConfig field, with the values the fused step is checked against the model's forward at. A new field
+# fails test_every_model_field_is_checked_by_the_fused_decode_test until it is added here, so a variant the fused
+# step would run differently (a new MLP, norm or position encoding) cannot slip past.
+FIELD_VALUES = {
+    "pos_encoding": list(POS_ENCODINGS),
+    "norm": list(NORMS),
+    "mlp": list(MLPS),
+    "n_kv_head": [4, 2, 1],
+    "d_ff": [None, 48],
+    "qk_norm": [False, True],
+    "bias": [False, True],
+    "qkv_bias": [False, True],
+    "tie_embeddings": [False, True],
+    "rope_theta": [10000.0, 300.0],
+    "norm_eps": [1e-5, 0.5],
+}
+SHAPE_FIELDS = {"vocab_size", "n_layer", "d_model", "n_head", "max_seq_len"}  # set by variant(), checked at its sizes
+NOT_IN_DECODE = {"dropout", "init_std"}  # generation runs in eval mode; the init only draws the weights
+
+
+def all_pairs(values: dict[str, list]) -> list[dict]:
+    """Configs in which every pair of values of every two fields occurs at least once (greedy covering arrays)."""
+    names = list(values)
+    key = {n: i for i, n in enumerate(names)}
+
+    def pairs(row: dict) -> set:
+        return {(a, row[a], b, row[b]) for a in row for b in row if key[a] < key[b]}
+
+    todo = {(a, i, b, j) for a in names for b in names if key[a] < key[b]
+            for i in range(len(values[a])) for j in range(len(values[b]))}  # fmt: skip
+    rows = []
+    while todo:
+        a, i, b, j = min(todo)
+        row = {a: i, b: j}
+        for n in names:
+            if n not in row:
+                row[n] = max(range(len(values[n])), key=lambda k: len(pairs({**row, n: k}) & todo))
+        todo -= pairs(row)
+        rows.append({n: values[n][row[n]] for n in names})
+    return rows
+
+
+def test_every_model_field_is_checked_by_the_fused_decode_test():
+    assert {f.name for f in dataclasses.fields(ModelConfig)} == set(FIELD_VALUES) | SHAPE_FIELDS | NOT_IN_DECODE
+    rows = all_pairs(FIELD_VALUES)
+    seen = {(a, str(r[a]), b, str(r[b])) for r in rows for a in FIELD_VALUES for b in FIELD_VALUES}
+    wanted = {(a, str(x), b, str(y)) for a in FIELD_VALUES for b in FIELD_VALUES if a != b
+              for x in FIELD_VALUES[a] for y in FIELD_VALUES[b]}  # fmt: skip
+    assert wanted <= seen and len(rows) < 20
+
+
+@pytest.mark.parametrize("overrides", all_pairs(FIELD_VALUES), ids=lambda r: "-".join(f"{v}" for v in r.values()))
+@torch.inference_mode()
+def test_fused_decode_matches_the_model_for_every_pair_of_field_values(overrides):
+    _check_fused_decode(variant(**overrides), batch=3, padded=True)
 
 
 @pytest.mark.parametrize("name", VARIANTS)

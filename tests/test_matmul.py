@@ -146,3 +146,17 @@ def test_backend_names_are_checked():
     )
     assert r.returncode == 2
     assert r.stderr.strip() == "lmforge: error: LMFORGE_CPU_MATMUL must be one of onednn, aten, got 'mkl'"
+
+
+def test_importing_registers_no_op_building_a_linear_does():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, lmforge.model.transformer as t\n"
+        "ops = lambda: hasattr(torch.ops.lmforge, 'onednn_linear')\n"
+        "before = ops(); t.Transformer(t.ModelConfig(vocab_size=64, n_layer=1, d_model=32, n_head=2))\n"
+        "print(before, ops() or not torch.backends.mkldnn.is_available())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]

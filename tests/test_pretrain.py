@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.config import parse_set, resolve_train_config
+from lmforge.config import parse_set
 from lmforge.train.metrics import read_metrics
-from lmforge.train.pretrain import pretrain
+from lmforge.train.pretrain import pretrain, resolve_train_config
 
 SMALL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.max_seq_len=64", "warmup_steps=2",
          "log_every=1", "eval_batches=2", "lr=3e-3"]  # fmt: skip
@@ -182,8 +182,8 @@ def test_vocab_size_comes_from_the_tokenizer_unless_set(small_shards, tmp_path):
 )
 def test_unknown_config_field_suggests_the_closest(sets, message):
     from lmforge.align.dpo import DpoConfig
+    from lmforge.config import resolve
     from lmforge.errors import LmforgeError
-    from lmforge.train.finetune import resolve
 
     with pytest.raises(LmforgeError) as e:
         resolve_train_config({}, {}, parse_set(sets))

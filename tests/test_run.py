@@ -131,7 +131,9 @@ def test_recipe_sections_reject_unknown_fields(tmp_path, capsys):
     path.write_text("corpus: [people-daily-1998, shakespeare]\ntokenizer: {vocab: 8000}\n")
     assert main(["run", "--recipe", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "unknown tokenizer field 'vocab' (did you mean 'vocab_size'?)" in err and err.count("\n") == 1
+    assert (
+        "unknown config field 'tokenizer.vocab' (did you mean 'tokenizer.vocab_size'?)" in err and err.count("\n") == 1
+    )
     assert not (tmp_path / "out").exists()  # a bad recipe writes nothing, not even the converted corpora
 
 

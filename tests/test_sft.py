@@ -13,12 +13,13 @@ import torch
 from lmforge.chat.packing import Example, build_rows, encode_conversations, pack
 from lmforge.chat.template import ChatFormat
 from lmforge.cli import main
+from lmforge.config import resolve
 from lmforge.errors import LmforgeError
 from lmforge.model.lora import LoraConfig, apply_lora, lora_tensors, merge_lora
 from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.sft import resolve_sft_config, sft
+from lmforge.train.sft import SftConfig, sft
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -194,7 +195,7 @@ def _cfg(base_run, data, out, **over):
     sets.update(over)
     flags = {"base": str(base_run), "data": str(data), "out": str(out), "max_steps": 20, "batch_size": 4,
              "seq_len": 64, "lr": 3e-3}  # fmt: skip
-    return resolve_sft_config({}, flags, sets)
+    return resolve(SftConfig, {}, flags, sets)
 
 
 def _records(run):

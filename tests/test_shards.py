@@ -164,7 +164,7 @@ def test_readers_formats(tmp_path):
     with pytest.raises(LmforgeError, match="3.parquet: column 'n' is int64, not a string column"):
         list(iter_texts([tmp_path / "3.parquet"], text_field="n"))
     (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(lines.encode())[:-10])
-    with pytest.raises(LmforgeError, match="bad.jsonl.gz: cannot read"):
+    with pytest.raises(LmforgeError, match="bad.jsonl.gz:3: cannot read further: truncated"):
         list(iter_texts([tmp_path / "bad.jsonl.gz"]))
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.data.clean.document import read_file
 from lmforge.data.holdout import FileHoldout
-from lmforge.data.readers import iter_docs
+from lmforge.data.readers import iter_docs, read_file
 from lmforge.data.textsplit import SplitStats, TextSplit, nbytes, split_text
 from lmforge.errors import LmforgeError
 

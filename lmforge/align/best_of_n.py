@@ -32,7 +32,6 @@ trains where the model actually errs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -44,6 +43,7 @@ import torch
 from lmforge.align.rollout import RewardModelScorer, load_prompts, question_messages, sample, split_prompts
 from lmforge.align.tasks import get_task, make_split
 from lmforge.chat.template import ChatFormat
+from lmforge.cli_config import add_config_command
 from lmforge.config import require
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
@@ -52,18 +52,20 @@ from lmforge.train.checkpoint import load_for_inference
 from lmforge.train.common import pick_device
 
 
-@dataclass
+@dataclass(frozen=True)
 class BestOfNConfig:
+    """`lmforge best-of-n`: each field's comment is its help text."""
+
     model: str = ""  # the policy: run, checkpoint or imported model folder
     n: int = 8  # answers sampled per prompt
     task: str = ""  # verifier: add, mul, sort, reverse, convert
     reward_model: str = ""  # or a reward-model run (`lmforge reward`)
     prompts: str = ""  # with --reward-model: JSONL of {"prompt": text or messages}
     eval_prompts: int = 100  # held-out prompts to evaluate
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    curve: str = ""  # comma-separated k values (default: 1, 2, 4, ... up to n, and n)
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling (1 = off)
+    max_new_tokens: int = 64  # longest sampled answer
+    curve: str = ""  # comma-separated k values ("" = 1, 2, 4, ... up to n, and n)
     out_sft: str = ""  # write the best answers that pass as `messages` JSONL
     out_pairs: str = ""  # write (best, worst) answer pairs as preference JSONL
     min_gap: float = 0.0  # --out-pairs: the best must score more than this above the worst
@@ -72,7 +74,7 @@ class BestOfNConfig:
     report: str = ""  # folder for report.json, report.md, curve.png
     system: str = ""  # system prompt for prompts that have none ("" = none)
     seed: int = 1337  # picks held-out prompts (as `lmforge ppo` with the same seed) and seeds sampling
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, mps
 
     @property
     def ks(self) -> list[int]:
@@ -105,34 +107,14 @@ class BestOfNConfig:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("best-of-n", help="best-of-N sampling by a verifier or reward model: curve, RS data")
-    p.add_argument("--model", required=True, help="run, checkpoint or imported model folder")
-    p.add_argument("--n", type=int, required=True, help="answers sampled per prompt")
-    p.add_argument("--task", default="", help="verifier: add, mul, sort, reverse, convert")
-    p.add_argument("--reward-model", dest="reward_model", default="", help="reward-model run (`lmforge reward`)")
-    p.add_argument("--prompts", default="", help='with --reward-model: JSONL of {"prompt": text or messages}')
-    p.add_argument("--eval-prompts", dest="eval_prompts", type=int, default=100, help="held-out prompts (default 100)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", dest="top_p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
-    p.add_argument("--curve", default="", help="k values, e.g. 1,2,4,8,16 (default: powers of two up to --n)")
-    p.add_argument("--out-sft", dest="out_sft", default="", help="write passing best answers as messages JSONL")
-    p.add_argument("--min-reward", dest="min_reward", type=float, default=0.0, help="reward-model bar for --out-sft")
-    p.add_argument("--out-pairs", dest="out_pairs", default="", help="write (best, worst) answers as preference JSONL")
-    p.add_argument("--min-gap", dest="min_gap", type=float, default=0.0, help="--out-pairs: best - worst must exceed")
-    p.add_argument("--split", default="eval", help="eval (held-out prompts, default) or train (to build data)")
-    p.add_argument("--report", default="", help="folder for report.json, report.md, curve.png")
-    p.add_argument("--system", default="", help="system prompt for prompts that have none")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_main)
+    help = "best-of-N sampling by a verifier or reward model: curve, RS data"
+    add_config_command(subparsers, "best-of-n", help, BestOfNConfig, _run, description=__doc__)
 
 
-def _main(args: argparse.Namespace) -> int:
-    names = BestOfNConfig.__dataclass_fields__
-    report = best_of_n(BestOfNConfig(**{k: v for k, v in vars(args).items() if k in names}).validate())
+def _run(cfg: BestOfNConfig) -> dict:
+    report = best_of_n(cfg)
     print(report["table"])
-    return 0
+    return report
 
 
 def best_of_n(cfg: BestOfNConfig) -> dict:

@@ -31,9 +31,10 @@ from lmforge.eval.stats import wilson_interval
 from lmforge.model.lora import adapters_disabled
 from lmforge.train.common import setup_distributed, teardown_distributed
 from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command
+from lmforge.train.loop import train_loop
 
 
-@dataclass
+@dataclass(frozen=True)
 class DpoConfig(FinetuneConfig):
     """Direct preference optimization: the shared fine-tuning fields plus these."""
 
@@ -43,7 +44,7 @@ class DpoConfig(FinetuneConfig):
     simpo_gamma: float = 0.5  # simpo's target margin
     sft_coef: float = 0.0  # RPO (Pang et al. 2024): + sft_coef * the chosen answer's per-token NLL
     val_fraction: float = 0.1  # held-out prompts
-    lr: float = 5e-6
+    lr: float = 5e-6  # peak LR (preference optimization wants a smaller one than SFT)
 
     def validate(self) -> DpoConfig:
         if not self.data:
@@ -56,14 +57,8 @@ class DpoConfig(FinetuneConfig):
 
 
 def register(subparsers) -> None:
-    add_stage_command(
-        subparsers,
-        "dpo",
-        "direct preference optimization (DPO / IPO / SimPO) on pairs",
-        DpoConfig,
-        dpo,
-        {"data": "preference pairs JSONL"},
-    )
+    add_stage_command(subparsers, "dpo", "direct preference optimization (DPO / IPO / SimPO) on pairs", DpoConfig, dpo,
+                      __doc__)  # fmt: skip
 
 
 def pair_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,7 +74,7 @@ def dpo(cfg: DpoConfig) -> dict:
     run = FinetuneRun(cfg, "dpo", resume_fields=("data", "loss", "beta", "simpo_gamma", "sft_coef", "val_fraction"))
     dd = setup_distributed(run.device)
     try:
-        return _train(cfg, run, dd)
+        return _train(run.cfg, run, dd)
     finally:
         teardown_distributed()
 
@@ -112,9 +107,9 @@ def _train(cfg: DpoConfig, run: FinetuneRun, dd) -> dict:
             c, r, _ = pair_logprobs(ref if ref is not None else model, batch)
         return c, r
 
-    def step_loss(model_, batch, autocast):
+    def step(model_, batch):
         ref_c, ref_r = reference(batch)
-        with autocast():
+        with run.autocast():
             pi_c, pi_r, lengths = pair_logprobs(model_, batch)
         len_c, len_r = lengths.chunk(2)
         loss, rc, rr = loss_fn(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, gamma=cfg.simpo_gamma, len_c=len_c, len_r=len_r)
@@ -148,4 +143,6 @@ def _train(cfg: DpoConfig, run: FinetuneRun, dd) -> dict:
                "val_logratio_margin": margin / n, "val_reward_accuracy": reward_wins / n,
                "val_reward_margin": reward_margin / n, "val_pairs": n}  # fmt: skip
 
-    return {"trainable_params": trainable, **run.train(optimizer, loader, evaluate, dd, step_loss)}
+    hooks = run.hooks(optimizer, loader, evaluate, dd)
+    return {"trainable_params": trainable,
+            **train_loop(cfg, model, optimizer, step, loader, hooks, **run.progress(), desc="dpo")}  # fmt: skip

@@ -28,7 +28,15 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.align.losses import grpo_advantages, kl_per_token, masked_mean, policy_gradient_loss
-from lmforge.align.rollout import answer_logprobs, prompt_ids, rows, sample, save_eval_items, task_accuracy
+from lmforge.align.rollout import (
+    answer_logprobs,
+    kl_limit,
+    prompt_ids,
+    rows,
+    sample,
+    save_eval_items,
+    task_accuracy,
+)
 from lmforge.align.tasks import get_task, make_split
 from lmforge.chat.template import ChatFormat
 from lmforge.config import require
@@ -36,25 +44,26 @@ from lmforge.errors import LmforgeError
 from lmforge.model.lora import adapters_disabled
 from lmforge.train.common import setup_distributed, teardown_distributed
 from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command
+from lmforge.train.loop import train_loop
 
 
-@dataclass
+@dataclass(frozen=True)
 class GrpoConfig(FinetuneConfig):
     """GRPO: the shared fine-tuning fields plus these (batch_size = prompts per micro-batch)."""
 
     task: str = ""  # verifiable task: add, mul, sort, reverse, convert
     group_size: int = 8  # answers sampled per prompt
-    batch_size: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    kl_coef: float = 0.04
-    clip: float = 0.2
+    batch_size: int = 4  # prompts per micro-batch (each with group_size answers)
+    max_new_tokens: int = 32  # longest sampled answer
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    top_p: float = 1.0  # nucleus sampling of the rollouts (1 = off)
+    kl_coef: float = 0.04  # weight of KL(policy || reference) in the loss
+    clip: float = 0.2  # PPO's ratio clip
     max_kl: float = 5.0  # stop if the mean per-token KL to the reference exceeds this (0 = never)
     train_prompts: int = 2000  # distinct training prompts drawn from the task
     eval_prompts: int = 100  # held-out prompts for greedy exact-match accuracy
     system: str = ""  # system prompt for every question ("" = none)
-    lr: float = 1e-5
+    lr: float = 1e-5  # peak LR
 
     def validate(self) -> GrpoConfig:
         get_task(self.task) if self.task else None
@@ -69,18 +78,13 @@ class GrpoConfig(FinetuneConfig):
 
 
 def register(subparsers) -> None:
-    add_stage_command(
-        subparsers,
-        "grpo",
-        "GRPO on a verifiable task (group-relative advantages, KL to the reference)",
-        GrpoConfig,
-        grpo,
-        {"task": "add, mul, sort, reverse, convert"},
-    )
+    help = "GRPO on a verifiable task (group-relative advantages, KL to the reference)"
+    add_stage_command(subparsers, "grpo", help, GrpoConfig, grpo, __doc__)
 
 
 class RolloutSource:
-    """The "loader" of an RL stage: each batch is fresh rollouts from the current policy, reproducible by step."""
+    """GRPO's batches: each is fresh rollouts from the current policy (reproducible by its index), scored by the
+    task, with group-relative advantages; the loop reads it like any other batch source."""
 
     def __init__(self, model, fmt, task, items, cfg: GrpoConfig, device, rank=0):
         self.model, self.fmt, self.task, self.items, self.cfg, self.device, self.rank = (
@@ -124,7 +128,7 @@ def grpo(cfg: GrpoConfig) -> dict:
     run = FinetuneRun(cfg, "grpo", resume_fields=("task", "group_size", "train_prompts", "system"))
     dd = setup_distributed(run.device)
     try:
-        return _train(cfg, run, dd)
+        return _train(run.cfg, run, dd)
     finally:
         teardown_distributed()
 
@@ -152,9 +156,9 @@ def _train(cfg: GrpoConfig, run: FinetuneRun, dd) -> dict:
         run.say(f"task {task.name} ({task.description}); {cfg.batch_size} prompts x {cfg.group_size} answers per "
                 f"micro-batch; training {trainable:,} of {total:,} parameters")  # fmt: skip
 
-    def step_loss(model_, batch, autocast):
+    def step(model_, batch):
         model_.train()
-        with autocast():
+        with run.autocast():
             logp, mask, entropy = answer_logprobs(model_, batch)
         with torch.no_grad(), adapters_disabled(model) if ref is None else contextlib.nullcontext():
             ref_logp, _, _ = answer_logprobs(ref if ref is not None else model_, batch)
@@ -176,4 +180,6 @@ def _train(cfg: GrpoConfig, run: FinetuneRun, dd) -> dict:
         acc = save_eval_items(run.run_dir, step, eval_items, acc, write=dd.main)
         return {f"val_{k}": v for k, v in acc.items()}
 
-    return {"trainable_params": trainable, **run.train(optimizer, source, evaluate, dd, step_loss)}
+    hooks = run.hooks(optimizer, source, evaluate, dd, check=kl_limit(cfg.max_kl))
+    return {"trainable_params": trainable,
+            **train_loop(cfg, model, optimizer, step, source, hooks, **run.progress(), desc="grpo")}  # fmt: skip

@@ -59,6 +59,7 @@ from lmforge.align.losses import (
 )
 from lmforge.align.rollout import (
     RewardModelScorer,
+    kl_limit,
     load_prompts,
     question_messages,
     rows,
@@ -75,11 +76,12 @@ from lmforge.fileio import atomic_path
 from lmforge.model.lora import adapters_disabled
 from lmforge.train.common import setup_distributed, teardown_distributed
 from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command
+from lmforge.train.loop import train_loop
 
 ROLLOUT_KEYS = ("idx", "targets", "old_logp", "old_values", "advantages", "returns")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PpoConfig(FinetuneConfig):
     """PPO: the shared fine-tuning fields plus these (batch_size = answers per micro-batch)."""
 
@@ -88,20 +90,20 @@ class PpoConfig(FinetuneConfig):
     prompts: str = ""  # reward-model mode: JSONL of {"prompt": text or messages}
     minibatches: int = 1  # optimizer steps per pass over a rollout
     ppo_epochs: int = 2  # passes over each rollout
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = 32  # longest sampled answer
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    top_p: float = 1.0  # nucleus sampling of the rollouts (1 = off)
     kl_coef: float = 0.05  # weight of the per-token KL penalty in the reward
-    gamma: float = 1.0
+    gamma: float = 1.0  # discount per token
     lam: float = 0.95  # GAE's lambda; 1.0 (Monte Carlo) did better on a verifiable task from a fresh value head
     clip: float = 0.2  # policy ratio clip
     value_clip: float = 0.2  # how far a value may move from its rollout value before its loss is clipped
-    vf_coef: float = 0.1
+    vf_coef: float = 0.1  # weight of the value loss
     max_kl: float = 5.0  # stop if the rollout's mean per-token KL to the reference exceeds this (0 = never)
     train_prompts: int = 2000  # --task: distinct training prompts drawn from the task
     eval_prompts: int = 100  # held-out prompts for the greedy evaluation
     system: str = ""  # system prompt for every question ("" = none)
-    lr: float = 1e-5
+    lr: float = 1e-5  # peak LR
 
     @property
     def rollout_size(self) -> int:
@@ -125,18 +127,8 @@ class PpoConfig(FinetuneConfig):
 
 
 def register(subparsers) -> None:
-    add_stage_command(
-        subparsers,
-        "ppo",
-        "PPO with a value head, rewarded by a verifiable task or a reward model",
-        PpoConfig,
-        ppo,
-        {
-            "task": "add, mul, sort, reverse, convert",
-            "reward_model": "reward-model run (`lmforge reward`)",
-            "prompts": 'with --reward-model: JSONL of {"prompt": text or messages}',
-        },
-    )
+    help = "PPO with a value head, rewarded by a verifiable task or a reward model"
+    add_stage_command(subparsers, "ppo", help, PpoConfig, ppo, __doc__)
 
 
 def policy_outputs(model, value_head, idx) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +138,7 @@ def policy_outputs(model, value_head, idx) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class RolloutBuffer:
-    """The "loader" of PPO: a rollout sampled from the policy, served as minibatches for ppo_epochs passes.
+    """PPO's batches: a rollout sampled from the policy, served as minibatches for ppo_epochs passes.
 
     `drawn` (micro-batches served) says which rollout, which pass and which micro-batch come next.
     """
@@ -245,7 +237,7 @@ def ppo(cfg: PpoConfig) -> dict:
                                                  "train_prompts", "eval_prompts", "system"))  # fmt: skip
     dd = setup_distributed(run.device)
     try:
-        return _train(cfg, run, dd)
+        return _train(run.cfg, run, dd)
     finally:
         teardown_distributed()
 
@@ -294,14 +286,14 @@ def _train(cfg: PpoConfig, run: FinetuneRun, dd) -> dict:
     if run.meta is not None:
         source.load_state_dict(run.meta["loader"])
         source.load_rollout(rollouts_dir, run.start_step)
-    save = run.saver(optimizer, source)
+    save = run.saver(optimizer, source, dd.main)
     if dd.main:
         run.say(f"reward: {cfg.task or cfg.reward_model}; rollouts of {cfg.rollout_size} answers, {cfg.ppo_epochs} "
                 f"passes of {cfg.minibatches} minibatch(es) each; training {trainable:,} of {total:,} parameters")  # fmt: skip
 
-    def step_loss(model_, batch, autocast):
+    def step(model_, batch):
         model_.eval()  # dropout off: the rollout's log-probs were taken without it
-        with autocast():
+        with run.autocast():
             logits, values = policy_outputs(model_, value_head, batch["idx"])
         logp, mask = token_logprobs(logits, batch["targets"]), batch["targets"] != -100
         pg = policy_gradient_loss(logp, batch["old_logp"], batch["advantages"], mask, cfg.clip)
@@ -327,13 +319,14 @@ def _train(cfg: PpoConfig, run: FinetuneRun, dd) -> dict:
             result = held_out_reward(model, fmt, scorer, eval_items, cfg.max_new_tokens)
         return {f"val_{k}": v for k, v in result.items()}
 
-    def save_all(step: int, tokens_seen: int) -> None:
+    def save_all(step: int, tokens_seen: int, cfg: PpoConfig) -> None:
         source.save_rollout(rollouts_dir, step)  # first: the checkpoint must never exist without its rollout
-        if dd.main:
-            save(step, tokens_seen)
+        save(step, tokens_seen, cfg)
         source.prune_rollouts(rollouts_dir, step)
 
-    return {"trainable_params": trainable, **run.train(optimizer, source, evaluate, dd, step_loss, save_all)}
+    hooks = run.hooks(optimizer, source, evaluate, dd, save=save_all, check=kl_limit(cfg.max_kl))
+    return {"trainable_params": trainable,
+            **train_loop(cfg, model, optimizer, step, source, hooks, **run.progress(), desc="ppo")}  # fmt: skip
 
 
 @torch.no_grad()

@@ -26,9 +26,10 @@ from lmforge.eval.stats import wilson_interval
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.common import setup_distributed, teardown_distributed
 from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command
+from lmforge.train.loop import train_loop
 
 
-@dataclass
+@dataclass(frozen=True)
 class RewardConfig(FinetuneConfig):
     """Reward modelling: the shared fine-tuning fields plus these."""
 
@@ -42,14 +43,8 @@ class RewardConfig(FinetuneConfig):
 
 
 def register(subparsers) -> None:
-    add_stage_command(
-        subparsers,
-        "reward",
-        "train a reward model on preference pairs (pairwise ranking loss)",
-        RewardConfig,
-        train_reward,
-        {"data": "preference pairs JSONL"},
-    )
+    help = "train a reward model on preference pairs (pairwise ranking loss)"
+    add_stage_command(subparsers, "reward", help, RewardConfig, train_reward, __doc__)
 
 
 def scores(model, head: nn.Module, batch: dict) -> torch.Tensor:
@@ -80,7 +75,7 @@ def train_reward(cfg: RewardConfig) -> dict:
     run = FinetuneRun(cfg, "reward", resume_fields=("data", "val_fraction"))
     dd = setup_distributed(run.device)
     try:
-        return _train(cfg, run, dd)
+        return _train(run.cfg, run, dd)
     finally:
         teardown_distributed()
 
@@ -105,8 +100,8 @@ def _train(cfg: RewardConfig, run: FinetuneRun, dd) -> dict:
     val_batches = pair_batches(val, cfg.batch_size, pad_id, device)[: cfg.eval_batches]
     model = run.model
 
-    def step_loss(model_, batch, autocast):
-        with autocast():
+    def step(model_, batch):
+        with run.autocast():
             r = scores(model_, head, batch)
         c, rj = r.float().chunk(2)
         loss = reward_ranking_loss(c, rj)
@@ -116,10 +111,12 @@ def _train(cfg: RewardConfig, run: FinetuneRun, dd) -> dict:
             {"accuracy": float((c > rj).float().mean()), "margin": float((c - rj).detach().mean())},
         )
 
-    def run_eval(step: int) -> dict | None:
+    def evaluate(step: int) -> dict | None:
         return pairwise_accuracy(model, head, val_batches) if val_batches else None
 
-    result = {"trainable_params": trainable, **run.train(optimizer, loader, run_eval, dd, step_loss)}
+    hooks = run.hooks(optimizer, loader, evaluate, dd)
+    result = {"trainable_params": trainable,
+              **train_loop(cfg, model, optimizer, step, loader, hooks, **run.progress(), desc="reward")}  # fmt: skip
     if "after" in result:
         a = result["after"]
         print(f"lmforge reward: held-out pairwise accuracy {a['val_accuracy']:.3f} "

@@ -58,6 +58,20 @@ def answer_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
+def kl_limit(max_kl: float):
+    """`Hooks.check` for RL stages: a one-line reason to stop when a step's mean KL to the reference passes `max_kl`
+    (0 = never), before the update, so the last checkpoint stays the last good policy."""
+
+    def check(metrics: dict) -> str | None:
+        kl = metrics.get("kl", 0.0)
+        if max_kl and kl > max_kl:
+            return (f"KL to the reference is {kl:.3g}, above max_kl={max_kl:g} "
+                    "(lower the lr or raise the KL coefficient)")  # fmt: skip
+        return None
+
+    return check
+
+
 def task_accuracy(model, fmt, task, items, max_new_tokens: int, system: str | None = None) -> dict:
     """Greedy exact-match accuracy on (question, answer) items, with its 95% interval and mean length."""
     prompts = [fmt.encode(question_messages(q, system), add_generation_prompt=True) for q, _ in items]

@@ -1,7 +1,7 @@
 """Read conversations for instruction tuning (SFT) from files or from packaged corpora.
 
     from lmforge.chat.datasets import load_conversations, split_conversations, summarize
-    cs = load_conversations("data/sft/")       # JSONL, .jsonl.gz, .jsonl.zst, .json (a list), or a folder of them
+    cs = load_conversations("data/sft/")       # JSONL(.gz/.zst), .json (a list), Parquet, a folder of them, hf:NAME
     cs = load_conversations("chitchat")        # pip install --no-deps chitchat-dataset
     cs = load_conversations("chatterbot", languages=("english",))   # pip install --no-deps chatterbot-corpus
     print(summarize(cs))                       # what `lmforge sft` prints
@@ -22,8 +22,9 @@ or folder laid out like the package (a `dataset.json`; `<language>/*.yml` folder
 Chatterbot YAML is read with every plain scalar kept as the text written (`yes` stays "yes",
 `1.10` stays "1.10"); a value typed by an explicit tag (`!!int 5`) is spelled with `str()`.
 
-Bad data never crashes the reader and is never dropped silently: a record that cannot be used
-(malformed JSON, bytes that are not UTF-8, an unknown role, an empty turn, two user turns in a
+Files are read by the registry every command shares (lmforge/data/readers.py: JSONL, `.jsonl.gz`,
+`.jsonl.zst`, `.json`, Parquet, `hf:` datasets). Bad data never crashes the reader and is never dropped
+silently: a record that cannot be used (malformed JSON, bytes that are not UTF-8, an unknown role, an empty turn, two user turns in a
 row, a system message that is not first, no assistant turn, ...) is skipped and counted under its
 reason in `skipped`, with the first place it happened in `first_seen`. Records read = kept +
 sum(skipped). Changes made to kept conversations (a trailing user turn dropped, blank chat
@@ -34,16 +35,14 @@ skipped, is an `LmforgeError`.
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from lmforge.data.readers import open_jsonl, stream_errors
+from lmforge.data.readers import RECORD_SUFFIXES, Unreadable, kind_of, list_inputs, read_records
 from lmforge.errors import LmforgeError
 
 ROLES = ("system", "user", "assistant")
@@ -53,7 +52,6 @@ PACKAGED = {
     "chatterbot": ("chatterbot_corpus", "chatterbot-corpus"),
 }
 FORMATS = ("auto", *FILE_FORMATS, *PACKAGED)
-SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json")
 # ShareGPT dumps name the assistant after the product that wrote the reply.
 SHAREGPT_ROLES = {
     "human": "user",
@@ -221,86 +219,28 @@ def _drop_trailing_user(pairs: list[tuple[str, object]]) -> tuple[list[tuple[str
 # ---- files: JSONL (.gz, .zst) and JSON lists ----
 
 
-def _is_data_file(path: Path) -> bool:
-    return path.name.lower().endswith(SUFFIXES)
-
-
-def _files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(
-            f
-            for f in path.rglob("*")
-            if f.is_file() and _is_data_file(f) and not any(p.startswith(".") for p in f.relative_to(path).parts)
-        )
-        if not files:
-            raise LmforgeError(f"{path}: no conversation files in this folder (expected {', '.join(SUFFIXES)})")
-        return files
-    if not _is_data_file(path):
-        raise LmforgeError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
-    return [path]
-
-
-def _line_records(path: Path, lines: Iterable[bytes]) -> Iterator[tuple[object, str]]:
-    """(record, where) per non-blank line; a line that cannot be parsed comes as (_Skip, where)."""
-    for lineno, raw in enumerate(lines, start=1):
-        where = f"{path}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield _Skip("not UTF-8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"), where
-            continue
-        if lineno == 1:
-            line = line.removeprefix("\ufeff")  # a byte-order mark is an encoding artifact, not JSON
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line), where
-        except json.JSONDecodeError as e:
-            yield _Skip("malformed JSON", f"{e.msg} at column {e.colno}"), where
-
-
-def _json_records(path: Path) -> Iterator[tuple[object, str]]:
-    # A .json file is read whole: it is one JSON value, so it cannot be streamed line by line.
-    data = path.read_bytes()
+def _inputs(path: str) -> list:
+    """The record files (and datasets) of `path`: the registry's record formats (lmforge/data/readers.py)."""
     try:
-        text = data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        yield _Skip("not UTF-8", f"byte 0x{data[e.start]:02x} at offset {e.start}"), str(path)
-        return
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # JSON Lines saved under a .json name, as many hub datasets are
-            yield from _line_records(path, io.BytesIO(data))
-        else:
-            yield _Skip("malformed JSON", f"{e.msg} at line {e.lineno} column {e.colno}"), str(path)
-        return
-    if not isinstance(records, list):
-        yield _Skip("JSON file is not a list of records"), str(path)
-        return
-    for i, rec in enumerate(records):
-        yield rec, f"{path}[{i}]"
+        found = list_inputs([path], json_in_folders=True)
+    except LmforgeError:
+        if path.startswith("hf:"):
+            raise
+        found = []  # an empty folder (the caller checked that the path exists)
+    files = [f for f in found if not isinstance(f, Path) or kind_of(f) in RECORD_SUFFIXES]
+    if Path(path).is_file() and not files:
+        raise LmforgeError(f"{path}: unsupported file type (expected {', '.join(RECORD_SUFFIXES)})")
+    if not files:
+        raise LmforgeError(f"{path}: no conversation files (expected {', '.join(RECORD_SUFFIXES)} or hf:DATASET)")
+    return files
 
 
-def _file_records(path: Path) -> Iterator[tuple[object, str]]:
-    if path.name.lower().endswith(".json"):
-        yield from _json_records(path)
-        return
-    try:
-        with open_jsonl(path) as f:
-            yield from _line_records(path, f)
-    except stream_errors(path) as e:
-        # A truncated or corrupt .gz/.zst: what was read before stays; the rest counts as one skip.
-        yield _Skip("unreadable file", str(e)), str(path)
-
-
-def _read_files(path: Path, fmt: str, cs: ConversationSet) -> str:
+def _read_files(path: str, fmt: str, cs: ConversationSet) -> str:
     kinds: Counter[str] = Counter()
-    for file in _files(path):
-        for rec, where in _file_records(file):
+    for file in _inputs(path):
+        bad: list[Unreadable] = []
+        for rec, where, _ in read_records(file, bad):
             try:
-                if isinstance(rec, _Skip):
-                    raise rec
                 if not isinstance(rec, dict):
                     raise _Skip("record is not a JSON object")
                 kind = fmt if fmt != "auto" else _detect(rec)
@@ -312,6 +252,9 @@ def _read_files(path: Path, fmt: str, cs: ConversationSet) -> str:
                 continue
             cs._keep(conv, {})
             kinds[kind] += 1
+        for u in bad:  # lines that are not JSON, not UTF-8, a truncated .gz: counted by reason, as skipped records
+            if u.reason != "empty file":  # holds no record: nothing skipped (no records at all is an error below)
+                cs._count(cs.skipped, u.reason, u.message())
     return "+".join(sorted(kinds)) or fmt
 
 
@@ -471,7 +414,7 @@ def load_conversations(
         path = _package_dir(source) / ("dataset.json" if source == "chitchat" else "data")
     else:
         path = Path(source)
-        if not path.exists():
+        if not source.startswith("hf:") and not path.exists():
             raise LmforgeError(f"{source}: no such file or folder (packaged corpora: {', '.join(PACKAGED)})")
     cs = ConversationSet(source=source)
     if fmt == "chitchat":
@@ -479,7 +422,7 @@ def load_conversations(
     elif fmt == "chatterbot":
         cs.format = _read_chatterbot(path, tuple(languages), cs)
     else:
-        cs.format = _read_files(path, fmt, cs)
+        cs.format = _read_files(source, fmt, cs)  # files and datasets: the registry of lmforge/data/readers.py
     if not cs.conversations:
         total = sum(cs.skipped.values())
         if total == 0:

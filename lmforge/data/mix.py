@@ -59,14 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data import data_subparsers
-from lmforge.data.readers import (
-    PARQUET_BATCH_ROWS,
-    iter_file,
-    list_files,
-    open_jsonl,
-    parse_jsonl_line,
-    stream_errors,
-)
+from lmforge.data.readers import iter_file, list_files
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_path, atomic_write_json
 
@@ -194,52 +187,13 @@ def check_source(s: dict) -> Source:
 # --- reading: whole records, strict like `lmforge.data.readers` ---
 
 
-def iter_records(files: list[Path], text_field: str) -> Iterator[tuple[dict, str, str]]:
-    """(record, text, where) for every non-empty document of `files`: a JSONL line or Parquet row with all
-    its fields, or a document of a `.txt` file as `{}`; `where` is `FILE:LINE` or `FILE:rowN`."""
+def iter_records(files: list, text_field: str) -> Iterator[tuple[dict, str, str]]:
+    """(record, text, where) for every non-empty document of `files` (strict, every format of
+    `lmforge.data.readers`): a record's fields but the text (`{}` for a `.txt` document, a page's URL and date
+    for a WARC record); `where` is the reader's source (`FILE:LINE`, `FILE:rowN`, ...)."""
     for path in files:
-        name = path.name.lower()
-        if name.endswith(".txt"):  # split into documents as every command splits text (`textsplit.py`)
-            yield from (({}, doc.text, doc.source) for doc in iter_file(path))
-        elif name.endswith(".parquet"):
-            yield from _parquet_records(path, text_field)
-        else:
-            try:
-                with open_jsonl(path) as f:
-                    for lineno, raw in enumerate(f, start=1):
-                        if not raw.strip():
-                            continue
-                        where = f"{path}:{lineno}"
-                        try:
-                            line = raw.decode("utf-8")
-                        except UnicodeDecodeError:
-                            raise LmforgeError(f"{where}: not valid UTF-8") from None
-                        record, text = parse_jsonl_line(line, where, text_field)
-                        if text:
-                            yield record, text, where
-            except stream_errors(path) as e:
-                raise LmforgeError(f"{path}: cannot read ({e})") from None
-
-
-def _parquet_records(path: Path, text_field: str) -> Iterator[tuple[dict, str, str]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:
-        raise LmforgeError(f"{path}: not a readable Parquet file ({e})") from None
-    if text_field not in pf.schema_arrow.names:
-        raise LmforgeError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)})")
-    row = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-        for record in batch.to_pylist():
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise LmforgeError(f"{path}: row {row}: {text_field!r} is {type(text).__name__}, not a string")
-            if text:
-                yield record, text, f"{path}:row{row}"
-            row += 1
+        for doc in iter_file(path, text_field, id_field="", metadata=True):
+            yield doc.metadata, doc.text, doc.source
 
 
 def _output_record(record: dict, text: str, where: str, name: str, epoch: int, text_field: str) -> dict:

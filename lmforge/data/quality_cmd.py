@@ -3,7 +3,7 @@
     lmforge data train-quality --good wiki/ books.jsonl.zst --bad crawl/ --out runs/quality \
         [--text-field text] [--ngrams 1,2] [--buckets 2**20] [--epochs 5] [--lr 1.0] [--seed 0] [--val-fraction 0.1]
 
-Reads both sets strictly (`readers.iter_texts`: txt, JSONL(.gz/.zst), Parquet, folders; an unreadable file
+Reads both sets strictly (`readers.iter_texts`: every format of lmforge/data/readers.py; an unreadable file
 is an error), holds out `--val-fraction` of each class (seeded), trains the logistic regression of
 `lmforge/data/quality.py` on the rest, prints held-out accuracy, precision/recall/F1 (of `good`) and AUC,
 and writes MODEL_DIR/model.safetensors + MODEL_DIR/quality_model.json (report included) as one folder,
@@ -92,7 +92,11 @@ def train_quality(
     out = Path(out)
     if out.exists() and not (out / q.CONFIG_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise LmforgeError(f"{out}: exists and is not a quality model folder; not overwriting it")
-    both = {f.resolve() for f in list_files(good)} & {f.resolve() for f in list_files(bad)}
+
+    def names(paths):
+        return {str(f.resolve()) if isinstance(f, Path) else str(f) for f in list_files(paths)}
+
+    both = names(good) & names(bad)
     if both:
         raise LmforgeError(f"{min(both)}: given as both --good and --bad")
     t0 = time.perf_counter()

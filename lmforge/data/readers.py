@@ -1,72 +1,194 @@
-"""Read documents from text corpora: `.txt`, `.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.parquet`.
+"""Every input format lmforge reads, in one registry: each command that takes input files reads them here.
 
-    from lmforge.data.readers import iter_docs
-    for doc in iter_docs(["corpus/"]):   # used by `lmforge tokenizer train` and `lmforge data tokenize`
+    from lmforge.data.readers import iter_docs, read_documents, read_records
+    for doc in iter_docs(["corpus/"]):            # strict: tokenizer train, data tokenize/train-quality/mix
         doc.text, doc.source, doc.file
+    bad = []
+    for doc in read_documents(["raw/"], bad):     # forgiving: data clean (what cannot be read goes to `bad`)
+        ...
+    for record, where, line in read_records(path, bad):   # raw records: the chat stages' conversations
 
-Folders are walked recursively in sorted order (hidden files skipped), so every
-run sees the documents in the same order. A JSONL line or a Parquet row is one
-document, its text in `text_field`. A `.txt` file is a stream of documents, split
-by `textsplit.split_text` (blank-line paragraphs grouped up to 16 KiB, or `--doc-sep`);
-how it split (a separator that never occurs, over-long lines cut) is a one-line warning.
+| input | what one document (or record) is |
+|---|---|
+| `.txt` | a piece of a stream of documents, split by `textsplit` (blank-line paragraphs grouped up to 16 KiB, or `--doc-sep`) |
+| `.jsonl`, `.jsonl.gz`, `.jsonl.zst` | a non-blank line (a JSON object) |
+| `.json` | an element of a JSON list of objects (JSON Lines saved under a `.json` name are read as such) |
+| `.parquet` | a row |
+| `.html`, `.htm` | the file: a page, its main text extracted (trafilatura) |
+| `.warc`, `.warc.gz`, `.warc.wet.gz` | a 2xx HTML or text response (lmforge/data/warc.py) |
+| `hf:NAME_OR_PATH[:SPLIT]`, or a `save_to_disk` folder | a row of a Hugging Face dataset (lmforge/data/hf_datasets.py) |
 
-This stage is strict: an empty or non-UTF-8 file (with a guess at its encoding), a
-malformed JSONL line, or a record without the text field is an `LmforgeError` naming
-the file (and line). Empty texts inside JSONL/Parquet records are skipped: they carry
-nothing to learn.
+Folders are walked recursively in sorted order (hidden files skipped), so every run sees the documents in the
+same order. A record's text is its `text_field`, its id its `id_field` (else `FILE:LINE`), its other fields
+`metadata`. A record larger than `max_record_bytes` (16 MiB: far above any real document) is unreadable, and
+never held in memory whole. A `.txt` file is read whole and split, cutting over-long lines with a warning.
+
+The readers and their messages are the same for every command; two policies use them:
+- forgiving (`read_documents`, `lmforge data clean`): an unreadable record (invalid JSON, no text field, not
+  UTF-8, NUL bytes, too large, a truncated `.gz`/`.zst`, an empty file, a file of an unknown type in a folder)
+  is appended to `bad` as an `Unreadable` with its file, line and why, and reading goes on; every record a file
+  holds ends up either as a `Document` or as one `Unreadable`. Pages keep their raw HTML in
+  `metadata["html"]` (text empty) for the `extract_html` step.
+- strict (`iter_docs`, every other command): the first unreadable record is an `LmforgeError`
+  `FILE:LINE: why`; pages arrive with their main text extracted; empty texts are skipped (nothing to learn);
+  files of an unknown type inside a folder are skipped with a one-line note.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
 from lmforge.data.textsplit import TextSplit, split_file_text
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, warn
 
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+RECORD_SUFFIXES = (*JSONL_SUFFIXES, ".json", ".parquet")
+HTML_SUFFIXES = (".html", ".htm")
+WARC_SUFFIXES = (".warc", ".warc.gz", ".warc.wet.gz")
+SUFFIXES = (".txt", *RECORD_SUFFIXES, *HTML_SUFFIXES, *WARC_SUFFIXES)
+MAX_RECORD_BYTES = 16 << 20  # the default `max_record_bytes`: a JSONL line, a text/HTML file, a WARC payload
 PARQUET_BATCH_ROWS = 1024
 
 
-def _kind(path: Path) -> str | None:
+@dataclass
+class Document:
+    id: str
+    text: str
+    metadata: dict = field(default_factory=dict)
+    source: str = ""  # where it was read: FILE:LINE, FILE:rowN, FILE@OFFSET (WARC), hf:...:ROW, or FILE
+    file: str = ""  # the input file (or dataset), for per-file counts (not written out: `source` names it)
+
+    def to_record(self) -> dict:
+        return {"id": self.id, "text": self.text, "source": self.source, "metadata": self.metadata}
+
+
+@dataclass
+class Unreadable:
+    file: str
+    line: int | None  # None when the whole file is unreadable (or for a WARC record: see offset)
+    why: str
+    reason: str = ""  # a short category to count by ("malformed JSON", "not UTF-8", ...); `why` has the detail
+    offset: int | None = None  # byte offset of a WARC record
+
+    def to_record(self) -> dict:
+        record = {"file": self.file, "line": self.line, "why": self.why}
+        if self.offset is not None:
+            record["offset"] = self.offset
+        return record
+
+    def message(self) -> str:
+        """The one-line error of the strict readers: `FILE:LINE: why`."""
+        return f"{self.file}{'' if self.line is None else f':{self.line}'}: {self.why}"
+
+
+class Strict(list):
+    """A `bad` list that raises the first entry appended as an `LmforgeError`: the strict policy."""
+
+    def append(self, entry: Unreadable) -> None:
+        raise LmforgeError(entry.message())
+
+
+@dataclass(frozen=True)
+class HfSource:
+    """A Hugging Face dataset input, `hf:NAME_OR_PATH[:SPLIT]`; `str()` is the spec (its name in the report)."""
+
+    spec: str
+    name: str
+    split: str | None = None
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+HF_SPEC = re.compile(r"hf:(?P<name>.+?)(?::(?P<split>[A-Za-z_][\w.-]*))?")
+
+
+def parse_hf(spec: str) -> HfSource:
+    """`hf:NAME_OR_PATH[:SPLIT]` as an `HfSource`; a local-looking path that does not exist is an `LmforgeError`."""
+    m = HF_SPEC.fullmatch(spec)
+    if m is None:
+        raise LmforgeError(f"{spec}: expected hf:NAME_OR_PATH[:SPLIT]")
+    name, split = m["name"], m["split"]
+    if split and Path(f"{name}:{split}").expanduser().exists():  # a local path that has a colon in it
+        name, split = f"{name}:{split}", None
+    local = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) and not local.is_dir():
+        raise LmforgeError(f"{spec}: no such dataset folder {local}")
+    return HfSource(spec, name, split)
+
+
+def saved_dataset(path: Path) -> bool:
+    """Whether `path` is a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    )
+
+
+def kind_of(path: Path) -> str | None:
+    """The registry's suffix for `path` (`.jsonl.gz`, `.txt`, ...), or None for a type no reader takes."""
     name = path.name.lower()
-    return next((s for s in SUFFIXES if name.endswith(s)), None)
+    return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
 
 
-def list_files(paths: Iterable[str | Path]) -> list[Path]:
-    """The input files named by `paths` (files, or folders walked recursively), in a deterministic order."""
-    files: list[Path] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
+def list_inputs(paths: Iterable[str | Path], strict: bool = False, json_in_folders: bool = False) -> list:
+    """The inputs named by `paths`: files, folders walked recursively (hidden files skipped, sorted per folder),
+    and datasets (`hf:...`, or a folder written by `save_to_disk`) as `HfSource`s. A missing path is an
+    `LmforgeError`. A file of an unknown type: forgiving, listed (and later reported unreadable); strict, an
+    error when named, skipped with a note inside a folder.
+
+    A `.json` file inside a folder is taken only with `json_in_folders` (the chat stages, whose data is often
+    `.json`): elsewhere a folder's `.json` files are its reports and indexes (`mix_report.json`, a tokenizer's
+    `train_report.json`), not corpus; a `.json` file named by itself is read.
+    """
+    paths = list(paths)
+    files: list[Path | HfSource] = []
+    for spec in paths:
+        if isinstance(spec, str) and spec.startswith("hf:"):
+            files.append(parse_hf(spec))
+            continue
+        p = Path(spec)
+        if p.is_dir() and saved_dataset(p):
+            files.append(HfSource(f"hf:{p}", str(p)))
+        elif p.is_dir():
             found = sorted(
                 f
                 for f in p.rglob("*")
-                if f.is_file() and _kind(f) and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                if f.is_file()
+                and not any(s.startswith(".") for s in f.relative_to(p).parts)
+                and (json_in_folders or kind_of(f) != ".json")
             )
-            if not found:
+            known = [f for f in found if kind_of(f)] if strict else found
+            if strict and len(known) < len(found):
+                warn(f"{p}: skipped {len(found) - len(known)} file(s) of a type no reader takes "
+                     f"(e.g. {next(f for f in found if not kind_of(f)).name})")  # fmt: skip
+            if strict and not known:
                 raise LmforgeError(f"{p}: no readable files in this folder (expected {', '.join(SUFFIXES)})")
-            files.extend(found)
+            files.extend(known)
         elif p.is_file():
-            if not _kind(p):
+            if strict and not kind_of(p):
                 raise LmforgeError(f"{p}: unsupported file type (expected {', '.join(SUFFIXES)})")
             files.append(p)
         else:
             raise LmforgeError(f"{p}: no such file or folder")
     if not files:
-        raise LmforgeError("no input files given")
+        raise LmforgeError(f"{', '.join(map(str, paths)) or 'no input given'}: no input files")
     return files
 
 
-class Doc(NamedTuple):
-    text: str
-    source: str  # FILE:LINE (text, JSONL) or FILE:rowN (Parquet)
-    file: str  # the input file, for per-file counts and splits
+def list_files(paths: Iterable[str | Path]) -> list[Path | HfSource]:
+    """The strict `list_inputs`: what `iter_docs` will read (checks every path before any work starts)."""
+    return list_inputs(paths, strict=True)
 
+
+# --- bytes to text ---
 
 # Encodings users' non-UTF-8 files come in, tried in this order to name the likely one in the error.
 GUESS_ENCODINGS = ("gb18030", "big5", "shift_jis", "euc-kr", "cp1252")
@@ -96,29 +218,21 @@ def guess_encoding(data: bytes) -> str | None:
     return None
 
 
-def _decode(data: bytes, where: str, base_offset: int = 0) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        byte = data[e.start]
-        enc = guess_encoding(data)
-        hint = ""
-        if enc:
-            also = " (or BIG5, SHIFT_JIS: a guess)" if enc == "gb18030" else ""
-            hint = f"; it looks like {enc.upper()}{also}: convert it with iconv -f {enc.upper()} -t UTF-8"
-        raise LmforgeError(
-            f"{where}: not valid UTF-8 (byte 0x{byte:02x} at offset {base_offset + e.start}){hint}"
-        ) from None
+def not_utf8(data: bytes, error: UnicodeDecodeError, base_offset: int = 0) -> str:
+    """Why `data` is unreadable: the first bad byte, and the encoding it likely is in with the command to convert."""
+    enc = guess_encoding(data)
+    hint = ""
+    if enc:
+        also = " (or BIG5, SHIFT_JIS: a guess)" if enc == "gb18030" else ""
+        hint = f"; it looks like {enc.upper()}{also}: convert it with iconv -f {enc.upper()} -t UTF-8"
+    return f"not valid UTF-8 (byte 0x{data[error.start]:02x} at offset {base_offset + error.start}){hint}"
 
 
-def _read_txt(path: Path, split: TextSplit) -> Iterator[Doc]:
-    data = path.read_bytes()
-    if not data.strip():
-        raise LmforgeError(f"{path}: empty file")
-    text = _decode(data, str(path)).removeprefix("\ufeff")  # a byte-order mark is an encoding artifact, not text
-    del data
-    for piece in split_file_text(text, split, str(path)):
-        yield Doc(piece.text, f"{path}:{piece.line}", str(path))
+def _too_large(size: int, limit: int) -> str:
+    return f"record too large ({size:,} bytes; max_record_bytes is {limit:,})"
+
+
+# --- record formats: JSONL, JSON, Parquet, datasets ---
 
 
 def open_jsonl(path: Path) -> BinaryIO:
@@ -143,86 +257,300 @@ def stream_errors(path: Path) -> tuple[type[BaseException], ...]:
     return errors
 
 
-def parse_jsonl_line(line: str, where: str, text_field: str) -> tuple[dict, str]:
-    """The record of one JSONL line and its text; an `LmforgeError` naming `where` if either is malformed."""
+def _bounded_lines(f, limit: int) -> Iterator[bytes | int]:
+    """The lines of binary file `f`; in place of a line longer than `limit` bytes (its newline not counted), its
+    length, found by reading it through in blocks of at most 1 MiB, so such a line never sits in memory whole."""
+    while raw := f.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw
+            continue
+        size = len(raw)
+        while (block := f.readline(1 << 20)) and not block.endswith(b"\n"):
+            size += len(block)
+        yield size + len(block.rstrip(b"\n"))
+
+
+def _json_line(raw: bytes, path: Path, lineno: int, offset: int, bad: list[Unreadable]):
+    """The JSON value of one line, or None (blank, or unreadable: then in `bad`)."""
     try:
-        record = json.loads(line)
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad.append(Unreadable(str(path), lineno, not_utf8(raw, e, offset), "not UTF-8"))
+        return None
+    if lineno == 1:
+        line = line.removeprefix("\ufeff")  # a byte-order mark is an encoding artifact, not JSON
+    if "\x00" in line:
+        bad.append(Unreadable(str(path), lineno, "binary data (NUL characters)", "binary data"))
+        return None
+    try:
+        return json.loads(line)
     except json.JSONDecodeError as e:
-        raise LmforgeError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(record, dict) or text_field not in record:
-        raise LmforgeError(f"{where}: record has no {text_field!r} field")
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise LmforgeError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
-    return record, text
+        bad.append(Unreadable(str(path), lineno, f"not valid JSON ({e.msg} at column {e.colno})", "malformed JSON"))
+        return None
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[Doc]:
-    offset, nonblank = 0, 0
+def _jsonl_records(path: Path, bad: list[Unreadable], limit: int, lines=None) -> Iterator[tuple]:
+    nonblank = lineno = offset = 0
     try:
-        with open_jsonl(path) as f:
-            for lineno, raw in enumerate(f, start=1):
-                where = f"{path}:{lineno}"
-                line = _decode(raw, str(path), offset)
+        with open_jsonl(path) if lines is None else contextlib.nullcontext(lines) as f:
+            for lineno, raw in enumerate(_bounded_lines(f, limit), start=1):
+                if isinstance(raw, int):
+                    nonblank += 1
+                    offset += raw + 1
+                    bad.append(Unreadable(str(path), lineno, _too_large(raw, limit), "record too large"))
+                    continue
                 offset += len(raw)
-                if not line.strip():
+                if not raw.strip():
                     continue
                 nonblank += 1
-                _, text = parse_jsonl_line(line, where, text_field)
-                if text:
-                    yield Doc(text, where, str(path))
+                record = _json_line(raw, path, lineno, offset - len(raw), bad)
+                if record is not None:
+                    yield record, f"{path}:{lineno}", lineno
     except stream_errors(path) as e:
-        raise LmforgeError(f"{path}: cannot read ({e})") from None
+        # The lines before the cut were yielded; the rest of the file is one unreadable entry.
+        bad.append(Unreadable(str(path), lineno + 1, f"cannot read further: truncated or corrupt ({e})",
+                              "unreadable file"))  # fmt: skip
+        return
     if nonblank == 0:
-        raise LmforgeError(f"{path}: empty file")
+        bad.append(Unreadable(str(path), None, "empty file", "empty file"))
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[Doc]:
+def _json_records(path: Path, bad: list[Unreadable], limit: int) -> Iterator[tuple]:
+    # A .json file is one JSON value, read whole (it cannot be streamed line by line).
+    size = path.stat().st_size
+    data = path.read_bytes()
+    if not data.strip():
+        bad.append(Unreadable(str(path), None, "empty file", "empty file"))
+        return
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        bad.append(Unreadable(str(path), None, not_utf8(data, e), "not UTF-8"))
+        return
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON Lines saved under a .json name, as many hub datasets are
+            yield from _jsonl_records(path, bad, max(limit, size), io.BytesIO(data))
+        else:
+            why = f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+            bad.append(Unreadable(str(path), None, why, "malformed JSON"))
+        return
+    if not isinstance(records, list):
+        why = "JSON file is not a list of records"
+        bad.append(Unreadable(str(path), None, why, why))
+        return
+    for i, record in enumerate(records):
+        yield record, f"{path}[{i}]", i + 1
+
+
+def _parquet_records(path: Path, bad: list[Unreadable], columns: list[str] | None) -> Iterator[tuple]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
-        raise LmforgeError(f"{path}: not a readable Parquet file ({e})") from None
-    field = pf.schema_arrow.field(text_field) if text_field in pf.schema_arrow.names else None
-    if field is None:
-        raise LmforgeError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)})")
-    if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
-        raise LmforgeError(f"{path}: column {text_field!r} is {field.type}, not a string column")
+        bad.append(Unreadable(str(path), None, f"not a readable Parquet file ({e})", "unreadable file"))
+        return
     if pf.metadata.num_rows == 0:
-        raise LmforgeError(f"{path}: empty file")
+        bad.append(Unreadable(str(path), None, "empty file", "empty file"))
+        return
+    names = pf.schema_arrow.names
+    columns = [c for c in columns if c in names] if columns is not None else None
     row = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            if text is None:
-                raise LmforgeError(f"{path}: row {row}: {text_field!r} is null")
-            if text:
-                yield Doc(text, f"{path}:row{row}", str(path))
+    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+        for record in batch.to_pylist():
             row += 1
+            yield record, f"{path}:row{row - 1}", row
 
 
-def iter_file(path: Path, text_field: str = "text", split: TextSplit | None = None) -> Iterator[Doc]:
-    """The documents of one file; `split` says how a `.txt` file splits into documents (default: `TextSplit()`)."""
-    kind = _kind(path)
-    if kind == ".txt":
-        yield from _read_txt(path, split or TextSplit())
+def read_records(src: Path | HfSource, bad: list[Unreadable], limit: int = MAX_RECORD_BYTES,
+                 text_field: str | None = None, columns: list[str] | None = None) -> Iterator[tuple]:  # fmt: skip
+    """(record, where, line) of every record of a JSONL/JSON/Parquet file or a dataset; unreadable ones go to `bad`.
+
+    `text_field`: a Parquet file or dataset without that column is one `Unreadable` (strict: an error naming
+    the columns). `columns`: read only these Parquet columns (when the other fields are not wanted).
+    """
+    if isinstance(src, HfSource):
+        from lmforge.data.hf_datasets import read_hf_records
+
+        yield from read_hf_records(src, bad, text_field)
+        return
+    kind = kind_of(src)
+    if kind == ".json":
+        yield from _json_records(src, bad, limit)
     elif kind == ".parquet":
-        yield from _read_parquet(path, text_field)
+        if text_field and _no_text_column(src, text_field, bad):
+            return
+        yield from _parquet_records(src, bad, columns)
+    elif kind in JSONL_SUFFIXES:
+        yield from _jsonl_records(src, bad, limit)
     else:
-        yield from _read_jsonl(path, text_field)
+        bad.append(Unreadable(str(src), None, f"not a record file (expected {', '.join(RECORD_SUFFIXES)})",
+                              "unsupported file type"))  # fmt: skip
 
 
-def iter_docs(paths: Iterable[str | Path], text_field: str = "text", split: TextSplit | None = None) -> Iterator[Doc]:
-    """Every document under `paths`, in a deterministic order."""
+def _no_text_column(path: Path, text_field: str, bad: list[Unreadable]) -> bool:
+    """Whether a Parquet file has no string column `text_field` (then one `Unreadable` for the whole file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, pa.ArrowException):
+        return False  # _parquet_records says why
+    if text_field not in names:
+        why = f"no column {text_field!r} (columns: {', '.join(names)})"
+    else:
+        tp = pq.read_schema(path).field(text_field).type
+        if pa.types.is_string(tp) or pa.types.is_large_string(tp):
+            return False
+        why = f"column {text_field!r} is {tp}, not a string column"
+    bad.append(Unreadable(str(path), None, why, "no text field"))
+    return True
+
+
+def _documents(records: Iterable[tuple], src, text_field: str, id_field: str, bad: list[Unreadable],
+               limit: int) -> Iterator[Document]:  # fmt: skip
+    """Records to Documents: the text in `text_field` (a string), the id in `id_field`, the rest as metadata."""
+    for record, where, line in records:
+        if not isinstance(record, dict):
+            bad.append(
+                Unreadable(str(src), line, f"record is {type(record).__name__}, not a JSON object", "not a record")
+            )
+            continue
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            why = f"record has no {text_field!r} field" if text is None else f"{text_field!r} is not a string"
+            bad.append(Unreadable(str(src), line, why, "no text field"))
+            continue
+        if "\x00" in text:
+            bad.append(Unreadable(str(src), line, "binary data (NUL characters)", "binary data"))
+            continue
+        if 4 * len(text) > limit and (size := len(text.encode("utf-8", "surrogatepass"))) > limit:
+            bad.append(Unreadable(str(src), line, _too_large(size, limit), "record too large"))
+            continue
+        doc_id = record.get(id_field) if id_field else None
+        meta = {k: v for k, v in record.items() if k != text_field and (k != id_field or not id_field)}
+        yield Document(id=where if doc_id is None else str(doc_id), text=text, metadata=meta, source=where,
+                       file=str(src))  # fmt: skip
+
+
+# --- whole files: text and HTML ---
+
+
+def _read_whole(path: Path, kind: str, bad: list[Unreadable], limit: int, split: TextSplit) -> Iterator[Document]:
+    size = path.stat().st_size
+    if size > limit and kind != ".txt":
+        bad.append(Unreadable(str(path), None, _too_large(size, limit), "record too large"))
+        return
+    data = path.read_bytes()
+    if not data.strip():
+        bad.append(Unreadable(str(path), None, "empty file", "empty file"))
+        return
+    if b"\x00" in data[: 1 << 16] and guess_encoding(data) != "utf-16":
+        bad.append(Unreadable(str(path), None, "binary data (NUL bytes: not a text file)", "binary data"))
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad.append(Unreadable(str(path), None, not_utf8(data, e), "not UTF-8"))
+        return
+    if "\x00" in text:
+        bad.append(Unreadable(str(path), None, "binary data (NUL characters)", "binary data"))
+        return
+    del data
+    text = text.removeprefix("\ufeff")  # a byte-order mark is an encoding artifact, not text
+    if kind != ".txt":
+        yield Document(id=path.name, text="", metadata={"html": text}, source=str(path), file=str(path))
+        return
+    for piece in split_file_text(text, split, str(path)):
+        yield Document(id=f"{path.name}:{piece.line}", text=piece.text, metadata={}, source=f"{path}:{piece.line}",
+                       file=str(path))  # fmt: skip
+
+
+# --- the two policies ---
+
+
+def read_file(
+    path: Path | HfSource,
+    bad: list[Unreadable],
+    text_field: str = "text",
+    id_field: str = "id",
+    max_record_bytes: int = MAX_RECORD_BYTES,
+    split: TextSplit | None = None,
+    metadata: bool = True,
+) -> Iterator[Document]:
+    """The documents of one input; what cannot be read is appended to `bad`. `metadata=False` reads only the
+    text and id of Parquet files (faster when the other columns are not wanted)."""
+    limit = max_record_bytes
+    kind = None if isinstance(path, HfSource) else kind_of(path)
+    if isinstance(path, HfSource) or kind in RECORD_SUFFIXES:
+        columns = None if metadata else [text_field, id_field]
+        records = read_records(path, bad, limit, text_field, columns)
+        yield from _documents(records, path, text_field, id_field, bad, limit)
+    elif kind is None:
+        bad.append(Unreadable(str(path), None, f"unsupported file type (expected {', '.join(SUFFIXES)})",
+                              "unsupported file type"))  # fmt: skip
+    elif kind in WARC_SUFFIXES:
+        from lmforge.data.warc import read_warc
+
+        yield from read_warc(path, bad, limit)
+    else:
+        yield from _read_whole(path, kind, bad, limit, split or TextSplit())
+
+
+def read_documents(
+    paths: Iterable[str | Path],
+    bad: list[Unreadable],
+    text_field: str = "text",
+    id_field: str = "id",
+    max_record_bytes: int = MAX_RECORD_BYTES,
+    split: TextSplit | None = None,
+) -> Iterator[Document]:
+    """Forgiving: every document under `paths`, in a deterministic order; unreadable records go to `bad`."""
+    for path in list_inputs(paths):
+        yield from read_file(path, bad, text_field, id_field, max_record_bytes, split)
+
+
+def iter_file(path: Path | HfSource, text_field: str = "text", split: TextSplit | None = None,
+              id_field: str = "id", metadata: bool = False) -> Iterator[Document]:  # fmt: skip
+    """Strict: the non-empty documents of one input, pages with their main text extracted; the first unreadable
+    record is an `LmforgeError`. `split` says how a `.txt` file splits into documents (default: `TextSplit()`)."""
+    for doc in read_file(path, Strict(), text_field, id_field, split=split, metadata=metadata):
+        if "html" in doc.metadata:
+            doc = _extracted(doc)
+        if doc.text:
+            yield doc
+
+
+def _extracted(doc: Document) -> Document:
+    """A page's main text (trafilatura, as the `extract_html` step of `data clean` does); "" if it has none."""
+    from lmforge.data.clean.steps.html import ExtractHtmlConfig, extract_html
+
+    out = extract_html(doc, ExtractHtmlConfig())
+    if isinstance(out, str):  # no main text: nothing to learn from this page
+        doc.text = ""
+        return doc
+    return out
+
+
+def iter_docs(
+    paths: Iterable[str | Path], text_field: str = "text", split: TextSplit | None = None
+) -> Iterator[Document]:
+    """Strict: every non-empty document under `paths`, in a deterministic order."""
     for path in list_files(paths):
         yield from iter_file(path, text_field, split)
 
 
 def iter_texts(paths: Iterable[str | Path], text_field: str = "text", split: TextSplit | None = None):
-    """(text, source) of every document under `paths`, in a deterministic order."""
+    """Strict: (text, source) of every non-empty document under `paths`, in a deterministic order."""
     for doc in iter_docs(paths, text_field, split):
         yield doc.text, doc.source
+
+
+# --- how .txt inputs split: the flags every reading command takes ---
 
 
 def add_split_args(parser, defaults: bool = True) -> None:

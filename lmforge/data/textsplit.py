@@ -74,6 +74,22 @@ class TextSplit:
         return {"doc_sep": self.doc_sep, "doc_bytes": self.doc_bytes, "max_doc_bytes": self.max_doc_bytes}
 
 
+@dataclass(frozen=True)
+class TextSplitFields:
+    """The fields of a command's config that say how its `.txt` inputs split (a `TextSplit`); flags of the same
+    names (`--doc-sep`, `--doc-bytes`, `--max-doc-bytes`)."""
+
+    # in .txt files, documents are separated by this (e.g. '<|endoftext|>'; \n and \t read as escapes);
+    # unset: blank-line paragraphs grouped up to doc_bytes
+    doc_sep: str | None = None
+    doc_bytes: int = DOC_BYTES  # largest .txt document when grouping paragraphs
+    max_doc_bytes: int = MAX_DOC_BYTES  # with doc_sep: longer documents are cut at line boundaries
+
+    def text_split(self) -> TextSplit:
+        sep = None if self.doc_sep is None else self.doc_sep.replace("\\n", "\n").replace("\\t", "\t")
+        return TextSplit(sep, self.doc_bytes, self.max_doc_bytes)
+
+
 @dataclass
 class Piece:
     text: str

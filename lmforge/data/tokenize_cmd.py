@@ -24,21 +24,23 @@ as plain text, never as the special id.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lmforge.cli_config import add_config_command
+from lmforge.config import require
 from lmforge.data import data_subparsers
 from lmforge.data.holdout import FileHoldout
 from lmforge.data.parallel import closing_pool, make_pool, ordered_map
-from lmforge.data.readers import add_split_args, iter_docs, list_files, split_from_args
+from lmforge.data.readers import iter_docs, list_files
 from lmforge.data.shards import DTYPES, VERSION, ShardWriter, dtype_for_vocab
-from lmforge.data.textsplit import TextSplit, nbytes
+from lmforge.data.textsplit import TextSplit, TextSplitFields, nbytes
 from lmforge.errors import LmforgeError, warn
 from lmforge.fileio import atomic_write_json
 from lmforge.tokenizer.special import EOT, load_tokenizer, tokenizer_hash
@@ -48,29 +50,44 @@ CHUNK_DOCS = 1024
 SHARD_RE = re.compile(r"(train|val)_\d{6}\.bin")
 
 
+@dataclass(frozen=True)
+class TokenizeConfig(TextSplitFields):
+    """`lmforge data tokenize`: each field's comment is its help text (the `tokenize` recipe section too)."""
+
+    # files or folders in any format lmforge reads (txt, JSONL, JSON, Parquet, HTML, WARC, hf:NAME)
+    input: list[str] = field(default_factory=list, metadata={"metavar": "FILE_OR_DIR"})
+    tokenizer: str = ""  # tokenizer folder (from `lmforge tokenizer train`)
+    out: str = ""  # output folder for the shards and index.json
+    val_fraction: float = 0.01  # share of each input file's documents for val (0: no val split)
+    workers: int | None = None  # encoder processes (unset: min(cpu count, 8))
+    shard_tokens: int = 50_000_000  # tokens per shard
+    text_field: str = "text"  # the field holding the text in record inputs (JSONL, JSON, Parquet, datasets)
+
+    def validate(self) -> TokenizeConfig:
+        self.text_split()  # raises on a bad doc_sep / doc_bytes
+        require([
+            (bool(self.input), "needs --input (files or folders)"),
+            (bool(self.tokenizer), "needs --tokenizer (a folder from `lmforge tokenizer train`)"),
+            (bool(self.out), "needs --out (the shard folder to write)"),
+            (self.workers is None or self.workers >= 1, "workers must be >= 1"),
+            (self.shard_tokens >= 1, "shard_tokens must be >= 1"),
+        ])  # fmt: skip
+        return self
+
+
 def register(subparsers) -> None:
-    p = data_subparsers(subparsers).add_parser("tokenize", help="encode a corpus into token shards for pretraining")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
-                   help=".txt, .jsonl(.gz/.zst) or .parquet files, or folders of them")  # fmt: skip
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (from `lmforge tokenizer train`)")
-    p.add_argument("--out", required=True, help="output folder for the shards and index.json")
-    p.add_argument("--val-fraction", type=float, default=0.01,
-                   help="share of each input file's documents for val (default 0.01; 0: no val split)")  # fmt: skip
-    p.add_argument("--workers", type=int, default=None, help="encoder processes (default min(cpu count, 8))")
-    p.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard (default 50M)")
-    p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text (default text)")
-    add_split_args(p)
-    p.set_defaults(func=_run)
+    help = "encode a corpus into token shards for pretraining"
+    add_config_command(data_subparsers(subparsers), "tokenize", help, TokenizeConfig, run, description=__doc__)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(cfg: TokenizeConfig) -> dict:
     t0 = time.perf_counter()
     index = tokenize_corpus(
-        args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
-        shard_tokens=args.shard_tokens, text_field=args.text_field, split=split_from_args(args),
+        cfg.input, cfg.tokenizer, cfg.out, val_fraction=cfg.val_fraction, workers=cfg.workers,
+        shard_tokens=cfg.shard_tokens, text_field=cfg.text_field, split=cfg.text_split(),
     )  # fmt: skip
-    print(format_summary(index, args.out, time.perf_counter() - t0))
-    return 0
+    print(format_summary(index, cfg.out, time.perf_counter() - t0))
+    return index
 
 
 # --- encoding (runs in this process or in pool workers) ---

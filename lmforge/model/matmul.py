@@ -58,21 +58,35 @@ def onednn_applies(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0 for t in tensors)
 
 
-@torch.library.custom_op("lmforge::onednn_linear", mutates_args=())
-def _onednn_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return _LINEAR(x, w, b, "none", [], "")
+_OP = None  # `lmforge::onednn_linear`, for torch.compile: registered when the first `Linear` is built
 
 
-@_onednn_op.register_fake
-def _(x, w, b):
-    return x.new_empty(x.shape[0], w.shape[0])
+def register_compiled_op():
+    """Register `lmforge::onednn_linear` (once): under torch.compile the products are this opaque op with a shape
+    rule, so inductor fuses the elementwise work around it. Called when a `Linear` is built, so importing
+    this module registers nothing, and the op exists before any graph is traced."""
+    global _OP
+    if _OP is not None or _LINEAR is None:
+        return
+
+    @torch.library.custom_op("lmforge::onednn_linear", mutates_args=())
+    def op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return _LINEAR(x, w, b, "none", [], "")
+
+    @op.register_fake
+    def _(x, w, b):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    _OP = op
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x (m, k) @ w (n, k).T + b. Under torch.compile an opaque custom op (inductor's own lowering
     of the oneDNN op wants prepacked weights); in eager the op itself (no custom-op dispatch cost)."""
     if torch.compiler.is_compiling():
-        return _onednn_op(x, w, b)
+        if _OP is None:  # traced before any Linear was built (a bare loss under compile): torch's own product
+            return F.linear(x, w, b)
+        return _OP(x, w, b)
     return _LINEAR(x, w, b, "none", [], "")
 
 
@@ -130,6 +144,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 class Linear(nn.Linear):
     """nn.Linear whose forward is `linear` above (parameters, names and init are nn.Linear's)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        register_compiled_op()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)

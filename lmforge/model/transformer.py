@@ -33,10 +33,16 @@ from lmforge.model.matmul import Linear
 
 POS_ENCODINGS = ("rope", "sinusoidal", "learned", "alibi")
 NORMS = ("rmsnorm", "layernorm")
-MLPS = ("swiglu", "gelu")
+# The MLP's activation on its input projections, (gate or None, up) -> hidden: what an `mlp` choice means.
+# The training forward and generation's fused decode step (lmforge/serve/generate.py) both read it from here.
+ACTIVATIONS = {
+    "swiglu": lambda gate, up: F.silu(gate) * up,
+    "gelu": lambda gate, up: F.gelu(up, approximate="tanh"),
+}
+MLPS = tuple(ACTIVATIONS)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 8192  # rows of the embedding (a multiple of 64 is faster); pretrain: from the data unless set
     n_layer: int = 4  # Transformer blocks
@@ -48,23 +54,21 @@ class ModelConfig:
     pos_encoding: str = "rope"  # one of rope, sinusoidal, learned, alibi
     rope_theta: float = 10000.0  # RoPE base frequency
     norm: str = "rmsnorm"  # rmsnorm or layernorm
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # epsilon of the norms (and QK-norm)
     mlp: str = "swiglu"  # swiglu or gelu
     tie_embeddings: bool = True  # share the input embedding with the output head
     qk_norm: bool = False  # RMS-normalize queries and keys per head before attention
     bias: bool = False  # biases in linear layers (GPT-2 style)
     qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2 style); implied by `bias`
-    dropout: float = 0.0
-    init_std: float = 0.02
+    dropout: float = 0.0  # dropout on embeddings, attention and residual branches (training only)
+    init_std: float = 0.02  # std of the normal init of linear and embedding weights
 
-    def __post_init__(self):
+    def __post_init__(self):  # frozen: the derived widths are filled in once, here
         if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
+            object.__setattr__(self, "n_kv_head", self.n_head)
         if self.d_ff is None:
-            if self.mlp == "swiglu":
-                self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
-            else:
-                self.d_ff = 4 * self.d_model
+            d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64) if self.mlp == "swiglu" else 4 * self.d_model
+            object.__setattr__(self, "d_ff", d_ff)
 
     @property
     def head_dim(self) -> int:
@@ -199,10 +203,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, cfg.n_head, hd)
         k = self.k_proj(x).view(B, T, cfg.n_kv_head, hd)
         v = self.v_proj(x).view(B, T, cfg.n_kv_head, hd).transpose(1, 2)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self.rotate(q, k, rope)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
@@ -218,20 +219,32 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
 
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys (..., heads, head_dim) as attention reads them: per-head RMS norm (qk_norm), then RoPE."""
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.act = ACTIVATIONS[cfg.mlp]
         if self.swiglu:
             self.gate_proj = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.up_proj = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down_proj = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
+    @property
+    def in_projs(self) -> list[nn.Module]:
+        """The projections of the input the activation reads: (gate, up) or (up,)."""
+        return [self.gate_proj, self.up_proj] if self.swiglu else [self.up_proj]
+
     def forward(self, x):
-        if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        return self.down_proj(self.act(self.gate_proj(x) if self.swiglu else None, self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -283,6 +296,13 @@ class Transformer(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    def position_table(self) -> torch.Tensor | None:
+        """The table of position vectors added to the token embeddings (learned, sinusoidal), or None (RoPE and
+        ALiBi act inside attention)."""
+        if self.cfg.pos_encoding == "learned":
+            return self.embed_positions.weight
+        return self.pos_table if self.cfg.pos_encoding == "sinusoidal" else None
 
     def _positions(self, B, T, start, positions):
         if positions is None:
@@ -338,11 +358,9 @@ class Transformer(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start + T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed_tokens(idx)
-        rope = None
-        if self.cfg.pos_encoding != "alibi" and self.cfg.pos_encoding != "rope":
-            pos = self._positions(B, T, start, positions)
-            table = self.embed_positions.weight if self.cfg.pos_encoding == "learned" else self.pos_table
-            x = x + table[pos]
+        rope, table = None, self.position_table()
+        if table is not None:
+            x = x + table[self._positions(B, T, start, positions)]
         elif self.cfg.pos_encoding == "rope":
             if positions is None:
                 rope = (self.rope_cos[start : start + T, None], self.rope_sin[start : start + T, None])

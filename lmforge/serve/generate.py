@@ -77,11 +77,6 @@ class _Proj:
         return y if residual is None else residual + y
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """`apply_rope` with the sign of rotate-half already in `signed_sin`: the same numbers, bit for bit."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
-
-
 def _norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The norm as a bare functional call: at one token per row, nn.Module.__call__ costs about as much as the math."""
     if isinstance(module, nn.RMSNorm):
@@ -95,13 +90,17 @@ def _norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class FusedDecoder:
-    """One-token decode steps with q/k/v and gate/up each fused into one matrix product: generation's fast path.
+    """One-token decode steps with q/k/v and the MLP's input projections each fused into one matrix product:
+    generation's fast path.
 
     The fused weights are built from the model when generation starts and dropped when it ends
     (one extra copy of the weights meanwhile); the model, its parameters and their names are not
-    touched, so checkpoints, import/export and LoRA never see them. The math is the model's own
-    forward for one new token per row (tests hold the logits equal within 1e-5); it skips the
-    (B, 1, d) shapes, the per-module calls and half the matrix products.
+    touched, so checkpoints, import/export and LoRA never see them. Only the matrix products are
+    its own: the variant math comes from the model's modules (the norms' weights and eps, the
+    attention's `rotate` for QK-norm and RoPE, the position table, the attention mask with ALiBi,
+    the MLP's `in_projs` and `act`), so a new variant runs the same here or not at all
+    (tests/test_generate.py holds the logits equal within 1e-5 for every config field). It skips
+    the (B, 1, d) shapes, the per-module calls and half the matrix products.
     """
 
     def __init__(self, model: Transformer, batch: int):
@@ -109,14 +108,12 @@ class FusedDecoder:
         self.layers = []
         for block in model.layers:
             attn, mlp = block.self_attn, block.mlp
-            up = [mlp.gate_proj, mlp.up_proj] if mlp.swiglu else [mlp.up_proj]
+            up = mlp.in_projs
             norms = (_norm(block.input_layernorm), _norm(block.post_attention_layernorm))
             projs = (_Proj([attn.q_proj, attn.k_proj, attn.v_proj], batch), _Proj([attn.o_proj], batch))
-            self.layers.append((block, *norms, *projs, _Proj(up, batch), _Proj([mlp.down_proj], batch)))
+            self.layers.append((block, *norms, *projs, _Proj(up, batch), _Proj([mlp.down_proj], batch), len(up) == 2))
         self.norm, self.head = _norm(model.norm), _Proj([model.lm_head], batch)
-        if model.cfg.pos_encoding == "rope":  # sin with rotate-half's minus sign folded in: rope is then 4 ops, not 6
-            half = model.cfg.head_dim // 2
-            self.rope_sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1)
+        self.table = model.position_table()
 
     @staticmethod
     def supports(model) -> bool:
@@ -136,32 +133,20 @@ class FusedDecoder:
         pos = start if positions is None else positions
         x = m.embed_tokens.weight.index_select(0, tok)  # (B, d): one token per row, no time axis
         rope = None
-        if cfg.pos_encoding == "rope":  # (1, D) or (B, 1, D): broadcast over the heads of (B, H, D)
-            rope = (m.rope_cos[pos][..., None, :], self.rope_sin[pos][..., None, :])
-        elif cfg.pos_encoding in ("learned", "sinusoidal"):
-            x = x + (m.embed_positions.weight if cfg.pos_encoding == "learned" else m.pos_table)[pos]
+        if self.table is not None:
+            x = x + self.table[pos]
+        elif cfg.pos_encoding == "rope":  # (1, D) or (B, 1, D): broadcast over the heads of (B, H, D)
+            rope = (m.rope_cos[pos][..., None, :], m.rope_sin[pos][..., None, :])
         mask = m._attn_mask(B, 1, start, key_mask, None, x.device, x.dtype)
-        for layer, (block, norm1, norm2, qkv, o_proj, up_proj, down_proj) in enumerate(self.layers):
-            attn = block.self_attn
+        for layer, (block, norm1, norm2, qkv, o_proj, up_proj, down_proj, gated) in enumerate(self.layers):
             h = qkv(norm1(x)).view(B, H + 2 * Hk, D)
-            q, k, v = h[:, :H], h[:, H : H + Hk], h[:, H + Hk :]
-            if cfg.qk_norm:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            if rope is not None and cfg.qk_norm:
-                q, k = _rope(q, *rope), _rope(k, *rope)
-            elif rope is not None:  # queries and keys rotated together: one set of elementwise ops
-                qk = _rope(h[:, : H + Hk], *rope)
-                q, k = qk[:, :H], qk[:, H:]
-            k, v = cache.update(layer, k[:, :, None], v[:, :, None])
+            q, k = block.self_attn.rotate(h[:, :H], h[:, H : H + Hk], rope)
+            k, v = cache.update(layer, k[:, :, None], h[:, H + Hk :, None])
             y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=Hk != H)
             x = o_proj(y.view(B, H * D), residual=x)
             h = up_proj(norm2(x))
-            if block.mlp.swiglu:
-                gate, up = h.chunk(2, dim=-1)
-                h = F.silu(gate) * up
-            else:
-                h = F.gelu(h, approximate="tanh")
-            x = down_proj(h, residual=x)
+            gate, up = h.chunk(2, dim=-1) if gated else (None, h)
+            x = down_proj(block.mlp.act(gate, up), residual=x)
         cache.length += 1
         return self.head(self.norm(x))
 

@@ -1,67 +1,94 @@
 """`lmforge tokenizer train` and `lmforge tokenizer extend`.
 
-lmforge tokenizer train --input corpus/ --vocab-size 8192 --out runs/tok
-lmforge tokenizer extend --base runs/tok --input zh/ --add 2000 --out runs/tok-zh
+    lmforge tokenizer train --input corpus/ --vocab-size 8192 --out runs/tok
+    lmforge tokenizer extend --base runs/tok --input zh/ --add 2000 --out runs/tok-zh
+
+Inputs are any format lmforge reads (lmforge/data/readers.py), strictly: the first unreadable record is a
+one-line error. Flags are generated from the configs below (each field's comment is its help text); the
+`tokenizer` section of an `lmforge run` recipe is checked against `TokenizerTrainConfig`.
 """
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
+
+from lmforge.cli_config import add_config_command
+from lmforge.config import require
+from lmforge.data.textsplit import TextSplitFields
+
+
+@dataclass(frozen=True)
+class TokenizerInputs(TextSplitFields):
+    """What both tokenizer commands read, and how much of it is held out to measure bytes per token."""
+
+    # files or folders in any format lmforge reads (txt, JSONL, JSON, Parquet, HTML, WARC, hf:NAME)
+    input: list[str] = field(default_factory=list, metadata={"metavar": "FILE_OR_DIR"})
+    out: str = ""  # output folder (tokenizer.json, tokenizer_config.json, train_report.json)
+    text_field: str = "text"  # the field holding the text in record inputs (JSONL, JSON, Parquet, datasets)
+    heldout_fraction: float = 0.05  # share of each input file's documents held out to measure bytes per token
+    min_frequency: int = 2  # least count for a merge
+
+    def input_checks(self) -> list[tuple[bool, str]]:
+        self.text_split()  # raises on a bad doc_sep / doc_bytes
+        return [
+            (bool(self.input), "needs --input (files or folders)"),
+            (bool(self.out), "needs --out (the tokenizer folder to write)"),
+            (0 <= self.heldout_fraction < 1, "heldout_fraction must be in [0, 1)"),
+            (self.min_frequency >= 1, "min_frequency must be >= 1"),
+        ]
+
+
+@dataclass(frozen=True)
+class TokenizerTrainConfig(TokenizerInputs):
+    """`lmforge tokenizer train`: a byte-level BPE (Hugging Face tokenizers) on a corpus."""
+
+    vocab_size: int = 0  # vocabulary size, special tokens included (required)
+    model_max_length: int = 2048  # model_max_length written to tokenizer_config.json for transformers
+
+    def validate(self) -> TokenizerTrainConfig:
+        require([*self.input_checks(), (self.vocab_size > 0, "needs --vocab-size (e.g. 8192)")])
+        return self
+
+
+@dataclass(frozen=True)
+class TokenizerExtendConfig(TokenizerInputs):
+    """`lmforge tokenizer extend`: add tokens learned on new text, keeping every existing id."""
+
+    base: str = ""  # tokenizer folder to extend
+    add: int = 0  # number of new tokens (required)
+
+    def validate(self) -> TokenizerExtendConfig:
+        require([*self.input_checks(), (bool(self.base), "needs --base (the tokenizer to extend)"),
+                 (self.add > 0, "needs --add (how many new tokens)")])  # fmt: skip
+        return self
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("tokenizer", help="train or extend a byte-level BPE tokenizer")
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
-
-    train = sub.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")
-    _add_inputs(train)
-    train.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
-    train.add_argument("--out", required=True, help="output folder (tokenizer.json, tokenizer_config.json)")
-    train.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
-    train.add_argument("--model-max-length", type=int, default=2048, help="model_max_length for transformers")
-    train.set_defaults(func=_train)
-
-    extend = sub.add_parser("extend", help="add tokens learned on new text, keeping every existing id")
-    extend.add_argument("--base", required=True, help="tokenizer folder to extend")
-    _add_inputs(extend)
-    extend.add_argument("--add", type=int, required=True, help="number of new tokens")
-    extend.add_argument("--out", required=True, help="output folder")
-    extend.add_argument("--min-frequency", type=int, default=2, help="least count for a new merge (default 2)")
-    extend.set_defaults(func=_extend)
+    add_config_command(sub, "train", "train a byte-level BPE tokenizer on a corpus", TokenizerTrainConfig, train,
+                       description=__doc__)  # fmt: skip
+    add_config_command(sub, "extend", "add tokens learned on new text, keeping every existing id",
+                       TokenizerExtendConfig, extend, description=__doc__)  # fmt: skip
 
 
-def _add_inputs(parser: argparse.ArgumentParser) -> None:
-    from lmforge.data.readers import add_split_args
-
-    parser.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
-                        help=".txt, .jsonl(.gz/.zst) or .parquet files, or folders of them")  # fmt: skip
-    parser.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text (default text)")
-    parser.add_argument("--heldout-fraction", type=float, default=0.05,
-                        help="share of each input file's documents held out to measure bytes per token "
-                        "(default 0.05)")  # fmt: skip
-    add_split_args(parser)
-
-
-def _train(args: argparse.Namespace) -> int:
-    from lmforge.data.readers import split_from_args
+def train(cfg: TokenizerTrainConfig) -> dict:
     from lmforge.tokenizer.train import format_report, train_tokenizer
 
     report = train_tokenizer(
-        args.input, args.vocab_size, args.out, min_frequency=args.min_frequency,
-        heldout_fraction=args.heldout_fraction, text_field=args.text_field, split=split_from_args(args),
-        model_max_length=args.model_max_length, show_progress=True,
+        cfg.input, cfg.vocab_size, cfg.out, min_frequency=cfg.min_frequency, heldout_fraction=cfg.heldout_fraction,
+        text_field=cfg.text_field, split=cfg.text_split(), model_max_length=cfg.model_max_length, show_progress=True,
     )  # fmt: skip
-    print(format_report(report, args.out))
-    return 0
+    print(format_report(report, cfg.out))
+    return report
 
 
-def _extend(args: argparse.Namespace) -> int:
-    from lmforge.data.readers import split_from_args
+def extend(cfg: TokenizerExtendConfig) -> dict:
     from lmforge.tokenizer.extend import extend_tokenizer, format_report
 
     report = extend_tokenizer(
-        args.base, args.input, args.add, args.out, min_frequency=args.min_frequency,
-        heldout_fraction=args.heldout_fraction, text_field=args.text_field, split=split_from_args(args),
+        cfg.base, cfg.input, cfg.add, cfg.out, min_frequency=cfg.min_frequency,
+        heldout_fraction=cfg.heldout_fraction, text_field=cfg.text_field, split=cfg.text_split(),
     )  # fmt: skip
-    print(format_report(report, args.out))
-    return 0
+    print(format_report(report, cfg.out))
+    return report

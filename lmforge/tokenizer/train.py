@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lmforge.data.holdout import FileHoldout
-from lmforge.data.readers import Doc, iter_docs
+from lmforge.data.readers import Document, iter_docs
 from lmforge.data.textsplit import TextSplit, nbytes
 from lmforge.errors import LmforgeError, warn
 from lmforge.fileio import atomic_dir
@@ -106,7 +106,7 @@ class HeldOut:
             self.texts.append(text)
             self.kept_bytes += n
 
-    def train_batches(self, docs: Iterable[Doc]) -> Iterator[list[str]]:
+    def train_batches(self, docs: Iterable[Document]) -> Iterator[list[str]]:
         batch, size, last, last_n = [], 0, None, 0  # `last` waits one step in case it must be the held-out doc
         for doc in docs:
             n = nbytes(doc.text)

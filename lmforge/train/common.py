@@ -1,11 +1,12 @@
-"""Pieces every training stage shares: device choice, distributed setup, optimizer, LR schedule.
+"""Pieces every training stage shares: device choice, distributed setup, optimizer, LR schedule, exit codes.
 
-Used by `lmforge pretrain` (and later stages); each stage keeps its own loop.
+Used by every training stage and by the shared loop (lmforge/train/loop.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -137,8 +138,9 @@ def smaller_micro_batch(batch_size: int) -> int | None:
     return None
 
 
-def adopt_saved_batch_split(cfg, saved: dict, where) -> None:
-    """Resume check for the batch: the sequences per step must match the checkpoint's; its micro-batch split is kept.
+def adopt_saved_batch_split(cfg, saved: dict, where):
+    """Resume check for the batch: the sequences per step must match the checkpoint's; returns `cfg` with the
+    checkpoint's micro-batch split.
 
     A run whose micro-batch was shrunk to fit memory saved the split it used, so rerunning the
     original command resumes with that split (the same losses as the run so far) instead of refusing.
@@ -149,9 +151,10 @@ def adopt_saved_batch_split(cfg, saved: dict, where) -> None:
             f"{where}: cannot resume: {b * a} sequences per step (batch_size {b} x grad_accum {a}) in the checkpoint "
             f"but {cfg.batch_size * cfg.grad_accum} now (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum})"
         )
-    if (b, a) != (cfg.batch_size, cfg.grad_accum):
-        print(f"lmforge: resuming with the checkpoint's micro-batch {b} x {a} accumulation", file=sys.stderr)
-        cfg.batch_size, cfg.grad_accum = b, a
+    if (b, a) == (cfg.batch_size, cfg.grad_accum):
+        return cfg
+    print(f"lmforge: resuming with the checkpoint's micro-batch {b} x {a} accumulation", file=sys.stderr)
+    return dataclasses.replace(cfg, batch_size=b, grad_accum=a)
 
 
 def lr_at(step: int, *, peak: float, total: int, warmup: int, schedule: str, min_ratio: float, decay_fraction: float):

@@ -12,66 +12,122 @@ checkpoints, metrics.jsonl, TensorBoard events) lives in RUN_DIR.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from lmforge.config import load_yaml, parse_set, pretrain_vocab_size, resolve_train_config, to_dict
+from lmforge.cli_config import add_config_command
+from lmforge.config import LoopConfig, require, save_config, to_dict, with_updates
 from lmforge.data.loader import TokenLoader
 from lmforge.data.shards import load_index
 from lmforge.errors import LmforgeError, warn
 from lmforge.eval.loss import bits_per_byte, evaluate_loss
-from lmforge.fileio import atomic_write_text
 from lmforge.model.transformer import ModelConfig, Transformer, flops_per_token
 from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.common import (
     adopt_saved_batch_split,
     make_optimizer,
-    peak_flops,
     pick_device,
     setup_distributed,
     stop_exit_code,
     teardown_distributed,
     tune_cpu_allocator,
 )
-from lmforge.train.loop import LoopParts, train_loop
+from lmforge.train.loop import Hooks, next_token_step, refit_loader, train_loop
 from lmforge.train.metrics import MetricsLogger
 
 # Settings that must match for a resume to continue the same run (and sequences per step: adopt_saved_batch_split).
 RESUME_FIELDS = ("seq_len",)
 
 
+@dataclass(frozen=True)
+class TrainConfig(LoopConfig):
+    """Pretraining (stage 1): the loop's fields plus these. Each field's comment is its help text."""
+
+    data: str = ""  # folder of token shards made by `lmforge data tokenize`
+    out: str = ""  # run folder: checkpoints, metrics.jsonl, TensorBoard events, resolved config
+    preset: str = "tiny"  # model preset the `model` fields start from (tiny, gpt2-124m, llama-1b, smollm2-135m)
+    init_from: str = ""  # start from these weights (run or checkpoint folder; its model config wins); not a resume
+    # The data's tokenizer decides model.vocab_size (pretrain_vocab_size): unset, it is the tokenizer's size rounded up
+    # to 64; set (recipe, --set), it is kept if it holds every token (extra rows) and is an error if smaller.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seq_len: int = 256  # tokens per sequence (at most model.max_seq_len)
+    compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # under torchrun: ddp (replicate) or fsdp (FSDP2 fully_shard)
+
+    # Not a field: the model fields the user set (recipe, flags or --set) rather than took from the preset, filled
+    # by resolve_train_config; it says where values came from (see pretrain_vocab_size), not what runs.
+    model_fields_set = frozenset()
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            *self.loop_checks(),
+            (self.seq_len >= 1, "seq_len must be >= 1"),
+            (self.parallel in ("ddp", "fsdp"), "parallel must be ddp or fsdp"),
+            (self.seq_len <= self.model.max_seq_len,
+             f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"),
+        ]  # fmt: skip
+        require(checks)
+        self.model.validate()
+        return self
+
+
+def resolve_train_config(recipe: dict | None, flags: dict, sets: dict, prefix: str = "") -> TrainConfig:
+    """Build the TrainConfig: preset <- recipe <- plain flags (non-None) <- --set overrides."""
+    layers = [recipe or {}, {k: v for k, v in flags.items() if v is not None}, sets]
+    preset_name = next((layer["preset"] for layer in reversed(layers) if "preset" in layer), "tiny")
+    from lmforge.model.presets import preset
+
+    base = preset(preset_name)
+    mha = base.n_kv_head == base.n_head
+    cfg = TrainConfig(preset=preset_name, model=base)
+    for layer in layers:
+        cfg = with_updates(cfg, {k: v for k, v in layer.items() if k != "preset"}, prefix)
+    # Derived widths follow the fields they derive from unless set explicitly:
+    # `--set model.d_model=512` on `tiny` must not keep tiny's 704-wide MLP.
+    touched = set().union(*(layer.get("model", {}).keys() for layer in layers))
+    derived = {}
+    if touched & {"d_model", "mlp"} and "d_ff" not in touched:
+        derived["d_ff"] = None  # recomputed by ModelConfig.__post_init__
+    if "n_head" in touched and "n_kv_head" not in touched and mha:
+        derived["n_kv_head"] = None
+    if derived:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **derived))
+    object.__setattr__(cfg, "model_fields_set", frozenset(touched))  # provenance, not a field (see above)
+    return cfg.validate()
+
+
+def pretrain_vocab_size(cfg: TrainConfig, tokenizer_size: int, data: str) -> int:
+    """Embedding rows for pretraining on data whose tokenizer has `tokenizer_size` tokens: the data decides.
+
+    model.vocab_size left unset (the preset's value): the tokenizer's size rounded up to 64 (faster matmuls).
+    Set explicitly: kept when it holds every token (the extra rows are never a target), an error when smaller.
+    With init_from the checkpoint's model config wins, so only the tokenizer counts.
+    """
+    rounded = 64 * math.ceil(tokenizer_size / 64)
+    if cfg.init_from or "vocab_size" not in cfg.model_fields_set:
+        return rounded
+    if cfg.model.vocab_size < tokenizer_size:
+        raise LmforgeError(
+            f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the {tokenizer_size} tokens of the "
+            f"tokenizer of {data}; set at least {tokenizer_size}, or leave it unset (then {rounded})"
+        )
+    return cfg.model.vocab_size
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("pretrain", help="pretrain a model on token shards (resumes if RUN_DIR has a checkpoint)")
-    p.add_argument("--data", help="folder of token shards (`lmforge data tokenize`)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--preset", help="model preset (tiny, gpt2-124m, llama-1b, smollm2-135m)")
-    p.add_argument("--config", help="YAML recipe with TrainConfig fields")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
-    p.add_argument("--max-steps", type=int, dest="max_steps")
-    p.add_argument("--max-seconds", type=float, dest="max_seconds", help="time budget for this invocation")
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--seq-len", type=int, dest="seq_len")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    recipe = load_yaml(args.config) if args.config else {}
-    flags = {k: getattr(args, k) for k in ("data", "preset", "max_steps", "max_seconds", "batch_size", "seq_len")}
-    flags.update(seed=args.seed, device=args.device, out=args.out)
-    cfg = resolve_train_config(recipe, flags, parse_set(args.set))
-    return stop_exit_code(pretrain(cfg), "pretrain")
+    help = "pretrain a model on token shards (resumes if RUN_DIR has a checkpoint)"
+    add_config_command(subparsers, "pretrain", help, TrainConfig, pretrain, resolve_fn=resolve_train_config,
+                       description=__doc__, exit_code=stop_exit_code)  # fmt: skip
 
 
 def _check_resume(meta: dict, cfg, path: Path) -> None:
@@ -87,13 +143,15 @@ def _check_resume(meta: dict, cfg, path: Path) -> None:
             raise LmforgeError(
                 f"{path}: cannot resume: {key} is {saved_train.get(key)!r} in the checkpoint but {getattr(cfg, key)!r} now"
             )
-    adopt_saved_batch_split(cfg, saved_train, path)
+    return adopt_saved_batch_split(cfg, saved_train, path)
 
 
-def pretrain(cfg) -> dict:
+def pretrain(cfg: TrainConfig) -> dict:
     """Run (or resume) pretraining as configured; returns the last metrics record."""
     if not cfg.data:
         raise LmforgeError("pretrain needs --data (a folder made by `lmforge data tokenize`)")
+    if not cfg.out:
+        raise LmforgeError("pretrain needs --out (the run folder; rerun the same command to resume)")
     run_dir = Path(cfg.out)
     device = pick_device(cfg.device)
     if device.type == "cpu":
@@ -105,17 +163,20 @@ def pretrain(cfg) -> dict:
         teardown_distributed()
 
 
-def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
+def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
     index = load_index(cfg.data)
-    init = _init_source(cfg, index) if cfg.init_from else None
+    init = None
+    if cfg.init_from:
+        init, model_cfg = _init_source(cfg, index)
+        cfg = dataclasses.replace(cfg, model=model_cfg)
     # The data decides the vocabulary: the tokenizer's size rounded up to 64, or an explicit model.vocab_size >= it.
-    cfg.model.vocab_size = pretrain_vocab_size(cfg, index["vocab_size"], cfg.data)
-    cfg.validate()
+    vocab_size = pretrain_vocab_size(cfg, index["vocab_size"], cfg.data)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size)).validate()
 
     existing = ckpt.list_checkpoints(run_dir)
     meta = ckpt.read_meta(existing[-1]) if existing else None
     if meta is not None:
-        _check_resume(meta, cfg, existing[-1])
+        cfg = _check_resume(meta, cfg, existing[-1])
         if meta["tokenizer"]["hash"] != index["tokenizer_hash"]:
             raise LmforgeError(
                 f"{cfg.data}: shards were made with tokenizer {index['tokenizer_hash']}, "
@@ -134,8 +195,8 @@ def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(tok_src, tmp)
         tmp.replace(tok_dst)
-    if dd.main:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if dd.main:  # resolved: what runs, field by field (a refit after running out of memory writes it again)
+        save_config(cfg, run_dir / "config.yaml")
 
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model).to(device)
@@ -187,11 +248,10 @@ def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
         )  # fmt: skip
         warn(f"this run will not validate (no val_loss, no bits per byte): {why}")
 
-    logger = MetricsLogger(run_dir, resume_step=start_step if meta else None, enabled=dd.main)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * dd.world_size
     tok_meta = {"dir": "../../tokenizer", "hash": index["tokenizer_hash"]}
 
-    def save(step: int, tokens_seen: int) -> None:
+    def save(step: int, tokens_seen: int, cfg: TrainConfig) -> None:
         model_sd, optim_sd = _full_state(raw_model, optimizer, fsdp)  # a collective under FSDP: every rank
         if not dd.main:
             return
@@ -204,7 +264,7 @@ def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
         }  # fmt: skip
         ckpt.save_checkpoint(run_dir, step, model_tensors, ckpt_meta, opt_tensors, opt_meta, cfg.keep_last)
 
-    def run_eval(step: int) -> dict | None:
+    def evaluate(step: int) -> dict | None:
         if val_batches is None:
             return None
         loss = evaluate_loss(model, val_batches, autocast())
@@ -212,10 +272,11 @@ def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
             t = torch.tensor(loss, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.AVG)
             loss = float(t)
-        rec = {"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
-               "val_bpb": bits_per_byte(loss, val_tokens, val_bytes)}  # fmt: skip
-        logger.log(rec)
-        return rec
+        return {
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 50)),
+            "val_bpb": bits_per_byte(loss, val_tokens, val_bytes),
+        }
 
     if dd.main:
         print(
@@ -224,14 +285,23 @@ def _train(cfg, run_dir: Path, device: torch.device, dd) -> dict:
             f"steps {start_step}->{cfg.max_steps}; a uniform guess has loss ln(V)={math.log(cfg.model.vocab_size):.2f}",
             file=sys.stderr,
         )
-    parts = LoopParts(model, optimizer, loader, save, run_eval, logger, device, dd, autocast,
-                      flops_per_token(cfg.model, cfg.seq_len), peak_flops(device), run_dir,
-                      fit_memory=True)  # fmt: skip
-    return train_loop(cfg, parts, start_step, tokens_seen, desc="pretrain")
+    hooks = Hooks(
+        save=save,
+        evaluate=evaluate,
+        logger=MetricsLogger(run_dir, resume_step=start_step if meta else None, enabled=dd.main),
+        run_dir=run_dir,
+        refit=refit_loader(loader, run_dir, dd.main),
+        flops_per_token=flops_per_token(cfg.model, cfg.seq_len),
+        evaluate_first=False,  # a fresh model's loss is ln(V), said above
+    )
+    step_fn = next_token_step(autocast)
+    return train_loop(cfg, model, optimizer, step_fn, loader, hooks, start_step=start_step, tokens_seen=tokens_seen,
+                      desc="pretrain")  # fmt: skip
 
 
-def _init_source(cfg, index: dict) -> Path:
-    """Check `init_from` and adopt its model config; the data's tokenizer must be its own or an extension of it."""
+def _init_source(cfg: TrainConfig, index: dict) -> tuple[Path, ModelConfig]:
+    """`init_from`'s checkpoint and model config (which the run adopts); the data's tokenizer must be its own or an
+    extension of it."""
     src = ckpt.resolve_checkpoint(cfg.init_from)
     meta = ckpt.read_meta(src)
     old_hash, new_hash = meta["tokenizer"]["hash"], index["tokenizer_hash"]
@@ -246,8 +316,7 @@ def _init_source(cfg, index: dict) -> Path:
                 f"{cfg.data}: shards use tokenizer {new_hash}, which is neither {src}'s tokenizer ({old_hash}) "
                 "nor an extension of it (`lmforge tokenizer extend`)"
             )
-    cfg.model = ModelConfig.from_dict(meta["model_config"])
-    return src
+    return src, ModelConfig.from_dict(meta["model_config"])
 
 
 def _load_resized(model: Transformer, src: Path) -> None:

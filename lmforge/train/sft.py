@@ -33,14 +33,12 @@ import torch.distributed as dist
 from lmforge.errors import LmforgeError
 from lmforge.eval.loss import evaluate_loss
 from lmforge.fileio import atomic_write_text
-from lmforge.model.transformer import flops_per_token
-from lmforge.train.common import peak_flops, setup_distributed, teardown_distributed
-from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command, resolve
-from lmforge.train.loop import LoopParts, train_loop
-from lmforge.train.metrics import MetricsLogger
+from lmforge.train.common import setup_distributed, teardown_distributed
+from lmforge.train.finetune import FinetuneConfig, FinetuneRun, add_stage_command
+from lmforge.train.loop import next_token_step, train_loop
 
 
-@dataclass
+@dataclass(frozen=True)
 class SftConfig(FinetuneConfig):
     """Instruction tuning (stage 2): the shared fine-tuning fields plus these."""
 
@@ -59,18 +57,8 @@ class SftConfig(FinetuneConfig):
 
 
 def register(subparsers) -> None:
-    add_stage_command(
-        subparsers,
-        "sft",
-        "instruction-tune a model on conversations (answer-only loss; --lora)",
-        SftConfig,
-        sft,
-        {"data": "JSONL file/folder, or a packaged set: chitchat, chatterbot"},
-    )
-
-
-def resolve_sft_config(recipe: dict | None, flags: dict, sets: dict) -> SftConfig:
-    return resolve(SftConfig, recipe, flags, sets)
+    help = "instruction-tune a model on conversations (answer-only loss; --lora)"
+    add_stage_command(subparsers, "sft", help, SftConfig, sft, __doc__)
 
 
 def sft(cfg: SftConfig) -> dict:
@@ -78,7 +66,7 @@ def sft(cfg: SftConfig) -> dict:
     run = FinetuneRun(cfg, "sft", resume_fields=("data", "data_format", "system", "val_fraction"))
     dd = setup_distributed(run.device)
     try:
-        return _sft(cfg, run, dd)
+        return _sft(run.cfg, run, dd)
     finally:
         teardown_distributed()
 
@@ -126,14 +114,8 @@ def _sft(cfg: SftConfig, run: FinetuneRun, dd) -> dict:
     if run.meta is not None:
         loader.load_state_dict(run.meta["loader"])
     val_batches = all_rows_batches(val, cfg.batch_size, cfg.seq_len, pad_id, device)[: cfg.eval_batches] if val else []
-    logger = MetricsLogger(run.run_dir, resume_step=run.start_step if run.meta else None, enabled=dd.main)
-    save = run.saver(optimizer, loader)
 
-    def save_main(step: int, tokens_seen: int) -> None:
-        if dd.main:
-            save(step, tokens_seen)
-
-    def run_eval(step: int) -> dict | None:
+    def evaluate(step: int) -> dict | None:
         if not val_batches:
             return None
         loss = evaluate_loss(model, val_batches, run.autocast())
@@ -141,19 +123,16 @@ def _sft(cfg: SftConfig, run: FinetuneRun, dd) -> dict:
             t = torch.tensor(loss, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.AVG)
             loss = float(t)
-        rec = {"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
-        logger.log(rec)
-        return rec
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
 
     if dd.main:
         mode = f"LoRA r={cfg.lora_rank}" if cfg.lora else "full" + (f" (frozen: {cfg.freeze})" if cfg.freeze else "")
         run.say(f"{mode}, training {trainable:,} of {total:,} parameters ({trainable / total:.2%}) on {device}; "
                 f"steps {run.start_step}->{cfg.max_steps}")  # fmt: skip
-    before = run_eval(0) if run.meta is None else None
-    parts = LoopParts(train_model, optimizer, loader, save_main, run_eval, logger, device, dd, run.autocast,
-                      flops_per_token(model.cfg, cfg.seq_len), peak_flops(device), run.run_dir,
-                      fit_memory=True)  # fmt: skip
-    last = train_loop(cfg, parts, run.start_step, run.tokens_seen, desc="sft")
+    hooks = run.hooks(optimizer, loader, evaluate, dd, refit=True)
+    last = train_loop(cfg, train_model, optimizer, next_token_step(run.autocast), loader, hooks, **run.progress(),
+                      desc="sft")  # fmt: skip
+    before = last.pop("before", None)
     result = {"trainable_params": trainable, "total_params": total, **last}
     if before:
         result["val_loss_before"] = before["val_loss"]

@@ -18,10 +18,9 @@ def _csv(value: str) -> list[str]:
 
 
 def register(subparsers) -> None:
-    from lmforge.data.clean.document import MAX_RECORD_BYTES
     from lmforge.data.clean.pipeline import CHUNK_DOCS
     from lmforge.data.clean.steps import DEFAULT_STEPS, STEPS
-    from lmforge.data.readers import add_split_args
+    from lmforge.data.readers import MAX_RECORD_BYTES, add_split_args
 
     p = data_subparsers(subparsers).add_parser("clean", help="clean, filter and deduplicate a raw corpus")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",

@@ -45,7 +45,7 @@ unreadable`, where `input` counts every record met: documents read plus unreadab
 
 Config file (YAML): `steps: [{name: normalize}, {name: gopher_quality, min_words: 50}, ...]`, and
 optionally `text_field`, `id_field`, `max_record_bytes` (a larger record is skipped and counted unreadable:
-see `document.py`), `workers`, `executor`, `shard_docs`. Unknown keys or step options
+see `lmforge/data/readers.py`), `workers`, `executor`, `shard_docs`. Unknown keys or step options
 are an `LmforgeError`.
 """
 
@@ -60,10 +60,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmforge.data.clean.document import MAX_RECORD_BYTES, Document, Unreadable, list_inputs, read_file
 from lmforge.data.clean.executors import check_executor, map_shards
 from lmforge.data.clean.steps import DEFAULT_STEPS, configure
 from lmforge.data.clean.steps.text import word_backend
+from lmforge.data.readers import MAX_RECORD_BYTES, Document, Unreadable, list_inputs, read_file
 from lmforge.data.textsplit import TextSplit
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_dir, atomic_path, atomic_write_json

@@ -21,9 +21,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from lmforge.data.clean.document import Document
 from lmforge.data.clean.steps.gopher import check_compat
 from lmforge.data.clean.steps.text import CJK_CHAR, datatrove_sentences, words
+from lmforge.data.readers import Document
 
 TERMINAL = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？", "…", "」", "』")
 CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)

@@ -19,8 +19,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from lmforge.data.clean.document import Document
 from lmforge.data.clean.steps.text import is_cjk_text
+from lmforge.data.readers import Document
 
 SPACES = re.compile(r"\s+")
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmforge.data.clean.document import Document
 from lmforge.data.clean.steps.c4 import TERMINAL as C4_TERMINAL
 from lmforge.data.clean.steps.gopher import _dup_stats
 from lmforge.data.clean.steps.text import words
+from lmforge.data.readers import Document
 
 TERMINAL = (*C4_TERMINAL, "．", "｡")  # + the full-width full stop and the half-width ideographic full stop
 

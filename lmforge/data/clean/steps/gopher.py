@@ -27,8 +27,8 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from lmforge.data.clean.document import Document
 from lmforge.data.clean.steps.text import datatrove_words, is_cjk_text, words
+from lmforge.data.readers import Document
 from lmforge.errors import LmforgeError
 
 BULLETS = ("•", "●", "○", "■", "□", "▪", "‣", "–", "-", "*", "·")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmforge.data.clean.document import Document
+from lmforge.data.readers import Document
 
 
 @dataclass

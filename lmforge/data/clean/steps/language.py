@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from lmforge.data.clean.document import Document
+from lmforge.data.readers import Document
 
 
 @dataclass

@@ -7,7 +7,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from lmforge.data.clean.document import Document
+from lmforge.data.readers import Document
 
 ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 SPACES = re.compile(r"[^\S\n]+")  # whitespace other than newlines

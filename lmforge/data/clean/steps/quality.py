@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.data import quality
-from lmforge.data.clean.document import Document
+from lmforge.data.readers import Document
 from lmforge.errors import LmforgeError
 
 _cache: dict[tuple, quality.QualityModel] = {}

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmforge.data.clean.document import Document
+from lmforge.data.readers import Document
 from lmforge.errors import LmforgeError
 
 SEPARATOR = 0xFF  # never a byte of UTF-8

@@ -26,8 +26,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.data.clean.document import Document
 from lmforge.data.clean.steps.text import _CJK, CJK_CHAR, words
+from lmforge.data.readers import Document
 from lmforge.errors import LmforgeError
 
 WORDLISTS = Path(__file__).resolve().parent.parent / "wordlists"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from lmforge.data.clean.document import Document
+from lmforge.data.readers import Document
 from lmforge.errors import LmforgeError
 
 NON_ALNUM = re.compile(r"[\W_]+")  # Unicode-aware: a percent-decoded Chinese path stays one token per run
