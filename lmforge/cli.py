@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "grpo": (("lmforge.align.grpo",), "GRPO on a verifiable task (group-relative advantages, KL to the reference)"),
     "ppo": (("lmforge.align.ppo",), "PPO with a value head, rewarded by a verifiable task or a reward model"),
     "best-of-n": (("lmforge.align.best_of_n",), "best-of-N sampling by a verifier or reward model: curve, RS data"),
+    "eval": (
+        ("lmforge.eval.eval_cmd",),
+        "score a model: multiple choice (acc, acc_norm, intervals), perplexity, bits/byte",
+    ),
     "generate": (("lmforge.serve.generate_cmd",), "continue prompts with a trained model (KV-cache sampling)"),
     "chat": (("lmforge.serve.chat_cmd",), "chat with a model in the terminal (stdin lines when piped)"),
     "bench": (("lmforge.train.bench",), "time a training step or generation"),

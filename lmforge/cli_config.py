@@ -85,9 +85,13 @@ def _add_fields(group, cls, prefix: str, rename: dict, defaults_note: str | None
             group.add_argument(flag, dest=dest, metavar=metavar, default=None, help=text)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, rename: dict | None = None) -> None:
-    """A flag per field of `cls`: the stage's own fields, then the shared loop's, then nested dataclasses' fields."""
+def add_config_flags(parser: argparse.ArgumentParser, cls, rename: dict | None = None, positional=()) -> None:
+    """A flag per field of `cls`: the stage's own fields, then the shared loop's, then nested dataclasses' fields.
+    Fields named in `positional` may also be given as positional arguments (`lmforge eval RUN`)."""
     rename = rename or {}
+    for name in positional:
+        parser.add_argument(f"{name}_positional", nargs="?", metavar=name.upper(), default=None,
+                            help=f"the same as --{name.replace('_', '-')}")  # fmt: skip
     loop = {f.name for f in dataclasses.fields(LoopConfig)} if issubclass(cls, LoopConfig) else set()
     split = {f.name for f in dataclasses.fields(TextSplitFields)} if issubclass(cls, TextSplitFields) else set()
     own = parser.add_argument_group(f"{cls.__name__} fields (also as --set FIELD=VALUE or in --config)")
@@ -114,6 +118,10 @@ def flags_of(args: argparse.Namespace, cls) -> dict:
     for dest, value in vars(args).items():
         if value is None or dest in ("config", "set", "func", "command"):
             continue
+        if dest.endswith("_positional"):  # `lmforge eval RUN`: the field's value, unless its flag was given too
+            dest = dest.removesuffix("_positional")
+            if getattr(args, dest, None) is not None:
+                continue
         head, _, rest = dest.partition(".")
         if rest:
             out.setdefault(head, {})[rest] = value
@@ -123,7 +131,8 @@ def flags_of(args: argparse.Namespace, cls) -> dict:
 
 
 def add_config_command(subparsers, name: str, help: str, cls, run, *, rename: dict | None = None,
-                       resolve_fn=None, description: str | None = None, exit_code=None) -> argparse.ArgumentParser:  # fmt: skip
+                       resolve_fn=None, description: str | None = None, exit_code=None,
+                       positional=()) -> argparse.ArgumentParser:  # fmt: skip
     """`lmforge NAME`: flags generated from `cls`, plus --config/--set; runs `run(cfg)`.
 
     `resolve_fn(recipe, flags, sets)` builds the config (default: `resolve(cls, ...)`); `description` is shown
@@ -136,7 +145,7 @@ def add_config_command(subparsers, name: str, help: str, cls, run, *, rename: di
     )  # fmt: skip
     p.add_argument("--config", help=f"YAML recipe with {cls.__name__} fields")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
-    add_config_flags(p, cls, rename)
+    add_config_flags(p, cls, rename, positional)
 
     def main(args: argparse.Namespace) -> int:
         recipe = load_yaml(args.config) if args.config else {}

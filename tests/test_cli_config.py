@@ -28,6 +28,7 @@ STAGES = {
     "tokenizer train": ("lmforge.tokenizer.cli", "TokenizerTrainConfig"),
     "tokenizer extend": ("lmforge.tokenizer.cli", "TokenizerExtendConfig"),
     "data tokenize": ("lmforge.data.tokenize_cmd", "TokenizeConfig"),
+    "eval": ("lmforge.eval.eval_cmd", "EvalConfig"),
 }
 
 

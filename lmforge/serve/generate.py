@@ -25,7 +25,7 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model.matmul import Linear
-from lmforge.model.transformer import KVCache, Transformer
+from lmforge.model.transformer import KVCache, Transformer, apply_rope
 from lmforge.serve.sampling import apply_repetition_penalty, pick
 
 # oneDNN's prepacked linear (what inductor's freezing pass uses on CPU); a private op, so only used when present.
@@ -140,7 +140,11 @@ class FusedDecoder:
         mask = m._attn_mask(B, 1, start, key_mask, None, x.device, x.dtype)
         for layer, (block, norm1, norm2, qkv, o_proj, up_proj, down_proj, gated) in enumerate(self.layers):
             h = qkv(norm1(x)).view(B, H + 2 * Hk, D)
-            q, k = block.self_attn.rotate(h[:, :H], h[:, H : H + Hk], rope)
+            if rope is not None and not cfg.qk_norm:  # `rotate` is apply_rope on each: here on both at once
+                qk = apply_rope(h[:, : H + Hk], *rope)
+                q, k = qk[:, :H], qk[:, H:]
+            else:
+                q, k = block.self_attn.rotate(h[:, :H], h[:, H : H + Hk], rope)
             k, v = cache.update(layer, k[:, :, None], h[:, H + Hk :, None])
             y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=Hk != H)
             x = o_proj(y.view(B, H * D), residual=x)
