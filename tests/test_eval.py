@@ -167,3 +167,30 @@ def test_eval_command_writes_results_and_items(base_run, tmp_path, capsys):
     assert "acc_norm" in printed and "bits/byte" in printed
     assert main(["eval", str(base_run), "--tasks", "mmlu"]) == 2  # an unknown task: one line, before any work
     assert "unknown task 'mmlu'" in capsys.readouterr().err
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    from math import comb
+
+    from lmforge.eval.tasks import pass_at_k
+
+    for n, c, k in [(10, 3, 1), (10, 3, 4), (8, 0, 2), (8, 8, 8), (5, 4, 2), (200, 7, 16)]:
+        assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k), abs=1e-12)
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 is the share of right samples
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def test_generative_task_exact_match_and_pass_at_k(base_run, tmp_path, toy_task, capsys):
+    from lmforge.cli import main
+
+    out = tmp_path / "gen"
+    argv = ["eval", str(base_run), "--tasks", f"task:{toy_task}", "--limit", "6", "--samples", "4",
+            "--max-new-tokens", "5", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads((out / "results.json").read_text())["tasks"][f"task:{toy_task}"]
+    assert r["n"] == 6 and 0 <= r["exact_match"] <= 1 and set(r["pass_at_k"]) == {"1", "2", "4"}
+    p = [r["pass_at_k"][k] for k in ("1", "2", "4")]
+    assert p == sorted(p) and "pass@4" in capsys.readouterr().out  # pass@k never falls as k grows
+    assert main(["eval", str(base_run), "--tasks", "task:nope"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err

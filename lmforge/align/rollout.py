@@ -57,7 +57,6 @@ def answer_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return token_logprobs(logits, batch["targets"]), mask, entropy_per_token(logits.detach())
 
 
-@torch.no_grad()
 def kl_limit(max_kl: float):
     """`Hooks.check` for RL stages: a one-line reason to stop when a step's mean KL to the reference passes `max_kl`
     (0 = never), before the update, so the last checkpoint stays the last good policy."""
@@ -72,6 +71,7 @@ def kl_limit(max_kl: float):
     return check
 
 
+@torch.no_grad()
 def task_accuracy(model, fmt, task, items, max_new_tokens: int, system: str | None = None) -> dict:
     """Greedy exact-match accuracy on (question, answer) items, with its 95% interval and mean length."""
     prompts = [fmt.encode(question_messages(q, system), add_generation_prompt=True) for q, _ in items]

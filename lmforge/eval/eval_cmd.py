@@ -7,7 +7,9 @@
 MODEL is any lmforge run, checkpoint or imported model (LoRA runs merged). `--tasks` is a comma-separated
 list of built-in sets (`shakespeare-next`, `chatterbot-en`, `chatterbot-zh`; lmforge/eval/tasks.py),
 `mc:FILE_OR_DIR` (MMLU, C-Eval, CMMLU CSV files, or JSONL: plain, ARC, HellaSwag; lmforge/eval/mc.py) and
-`ppl:FILE_OR_DIR` (loss, perplexity and bits per byte of text in any format lmforge reads). Multiple choice
+`ppl:FILE_OR_DIR` (loss, perplexity and bits per byte of text in any format lmforge reads) and `task:NAME`
+(a verifiable task of stage 3, lmforge/align/tasks.py: greedy exact match on held-out prompts, and pass@k
+with `--samples N`, the unbiased estimator of Chen et al. 2021). Multiple choice
 reports `acc` and `acc_norm` (per character of the choice) with 95% Wilson intervals, chance level, and per
 subject where a task has several. With `--out`, results.json holds the table and items_<task>.jsonl the
 log-likelihood of every choice of every item (for paired comparisons between models).
@@ -31,14 +33,21 @@ class EvalConfig:
     """`lmforge eval`: each field's comment is its help text."""
 
     model: str = ""  # run, checkpoint or imported model folder (also the first positional argument)
-    # comma-separated: built-in sets (shakespeare-next, chatterbot-en, chatterbot-zh), mc:FILE_OR_DIR, ppl:FILE_OR_DIR
+    # comma-separated: built-in sets (shakespeare-next, chatterbot-en, chatterbot-zh), mc:FILE_OR_DIR, ppl:FILE_OR_DIR,
+    # task:NAME (add, mul, sort, reverse, convert)
     tasks: str = DEFAULT_TASKS
     form: str = "cloze"  # multiple choice: cloze (score each choice's text) or letter (score A/B/C/D)
     shots: int = 0  # solved examples before each question (drawn from the same subject, by seed)
     limit: int = 0  # items per task, the first N (0 = all)
     ppl_tokens: int = 0  # ppl tasks: score at most this many tokens (0 = all)
     out: str = ""  # folder for results.json and items_<task>.jsonl ("" = print the table only)
-    seed: int = 0  # picks few-shot examples
+    seed: int = 0  # picks few-shot examples and seeds sampling
+    # task:NAME: the held-out prompts of make_split with this seed (1337: those grpo and ppo evaluate on with their
+    # default seed, never trained on); their number is --limit (default 200)
+    task_seed: int = 1337
+    samples: int = 0  # task:NAME: answers sampled per prompt for pass@k (0 or 1: greedy exact match only)
+    temperature: float = 0.8  # task:NAME: sampling temperature for pass@k
+    max_new_tokens: int = 32  # task:NAME: longest answer
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, mps
 
     @property
@@ -51,6 +60,8 @@ class EvalConfig:
             (bool(self.task_list), "needs --tasks"),
             (self.form in ("cloze", "letter"), f"form must be cloze or letter, got {self.form!r}"),
             (self.shots >= 0 and self.limit >= 0 and self.ppl_tokens >= 0, "shots, limit and ppl_tokens must be >= 0"),
+            (self.samples >= 0 and self.temperature > 0 and self.max_new_tokens >= 1,
+             "samples >= 0, temperature > 0 and max_new_tokens >= 1"),
         ])  # fmt: skip
         return self
 
@@ -62,21 +73,30 @@ def register(subparsers) -> None:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run every task of `cfg` on its model; returns {"model", "tasks": {spec: result}} (also written to --out)."""
+    from lmforge.align.tasks import get_task
     from lmforge.eval.mc import prompts_for, score_items, summarize
-    from lmforge.eval.tasks import task_items, task_name
+    from lmforge.eval.tasks import generative_result, task_items, task_name
     from lmforge.fileio import atomic_write_json, atomic_write_text
     from lmforge.tokenizer.special import EOT, load_tokenizer
     from lmforge.train.checkpoint import load_for_inference
     from lmforge.train.common import pick_device
 
     # Every task is read and checked before the model runs: a bad file fails in a second, not after an hour.
-    loaded = {spec: None if spec.startswith("ppl:") else task_items(spec, cfg.seed) for spec in cfg.task_list}
+    loaded = {
+        spec: None if spec.startswith(("ppl:", "task:")) else task_items(spec, cfg.seed) for spec in cfg.task_list
+    }
+    for spec in cfg.task_list:
+        if spec.startswith("task:"):
+            get_task(spec[5:])  # an unknown task name fails before the model loads
     model, tok_dir, _ = load_for_inference(cfg.model, pick_device(cfg.device))
     tokenizer = load_tokenizer(tok_dir)
     results, out = {}, Path(cfg.out) if cfg.out else None
     for spec, items in loaded.items():
         t0 = time.perf_counter()
-        if items is None:
+        if spec.startswith("task:"):
+            results[spec] = generative_result(model, tok_dir, spec[5:], cfg.limit or 200, cfg.task_seed, cfg.samples,
+                                              cfg.temperature, cfg.max_new_tokens)  # fmt: skip
+        elif items is None:
             results[spec] = _perplexity(model, tokenizer, spec[4:], tokenizer.token_to_id(EOT), cfg.ppl_tokens)
         else:
             items = items[: cfg.limit] if cfg.limit else items
@@ -124,6 +144,10 @@ def format_table(report: dict) -> str:
                 lines.append(
                     f"    {subject:<22} n={s['n']:<5} acc {s['acc']:.3f} [{s['acc_lo']:.3f}, {s['acc_hi']:.3f}]"
                 )
+        elif "exact_match" in r:
+            passes = "  ".join(f"pass@{k} {v:.3f}" for k, v in r.get("pass_at_k", {}).items())
+            lines.append(f"  {spec:<24} n={r['n']:<5} exact match {r['exact_match']:.3f} "
+                         f"[{r['exact_match_lo']:.3f}, {r['exact_match_hi']:.3f}]  {passes}".rstrip())  # fmt: skip
         else:
             lines.append(f"  {spec:<24} loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bits/byte {r['bpb']:.4f}  "
                          f"({r['tokens']:,} tokens, {r['bytes']:,} bytes)")  # fmt: skip

@@ -17,6 +17,7 @@ Built-in sets (fixed seed, so every model is scored on the same items; 4 choices
 
 from __future__ import annotations
 
+import math
 import random
 import re
 
@@ -94,6 +95,44 @@ def _chatterbot(lang: str, n: int, seed: int) -> list[Item]:
     return items
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one prompt with `c` right answers among `n` samples (Chen et al. 2021, "Evaluating Large
+    Language Models Trained on Code"): 1 - C(n - c, k) / C(n, k), as a product so large n cannot overflow."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def generative_result(model, tok_dir, name: str, n: int, seed: int, samples: int, temperature: float,
+                      max_new_tokens: int) -> dict:  # fmt: skip
+    """`task:NAME`: greedy exact match on `n` held-out prompts of a verifiable task (lmforge/align/tasks.py), and
+    with `samples` > 1 the unbiased pass@k for k = 1, 2, 4, ... up to `samples` at `temperature`."""
+    from lmforge.align.rollout import prompt_ids, sample, task_accuracy
+    from lmforge.align.tasks import get_task, make_split
+    from lmforge.chat.template import ChatFormat
+
+    task = get_task(name)
+    fmt = ChatFormat(tok_dir)
+    if not fmt.stop_ids:
+        raise LmforgeError(f"{tok_dir}: the tokenizer has no turn-end token to stop answers at (task:{name})")
+    items = make_split(task, n, seed, "eval")
+    greedy = task_accuracy(model, fmt, task, items, max_new_tokens)
+    result = {"n": len(items), "exact_match": greedy["accuracy"], "exact_match_lo": greedy["accuracy_lo"],
+              "exact_match_hi": greedy["accuracy_hi"], "mean_length": greedy["mean_length"],
+              "ended": greedy["ended"]}  # fmt: skip
+    if samples > 1:
+        outs, _ = sample(model, prompt_ids(fmt, [q for q, _ in items]), samples, max_new_tokens,
+                         temperature=temperature, seed=seed, stop_ids=fmt.stop_ids)  # fmt: skip
+        right = [task.reward(fmt.tokenizer.decode(o), items[i // samples][1]) == 1.0 for i, o in enumerate(outs)]
+        counts = [sum(right[i * samples : (i + 1) * samples]) for i in range(len(items))]
+        ks = sorted({2**i for i in range(samples.bit_length()) if 2**i <= samples} | {samples})
+        result["pass_at_k"] = {str(k): sum(pass_at_k(samples, c, k) for c in counts) / len(items) for k in ks}
+        result.update(samples=samples, temperature=temperature)
+    return result
+
+
 def task_items(spec: str, seed: int = 0) -> list[Item]:
     """The items of a task: a built-in set by name, or `mc:PATH` (a task file or folder)."""
     if spec == "shakespeare-next":
@@ -102,9 +141,12 @@ def task_items(spec: str, seed: int = 0) -> list[Item]:
         return _chatterbot("english" if spec.endswith("en") else "chinese", N_ITEMS, seed)
     if spec.startswith("mc:"):
         return read_items(spec[3:])
-    raise LmforgeError(f"unknown task {spec!r}: built-in {', '.join(BUILTIN)}, or mc:FILE_OR_DIR, ppl:FILE_OR_DIR")
+    raise LmforgeError(
+        f"unknown task {spec!r}: built-in {', '.join(BUILTIN)}, or mc:FILE_OR_DIR, ppl:FILE_OR_DIR, task:NAME"
+    )
 
 
 def task_name(spec: str) -> str:
     """A file-name-safe name for a task spec (results go to items_<name>.jsonl)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.replace("mc:", "").replace("ppl:", "ppl_")).strip("_") or "task"
+    name = spec.replace("mc:", "").replace("ppl:", "ppl_").replace("task:", "task_")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "task"
