@@ -81,25 +81,26 @@ def _main(args: argparse.Namespace) -> int:
     return EXIT_TIME_BUDGET if result["stopped"] else 0
 
 
-def _check_section(recipe: dict, name: str, known: set[str]) -> dict:
+def _section(recipe: dict, name: str, owned: tuple[str, ...] = (), where: str | None = None) -> dict:
+    """The mapping `recipe[name]` ({} when absent). Fields in `owned` are the recipe's to set (the paths a stage
+    reads and writes), so a section naming one is an error rather than a value silently replaced."""
+    where = where or name
     section = recipe.get(name) or {}
     if not isinstance(section, dict):
-        raise LmforgeError(f"recipe: {name} must be a mapping of fields, got {section!r}")
+        raise LmforgeError(f"recipe: {where} must be a mapping of fields, got {section!r}")
+    fixed = sorted(set(section) & set(owned))
+    if fixed:
+        raise LmforgeError(f"recipe: {where}.{fixed[0]} is set by `lmforge run` (inputs and outputs live under --out)")
+    return section
+
+
+def _check_section(recipe: dict, name: str, known: set[str]) -> dict:
+    """A section that is not a command's config: its keys must be among `known`."""
+    section = _section(recipe, name)
     unknown = sorted(set(section) - known)
     if unknown:
         raise LmforgeError(f"recipe: unknown {name} field {unknown[0]!r}{did_you_mean(unknown[0], known)}; known: "
                            f"{', '.join(sorted(known))}")  # fmt: skip
-    return section
-
-
-def _section(recipe: dict, name: str) -> dict:
-    """A recipe section that configures a command; the paths it reads and writes are the recipe's to set."""
-    section = recipe.get(name) or {}
-    if not isinstance(section, dict):
-        raise LmforgeError(f"recipe: {name} must be a mapping of fields, got {section!r}")
-    fixed = sorted(set(section) & {"input", "out", "tokenizer"})
-    if fixed:
-        raise LmforgeError(f"recipe: {name}.{fixed[0]} is set by `lmforge run` (inputs and outputs live under --out)")
     return section
 
 
@@ -172,16 +173,18 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
     clean_steps = resolve_steps(clean.get("steps"))  # None: the default pipeline of `lmforge data clean`
     # The tokenizer and tokenize sections are the commands' own configs (the recipe picks inputs and outputs).
     kept = [str(clean_dir / "kept")]
-    tok_cfg = resolve(TokenizerTrainConfig, {"vocab_size": 4096, **_section(recipe, "tokenizer")},
-                      {"input": kept, "out": str(tok_dir)}, {}, prefix="tokenizer.")  # fmt: skip
-    tokenize_cfg = resolve(TokenizeConfig, {"val_fraction": 0.05, **_section(recipe, "tokenize")},
-                           {"input": kept, "tokenizer": str(tok_dir), "out": str(shard_dir)}, {}, prefix="tokenize.")  # fmt: skip
+    paths = {"input": kept, "out": str(tok_dir)}
+    section = {"vocab_size": 4096, **_section(recipe, "tokenizer", tuple(paths))}
+    tok_cfg = resolve(TokenizerTrainConfig, section, paths, {}, prefix="tokenizer.")
+    paths = {"input": kept, "tokenizer": str(tok_dir), "out": str(shard_dir)}
+    section = {"val_fraction": 0.05, **_section(recipe, "tokenize", tuple(paths))}
+    tokenize_cfg = resolve(TokenizeConfig, section, paths, {}, prefix="tokenize.")
     tok_section, tokenize_section = _stage_key(tok_cfg), _stage_key(tokenize_cfg)
-    tcfg = resolve_train_config(recipe.get("pretrain", {}), {"data": str(shard_dir), "out": str(run_dir)}, {},
-                                prefix="pretrain.")  # fmt: skip
+    paths = {"data": str(shard_dir), "out": str(run_dir)}
+    tcfg = resolve_train_config(_section(recipe, "pretrain", tuple(paths)), paths, {}, prefix="pretrain.")
     scfg = chat_set = None
     if "sft" in recipe:
-        sft_section = dict(recipe["sft"] or {})
+        sft_section = dict(_section(recipe, "sft", ("base", "out")))
         if sft_section.get("data") in CHAT:  # a packaged set, written out as JSONL once the recipe is checked
             chat_set = sft_section["data"]
             sft_section["data"] = str(out / "corpus" / f"{chat_set}.jsonl")
@@ -196,10 +199,12 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
         examples = align.get("warmup_examples", 8000)
         if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
             raise LmforgeError(f"recipe: align.warmup_examples must be a positive integer, got {examples!r}")
-        wcfg = resolve(SftConfig, align.get("warmup", {}), {"base": str(sft_dir), "out": str(out / "task-sft"),
-                       "data": str(out / "task-sft.jsonl")}, {}, prefix="align.warmup.")  # fmt: skip
-        gcfg = resolve(GrpoConfig, align.get("grpo", {}), {"base": str(out / "task-sft"), "out": str(out / "grpo"),
-                       "task": task}, {}, prefix="align.grpo.")  # fmt: skip
+        paths = {"base": str(sft_dir), "out": str(out / "task-sft"), "data": str(out / "task-sft.jsonl")}
+        section = _section(align, "warmup", tuple(paths), "align.warmup")
+        wcfg = resolve(SftConfig, section, paths, {}, prefix="align.warmup.")
+        paths = {"base": str(out / "task-sft"), "out": str(out / "grpo"), "task": task}
+        section = _section(align, "grpo", tuple(paths), "align.grpo")
+        gcfg = resolve(GrpoConfig, section, paths, {}, prefix="align.grpo.")
     chat = {"questions": [], "max_new_tokens": 60, "temperature": 0.0, "system": None,
             **_check_section(recipe, "chat", {"questions", "max_new_tokens", "temperature", "system"})}  # fmt: skip
     sample = {"prompts": ["\n"], "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "seed": 0,

@@ -141,6 +141,7 @@ def test_recipe_sections_are_the_commands_configs(tmp_path, capsys):
         ("tokenize: {val_fractoin: 0.1}", "unknown config field 'tokenize.val_fractoin' (did you mean 'tokenize.val_fraction'?)"),
         ("tokenize: {workers: 0}", "workers must be >= 1"),
         ("tokenizer: {out: elsewhere}", "tokenizer.out is set by `lmforge run`"),
+        ("pretrain: {data: other/shards}", "pretrain.data is set by `lmforge run`"),
         ("pretrain: {lrr: 0.1}", "unknown config field 'pretrain.lrr' (did you mean 'pretrain.lr'?)"),
         ("sft: {data: chitchat, max_step: 3}", "unknown config field 'sft.max_step' (did you mean 'sft.max_steps'?)"),
     ]:  # fmt: skip

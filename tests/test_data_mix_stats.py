@@ -279,3 +279,14 @@ def test_stats_plots_say_how_many_sources_they_leave_out_without_warnings(tmp_pa
     saved = json.loads((tmp_path / "m" / "stats" / "stats.json").read_text())
     assert saved["plots_left_out"] == {p: "5 sources of 35" for p in ("per_source.png", "shares.png", "lengths.png")}
     assert len(saved["per_source"]) == 35  # the tables keep every source
+
+
+def test_stats_of_a_clean_run_that_rejected_nothing(tmp_path, capsys):
+    """A clean run writes rejected/part-00000.jsonl even when it is empty: stats reads it as no records."""
+    from lmforge.cli import main
+
+    (tmp_path / "a.txt").write_text("Hello world, this is a document.\n\nAnother paragraph here.\n")
+    assert main(["data", "clean", "--input", str(tmp_path / "a.txt"), "--out", str(tmp_path / "c"),
+                 "--steps", "normalize"]) == 0  # fmt: skip
+    assert (tmp_path / "c" / "rejected" / "part-00000.jsonl").stat().st_size == 0
+    assert main(["data", "stats", str(tmp_path / "c")]) == 0

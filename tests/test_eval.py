@@ -31,7 +31,7 @@ def _reference_ll(model, tok, prompt: str, cont: str) -> float:
     """log P(cont | prompt) by hand: one forward over the whole text, the continuation's tokens summed."""
     from lmforge.eval.mc import _split_tokens
 
-    ctx, c = _split_tokens(tok, prompt, cont)
+    ((ctx, c),) = _split_tokens(tok, prompt, [cont])
     ids = torch.tensor([ctx + c])
     logp = torch.log_softmax(model(ids)[0][0].double(), -1)
     return float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(c)))

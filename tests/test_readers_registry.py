@@ -83,6 +83,11 @@ def test_a_bad_input_is_the_same_message_strict_or_forgiving(tmp_path, name, dat
 def test_strict_is_a_bad_list_that_raises():
     with pytest.raises(LmforgeError, match="^f.jsonl:3: why$"):
         Strict().append(Unreadable("f.jsonl", 3, "why"))
+    allowed = Strict(allow=("empty file",))
+    allowed.append(Unreadable("e.jsonl", None, "empty file", "empty file"))  # passes: nothing to read
+    assert allowed == []
+    with pytest.raises(LmforgeError, match="^e.jsonl:1: bad$"):
+        allowed.append(Unreadable("e.jsonl", 1, "bad", "malformed JSON"))
 
 
 def test_chat_stages_read_parquet_through_the_registry(tmp_path):

@@ -90,10 +90,16 @@ class Unreadable:
 
 
 class Strict(list):
-    """A `bad` list that raises the first entry appended as an `LmforgeError`: the strict policy."""
+    """A `bad` list that raises the first entry appended as an `LmforgeError`: the strict policy. Entries whose
+    reason is in `allow` (e.g. "empty file" for a clean run's outputs, written even when empty) pass silently."""
+
+    def __init__(self, allow: tuple[str, ...] = ()):
+        super().__init__()
+        self.allow = allow
 
     def append(self, entry: Unreadable) -> None:
-        raise LmforgeError(entry.message())
+        if entry.reason not in self.allow:
+            raise LmforgeError(entry.message())
 
 
 @dataclass(frozen=True)
@@ -397,13 +403,13 @@ def _no_text_column(path: Path, text_field: str, bad: list[Unreadable]) -> bool:
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path).names
+        schema = pq.read_schema(path)
     except (OSError, pa.ArrowException):
         return False  # _parquet_records says why
-    if text_field not in names:
-        why = f"no column {text_field!r} (columns: {', '.join(names)})"
+    if text_field not in schema.names:
+        why = f"no column {text_field!r} (columns: {', '.join(schema.names)})"
     else:
-        tp = pq.read_schema(path).field(text_field).type
+        tp = schema.field(text_field).type
         if pa.types.is_string(tp) or pa.types.is_large_string(tp):
             return False
         why = f"column {text_field!r} is {tp}, not a string column"

@@ -37,7 +37,7 @@ import numpy as np
 
 from lmforge.data import data_subparsers
 from lmforge.data.clean.steps.text import CJK_CHAR
-from lmforge.data.readers import open_jsonl, stream_errors
+from lmforge.data.readers import Strict, read_records
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_path, atomic_write_json
 
@@ -90,21 +90,13 @@ class TokenCounter:
 
 
 def _records(files: list[Path]) -> Iterator[dict]:
+    """Every record of `files` (a clean run's JSONL), read strictly by the registry (lmforge/data/readers.py); an
+    empty file holds no record (a clean run writes rejected/ even when nothing was rejected)."""
     for path in files:
-        try:
-            with open_jsonl(path) as f:
-                for lineno, raw in enumerate(f, start=1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        record = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        raise LmforgeError(f"{path}:{lineno}: not a valid JSON record") from None
-                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise LmforgeError(f"{path}:{lineno}: record has no string 'text' field")
-                    yield record
-        except stream_errors(path) as e:
-            raise LmforgeError(f"{path}: cannot read ({e})") from None
+        for record, where, _ in read_records(path, Strict(allow=("empty file",))):
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise LmforgeError(f"{where}: record has no string 'text' field")
+            yield record
 
 
 def _counted(files: list[Path], counter: TokenCounter) -> Iterator[tuple[dict, int]]:

@@ -17,6 +17,7 @@ log-likelihood of every choice of every item (for paired comparisons between mod
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -116,8 +117,6 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def _json_line(record: dict) -> str:
-    import json
-
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 

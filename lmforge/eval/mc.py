@@ -27,7 +27,6 @@ the choices, or no choices is a one-line error naming the file and row.
 from __future__ import annotations
 
 import csv
-import json
 import random
 import unicodedata
 from collections import defaultdict
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.data.readers import JSONL_SUFFIXES
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
 
@@ -149,19 +149,14 @@ def _json_item(rec: dict, where: str, subject: str) -> Item:
 
 
 def _jsonl_items(path: Path) -> list[Item]:
+    """The items of a JSONL file (also .jsonl.gz/.zst), read by the registry every command shares, strictly."""
+    from lmforge.data.readers import Strict, read_records
+
     items = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise LmforgeError(f"{where}: a record must be a JSON object")
-            items.append(_check(_json_item(rec, where, path.stem)))
+    for rec, where, _ in read_records(path, Strict()):
+        if not isinstance(rec, dict):
+            raise LmforgeError(f"{where}: a record must be a JSON object")
+        items.append(_check(_json_item(rec, where, path.name.split(".")[0])))
     return items
 
 
@@ -169,7 +164,7 @@ def read_items(path: str | Path) -> list[Item]:
     """The items of a task file (`.csv`, `.jsonl`) or of every such file in a folder (sorted)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.suffix in (".csv", ".jsonl") and f.is_file())
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith((".csv", *JSONL_SUFFIXES)))
         if not files:
             raise LmforgeError(f"{path}: no .csv or .jsonl task files")
     elif path.is_file():
@@ -180,10 +175,10 @@ def read_items(path: str | Path) -> list[Item]:
     for f in files:
         if f.suffix == ".csv":
             items += _csv_items(f)
-        elif f.suffix == ".jsonl":
+        elif f.name.endswith(JSONL_SUFFIXES):
             items += _jsonl_items(f)
         else:
-            raise LmforgeError(f"{f}: unsupported task file (expected .csv or .jsonl)")
+            raise LmforgeError(f"{f}: unsupported task file (expected .csv, .jsonl, .jsonl.gz or .jsonl.zst)")
     if not items:
         raise LmforgeError(f"{path}: no items")
     return items
@@ -243,17 +238,20 @@ def prompts_for(items: list[Item], form: str = "cloze", shots: int = 0, pool: li
 # --- scoring ---
 
 
-def _split_tokens(tokenizer, prompt: str, cont: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, continuation ids) as the harness makes them: trailing spaces of the prompt go to the
-    continuation; the continuation is what encoding the whole adds after the prompt's own encoding."""
+def _split_tokens(tokenizer, prompt: str, conts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, continuation ids) of each continuation, as the harness makes them: trailing spaces of the
+    prompt go to the continuation; the continuation is what encoding the whole adds after the prompt's own
+    encoding. The prompt is encoded once for all its choices."""
     n = len(prompt) - len(prompt.rstrip(" "))
-    if n:
-        prompt, cont = prompt[:-n], prompt[-n:] + cont
-    whole = tokenizer.encode(prompt + cont).ids
-    ctx = tokenizer.encode(prompt).ids
-    if whole[: len(ctx)] != ctx:  # the prompt's last token merged across the boundary: score what follows it
-        ctx = whole[: len(ctx) - 1] if len(ctx) > 1 else ctx
-    return ctx, whole[len(ctx) :]
+    head, spaces = prompt[: len(prompt) - n], prompt[len(prompt) - n :]
+    ctx = tokenizer.encode(head).ids
+    pairs = []
+    for whole in tokenizer.encode_batch([head + spaces + c for c in conts]):
+        ids = whole.ids
+        # The prompt's last token merged across the boundary: score from the token before it.
+        own = ctx if ids[: len(ctx)] == ctx or len(ctx) < 2 else ids[: len(ctx) - 1]
+        pairs.append((own, ids[len(own) :]))
+    return pairs
 
 
 @torch.no_grad()
@@ -265,7 +263,7 @@ def score_request(model, tokenizer, req: Request, share_prompt: bool = True) -> 
     """
     from lmforge.model.transformer import KVCache
 
-    pairs = [_split_tokens(tokenizer, req.prompt, c) for c in req.continuations]
+    pairs = _split_tokens(tokenizer, req.prompt, req.continuations)
     max_len = model.cfg.max_seq_len
     device = model.embed_tokens.weight.device
     if any(not cont for _, cont in pairs):
