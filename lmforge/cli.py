@@ -47,6 +47,11 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
         ("lmforge.eval.eval_cmd",),
         "score a model: multiple choice (acc, acc_norm, intervals), perplexity, bits/byte",
     ),
+    "report": (("lmforge.eval.report",), "one HTML + Markdown page for a run: data funnel, curves, evals, samples"),
+    "scaling": (
+        ("lmforge.eval.scaling_cmd",),
+        "scaling laws: train a grid of small models, fit L(N), L(D), L(N, D), predict compute-optimal sizes",
+    ),
     "generate": (("lmforge.serve.generate_cmd",), "continue prompts with a trained model (KV-cache sampling)"),
     "chat": (("lmforge.serve.chat_cmd",), "chat with a model in the terminal (stdin lines when piped)"),
     "bench": (("lmforge.train.bench",), "time a training step or generation"),

@@ -79,8 +79,8 @@ def _add_fields(group, cls, prefix: str, rename: dict, defaults_note: str | None
         metavar = f.metadata.get("metavar") or _metavar(hints[f.name])
         if hints[f.name] is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif typing.get_origin(hints[f.name]) is list:
-            group.add_argument(flag, dest=dest, nargs="+", metavar=metavar, default=None, help=text)
+        elif typing.get_origin(hints[f.name]) is list:  # `--input A B --input C` is [A, B, C]
+            group.add_argument(flag, dest=dest, action="extend", nargs="+", metavar=metavar, default=None, help=text)
         else:
             group.add_argument(flag, dest=dest, metavar=metavar, default=None, help=text)
 
@@ -89,9 +89,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, rename: dict | None =
     """A flag per field of `cls`: the stage's own fields, then the shared loop's, then nested dataclasses' fields.
     Fields named in `positional` may also be given as positional arguments (`lmforge eval RUN`)."""
     rename = rename or {}
-    for name in positional:
-        parser.add_argument(f"{name}_positional", nargs="?", metavar=name.upper(), default=None,
-                            help=f"the same as --{name.replace('_', '-')}")  # fmt: skip
+    hints = typing.get_type_hints(cls)
+    for name in positional:  # a list field takes any number of positional values
+        parser.add_argument(f"{name}_positional", nargs="*" if typing.get_origin(hints[name]) is list else "?",
+                            metavar=name.upper(), default=None, help=f"the same as --{name.replace('_', '-')}")  # fmt: skip
     loop = {f.name for f in dataclasses.fields(LoopConfig)} if issubclass(cls, LoopConfig) else set()
     split = {f.name for f in dataclasses.fields(TextSplitFields)} if issubclass(cls, TextSplitFields) else set()
     own = parser.add_argument_group(f"{cls.__name__} fields (also as --set FIELD=VALUE or in --config)")
@@ -102,7 +103,6 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, rename: dict | None =
     if loop:
         shared = parser.add_argument_group("training loop fields (LoopConfig, the same in every training stage)")
         _add_fields(shared, cls, "", rename, None, lambda n: n in loop)
-    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             nested = parser.add_argument_group(
@@ -120,7 +120,7 @@ def flags_of(args: argparse.Namespace, cls) -> dict:
             continue
         if dest.endswith("_positional"):  # `lmforge eval RUN`: the field's value, unless its flag was given too
             dest = dest.removesuffix("_positional")
-            if getattr(args, dest, None) is not None:
+            if getattr(args, dest, None) is not None or value == []:  # nargs="*" given nothing: not given
                 continue
         head, _, rest = dest.partition(".")
         if rest:

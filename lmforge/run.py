@@ -7,7 +7,9 @@
 Stages: data clean -> tokenizer -> data tokenize -> pretrain (with validation) -> samples
 -> SFT on chat data (answer-only loss, validation) -> a short scripted chat transcript
 -> stage 3: a short SFT warm-up on a verifiable task's checked answers, then GRPO on that task,
-with greedy exact-match accuracy on held-out prompts before and after (runs/demo/align.json).
+with greedy exact-match accuracy on held-out prompts before and after (runs/demo/align.json)
+-> eval: `lmforge eval` on every model of the run with the same tasks (OUT/eval/<stage>/results.json)
+-> `lmforge report`: OUT/report.html (one page: data funnel, curves, eval table, samples) and report.md.
 Each stage's output lands in OUT/<stage>, and OUT/stages.json records what built it (`run_state.py`):
 run the recipe again and each stage says what it does: a finished stage whose config and inputs
 did not change is skipped, an interrupted one resumes (training from its last checkpoint), one whose
@@ -23,6 +25,7 @@ stopped at its time budget (rerun to finish it); 130 / 143 interrupted by Ctrl-C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -37,7 +40,7 @@ from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write_json, atomic_write_text
 from lmforge.run_state import StageState
 
-RECIPE_KEYS = {"out", "corpus", "clean", "tokenizer", "tokenize", "pretrain", "sample", "sft", "chat", "align"}
+RECIPE_KEYS = {"out", "corpus", "clean", "tokenizer", "tokenize", "pretrain", "sample", "sft", "chat", "align", "eval"}
 ALIGN_KEYS = {"task", "warmup_examples", "warmup", "grpo"}
 CLEAN_KEYS = {"steps", "doc_sep", "doc_bytes", "max_doc_bytes"}
 EXIT_TIME_BUDGET = 3  # the recipe ran to its end, but a stage stopped at its time budget (`max_seconds`)
@@ -205,6 +208,12 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
         paths = {"base": str(out / "task-sft"), "out": str(out / "grpo"), "task": task}
         section = _section(align, "grpo", tuple(paths), "align.grpo")
         gcfg = resolve(GrpoConfig, section, paths, {}, prefix="align.grpo.")
+    ecfg = None
+    if "eval" in recipe:
+        from lmforge.eval.eval_cmd import EvalConfig
+
+        paths = {"model": str(run_dir), "out": str(out / "eval")}  # each model of the run in turn (_eval_and_report)
+        ecfg = resolve(EvalConfig, _section(recipe, "eval", tuple(paths)), paths, {}, prefix="eval.")
     chat = {"questions": [], "max_new_tokens": 60, "temperature": 0.0, "system": None,
             **_check_section(recipe, "chat", {"questions", "max_new_tokens", "temperature", "system"})}  # fmt: skip
     sample = {"prompts": ["\n"], "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "seed": 0,
@@ -215,7 +224,8 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
     if chat_set is not None:
         chat_file(chat_set, out / "corpus")
 
-    n = 9 if gcfg else 7 if scfg else 5
+    n = (9 if gcfg else 7 if scfg else 5) + (ecfg is not None)
+    models = ["pretrain"] + (["sft"] if scfg else []) + (["grpo"] if gcfg else [])
     action = state.begin("clean", {"inputs": [input_stat(f) for f in list_inputs(inputs)], "steps": clean_steps,
                                    "split": split.to_dict()}, [], [clean_dir])  # fmt: skip
     _say(f"[1/{n}] data clean -> {clean_dir}: {action}")
@@ -250,6 +260,7 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
     atomic_write_text(out / "samples.txt", text)
     print(text)
     if scfg is None:
+        _eval_and_report(ecfg, out, state, models, n)
         _say(f"done: {out}/samples.txt, metrics in {run_dir}/metrics.jsonl (tensorboard --logdir {run_dir}/tb)")
         return
     action = state.begin("sft", to_dict(scfg), ["pretrain"], [sft_dir])
@@ -284,8 +295,32 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
             _loop_result(state, "grpo", g, gcfg.max_steps)
         if (out / "align.json").is_file():
             _say("      " + json.loads((out / "align.json").read_text())["summary"])
+    _eval_and_report(ecfg, out, state, models, n)
     _say(f"done: {out}/samples.txt, {out}/chat.txt; metrics in {run_dir}, {sft_dir}"
          f"{' and ' + str(out / 'grpo') if gcfg else ''} (metrics.jsonl, tb/)")  # fmt: skip
+
+
+def _eval_and_report(ecfg, out: Path, state: StageState, models: list[str], n: int) -> None:
+    """The last stage: `lmforge eval` on each model with the same tasks (OUT/eval/<stage>/), then the report
+    page of the whole run (always rewritten: it reads what the stages left, in seconds)."""
+    from lmforge.eval.eval_cmd import evaluate, format_table
+    from lmforge.eval.report import write_report
+
+    if ecfg is not None:
+        action = state.begin("eval", to_dict(ecfg), models, [out / "eval"])
+        _say(f"[{n}/{n}] eval {', '.join(models)} on {', '.join(ecfg.task_list + ecfg.harness_list)} -> "
+             f"{out / 'eval'}: {action}")  # fmt: skip
+        for name in models:
+            cfg = dataclasses.replace(ecfg, model=str(out / name), out=str(out / "eval" / name))
+            if action == "skip":
+                report = json.loads((out / "eval" / name / "results.json").read_text(encoding="utf-8"))
+                print(format_table(report))
+            else:
+                evaluate(cfg)  # resumes from what an interrupted run left in OUT/eval/<name>
+        if action != "skip":
+            state.finish("eval")
+    html, md = write_report([out], out)
+    _say(f"report: {html} (and {md.name})")
 
 
 def _align_report(cfg, result: dict) -> dict:

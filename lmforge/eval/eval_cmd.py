@@ -13,6 +13,13 @@ with `--samples N`, the unbiased estimator of Chen et al. 2021). Multiple choice
 reports `acc` and `acc_norm` (per character of the choice) with 95% Wilson intervals, chance level, and per
 subject where a task has several. With `--out`, results.json holds the table and items_<task>.jsonl the
 log-likelihood of every choice of every item (for paired comparisons between models).
+
+`--harness T1,T2` runs lm-evaluation-harness tasks on lmforge's engine (lmforge/eval/harness.py; needs
+`pip install "lmforge[eval]"`), `--harness-include DIR` adds a folder of local task YAMLs; their metrics
+join the same table (as `harness:TASK`) and items_harness_<task>.jsonl holds each request and response.
+
+An interrupted eval resumes: run the same command again (same --out and settings) and the tasks already in
+results.json are kept, and a multiple-choice task continues from the items in items_<task>.partial.jsonl.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 
 from lmforge.cli_config import add_config_command
 from lmforge.config import require
+from lmforge.errors import LmforgeError
 
 DEFAULT_TASKS = "shakespeare-next,chatterbot-en,chatterbot-zh"
 
@@ -35,8 +43,13 @@ class EvalConfig:
 
     model: str = ""  # run, checkpoint or imported model folder (also the first positional argument)
     # comma-separated: built-in sets (shakespeare-next, chatterbot-en, chatterbot-zh), mc:FILE_OR_DIR, ppl:FILE_OR_DIR,
-    # task:NAME (add, mul, sort, reverse, convert)
-    tasks: str = DEFAULT_TASKS
+    # task:NAME (add, mul, sort, reverse, convert); default: the three built-in sets, unless --harness is given
+    tasks: str = ""
+    # comma-separated lm-evaluation-harness tasks, run on lmforge's engine (pip install "lmforge[eval]"); --shots and
+    # --limit apply to them too
+    harness: str = ""
+    harness_include: str = ""  # a folder of local harness task YAML files (for --harness)
+    batch_size: int = 8  # --harness: generation rows per batch (loglikelihood requests sharing a context run together)
     form: str = "cloze"  # multiple choice: cloze (score each choice's text) or letter (score A/B/C/D)
     shots: int = 0  # solved examples before each question (drawn from the same subject, by seed)
     limit: int = 0  # items per task, the first N (0 = all)
@@ -53,12 +66,18 @@ class EvalConfig:
 
     @property
     def task_list(self) -> list[str]:
-        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+        tasks = self.tasks or ("" if self.harness else DEFAULT_TASKS)
+        return [t.strip() for t in tasks.split(",") if t.strip()]
+
+    @property
+    def harness_list(self) -> list[str]:
+        return [t.strip() for t in self.harness.split(",") if t.strip()]
 
     def validate(self) -> EvalConfig:
         require([
             (bool(self.model), "eval needs a model: lmforge eval RUN_OR_CHECKPOINT"),
-            (bool(self.task_list), "needs --tasks"),
+            (bool(self.task_list or self.harness_list), "needs --tasks or --harness"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.form in ("cloze", "letter"), f"form must be cloze or letter, got {self.form!r}"),
             (self.shots >= 0 and self.limit >= 0 and self.ppl_tokens >= 0, "shots, limit and ppl_tokens must be >= 0"),
             (self.samples >= 0 and self.temperature > 0 and self.max_new_tokens >= 1,
@@ -75,9 +94,9 @@ def register(subparsers) -> None:
 def evaluate(cfg: EvalConfig) -> dict:
     """Run every task of `cfg` on its model; returns {"model", "tasks": {spec: result}} (also written to --out)."""
     from lmforge.align.tasks import get_task
-    from lmforge.eval.mc import prompts_for, score_items, summarize
+    from lmforge.eval.mc import prompts_for, summarize
     from lmforge.eval.tasks import generative_result, task_items, task_name
-    from lmforge.fileio import atomic_write_json, atomic_write_text
+    from lmforge.fileio import atomic_write_text
     from lmforge.tokenizer.special import EOT, load_tokenizer
     from lmforge.train.checkpoint import load_for_inference
     from lmforge.train.common import pick_device
@@ -89,10 +108,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     for spec in cfg.task_list:
         if spec.startswith("task:"):
             get_task(spec[5:])  # an unknown task name fails before the model loads
-    model, tok_dir, _ = load_for_inference(cfg.model, pick_device(cfg.device))
-    tokenizer = load_tokenizer(tok_dir)
-    results, out = {}, Path(cfg.out) if cfg.out else None
+    if cfg.harness_list:
+        _require_lm_eval()
+    out = Path(cfg.out) if cfg.out else None
+    results = _resumed(out, cfg)
+    if loaded.keys() - results.keys():
+        model, tok_dir, _ = load_for_inference(cfg.model, pick_device(cfg.device))
+        tokenizer = load_tokenizer(tok_dir)
     for spec, items in loaded.items():
+        if spec in results:
+            continue
         t0 = time.perf_counter()
         if spec.startswith("task:"):
             results[spec] = generative_result(model, tok_dir, spec[5:], cfg.limit or 200, cfg.task_seed, cfg.samples,
@@ -102,18 +127,118 @@ def evaluate(cfg: EvalConfig) -> dict:
         else:
             items = items[: cfg.limit] if cfg.limit else items
             requests = prompts_for(items, cfg.form, cfg.shots, seed=cfg.seed)
-            scored = score_items(model, tokenizer, requests, progress=sys.stderr.isatty())
+            partial = out / f"items_{task_name(spec)}.partial.jsonl" if out is not None else None
+            scored = _score_resumable(model, tokenizer, requests, partial)
             results[spec] = {**summarize(scored, [len(it.choices) for it in items]), "form": cfg.form,
                              "shots": cfg.shots}  # fmt: skip
             if out is not None:
-                lines = "".join(_json_line(r) for r in scored)
-                atomic_write_text(out / f"items_{task_name(spec)}.jsonl", lines)
+                atomic_write_text(out / f"items_{task_name(spec)}.jsonl", "".join(_json_line(r) for r in scored))
+                partial.unlink(missing_ok=True)
         results[spec]["seconds"] = round(time.perf_counter() - t0, 2)
+        _save(out, cfg, results)
+    left = [t for t in cfg.harness_list if f"harness:{t}" not in results]
+    if left:
+        from lmforge.eval.harness import LmforgeLM, run_harness, task_manager
+
+        manager = task_manager(left, cfg.harness_include)
+        lm = LmforgeLM(cfg.model, device=cfg.device, batch_size=cfg.batch_size, seed=cfg.seed)
+        for task in left:
+            t0 = time.perf_counter()
+            res = run_harness(lm, [task], manager, cfg.shots, cfg.limit, cfg.seed)
+            results[f"harness:{task}"] = {**res["results"][task], "seconds": round(time.perf_counter() - t0, 2)}
+            if out is not None:
+                atomic_write_text(out / f"items_harness_{task}.jsonl",
+                                  "".join(_json_line(_sample_record(r)) for r in res["samples"][task]))  # fmt: skip
+            _save(out, cfg, results)
     report = {"model": str(cfg.model), "config": asdict(cfg), "tasks": results}
-    if out is not None:
-        atomic_write_json(out / "results.json", report)
     print(format_table(report))
     return report
+
+
+# Settings that may differ between an interrupted eval and its resumption (the task lists may grow).
+_RESUME_FREE = ("out", "tasks", "harness", "harness_include", "device", "batch_size")
+
+
+def _resumed(out: Path | None, cfg: EvalConfig) -> dict:
+    """The task results already in OUT/results.json from an earlier run of the same eval ({} if none)."""
+    path = out / "results.json" if out is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        old, tasks = saved["config"], saved["tasks"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LmforgeError(f"{path}: unreadable ({e}); delete it or use another --out") from None
+    now = asdict(cfg)
+    changed = [k for k in now if k not in _RESUME_FREE and old.get(k) != now[k]]
+    if changed:
+        k = changed[0]
+        raise LmforgeError(f"{path} holds an eval with other settings ({k}: {old.get(k)!r}, now {now[k]!r}); "
+                           "use another --out or delete it")  # fmt: skip
+    wanted = set(cfg.task_list) | {f"harness:{t}" for t in cfg.harness_list}
+    kept = {spec: r for spec, r in tasks.items() if spec in wanted}
+    if kept:
+        print(f"resuming {path}: {len(kept)} task(s) already scored ({', '.join(kept)})", file=sys.stderr)
+    return kept
+
+
+def _save(out: Path | None, cfg: EvalConfig, results: dict) -> None:
+    """results.json after every task, so that an interrupted eval keeps what it finished."""
+    if out is not None:
+        from lmforge.fileio import atomic_write_json
+
+        atomic_write_json(out / "results.json", {"model": str(cfg.model), "config": asdict(cfg), "tasks": results})
+
+
+def _score_resumable(model, tokenizer, requests: list, partial: Path | None, chunk: int = 64) -> list[dict]:
+    """score_items, appending each chunk of scored items to `partial` (when given) and starting after the items
+    it already holds: an interrupted multiple-choice task continues where it stopped."""
+    from lmforge.eval.mc import score_items
+
+    done = []
+    if partial is not None and partial.is_file():
+        for line, req in zip(partial.read_text(encoding="utf-8").splitlines(), requests, strict=False):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break  # a line torn by the interruption: score that item again
+            if record.get("where") != req.item.where:
+                break
+            done.append(record)
+        partial.write_text("".join(_json_line(r) for r in done), encoding="utf-8")  # drop a torn tail
+        if done:
+            print(f"resuming {partial}: {len(done)} of {len(requests)} items already scored", file=sys.stderr)
+    elif partial is not None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    with tqdm(total=len(requests), initial=len(done), desc="eval", disable=not sys.stderr.isatty(),
+              mininterval=1.0) as bar:  # fmt: skip
+        for start in range(len(done), len(requests), chunk):
+            scored = score_items(model, tokenizer, requests[start : start + chunk])
+            done += scored
+            if partial is not None:
+                with partial.open("a", encoding="utf-8") as f:
+                    f.write("".join(_json_line(r) for r in scored))
+            bar.update(len(scored))
+    return done
+
+
+def _require_lm_eval() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise LmforgeError('--harness needs lm-evaluation-harness: pip install "lmforge[eval]"') from None
+
+
+def _sample_record(sample: dict) -> dict:
+    """What items_harness_<task>.jsonl keeps of a harness sample: the request, our response, the metrics."""
+    keep = ("doc_id", "target", "arguments", "resps", "filtered_resps", "filter", "metrics")
+    record = {k: sample[k] for k in keep if k in sample}
+    for metric in sample.get("metrics", []):
+        if metric in sample:
+            record[metric] = sample[metric]
+    return json.loads(json.dumps(record, ensure_ascii=False, default=str))
 
 
 def _json_line(record: dict) -> str:
@@ -135,7 +260,11 @@ def format_table(report: dict) -> str:
     """The results as a plain-text table (what `lmforge eval` prints)."""
     lines = [f"lmforge eval: {report['model']}"]
     for spec, r in report["tasks"].items():
-        if "acc" in r:
+        if spec.startswith("harness:"):
+            metrics = "  ".join(f"{k} {v:.4f}" for k, v in r.items()
+                                if isinstance(v, float) and k != "seconds" and not k.endswith("_stderr"))  # fmt: skip
+            lines.append(f"  {spec:<24} n={r.get('n', 0):<5} {metrics}  ({r.get('shots', 0)}-shot)")
+        elif "acc" in r:
             lines.append(f"  {spec:<24} n={r['n']:<5} acc {r['acc']:.3f} [{r['acc_lo']:.3f}, {r['acc_hi']:.3f}]  "
                          f"acc_norm {r['acc_norm']:.3f} [{r['acc_norm_lo']:.3f}, {r['acc_norm_hi']:.3f}]  "
                          f"chance {r['chance']:.3f}  ({r['form']}, {r['shots']}-shot)")  # fmt: skip

@@ -254,54 +254,155 @@ def _split_tokens(tokenizer, prompt: str, conts: list[str]) -> list[tuple[list[i
     return pairs
 
 
+def unknown_token_id(tokenizer) -> int | None:
+    """The id a tokenizer without byte fallback gives text it cannot encode (None for a byte-level BPE, such as
+    lmforge's own, which encodes everything): a score over it would be meaningless."""
+    unk = getattr(tokenizer.model, "unk_token", None)
+    return tokenizer.token_to_id(unk) if unk else None
+
+
+def _checked_pairs(tokenizer, req: Request, max_len: int) -> list[tuple[list[int], list[int]]]:
+    pairs = _split_tokens(tokenizer, req.prompt, req.continuations)
+    if any(not cont for _, cont in pairs):
+        raise LmforgeError(f"{req.item.where}: a choice encodes to no tokens")
+    unk = unknown_token_id(tokenizer)
+    if unk is not None and any(unk in ctx or unk in cont for ctx, cont in pairs):
+        raise LmforgeError(f"{req.item.where}: the model's tokenizer cannot encode this item's text (it gives the "
+                           "unknown token)")  # fmt: skip
+    longest = max(len(c) for _, c in pairs)
+    if longest >= max_len:
+        raise LmforgeError(f"{req.item.where}: a choice of {longest} tokens does not fit the model's max_seq_len "
+                           f"{max_len} (leave the item out with --limit, or use a model with a longer context)")  # fmt: skip
+    return pairs
+
+
 @torch.no_grad()
 def score_request(model, tokenizer, req: Request, share_prompt: bool = True) -> list[tuple[float, bool]]:
     """[(log P(continuation | prompt), whether it is the greedy continuation)] for each choice of `req`.
 
-    share_prompt: run the prompt once and copy its KV cache to a row per choice; else run every prompt +
-    continuation in full (the reference the test compares with).
+    share_prompt: run the prompt once for all choices (score_groups); else run every prompt + continuation
+    in full (the reference the test compares with).
+    """
+    pairs = _checked_pairs(tokenizer, req, model.cfg.max_seq_len)
+    if share_prompt and len({tuple(ctx) for ctx, _ in pairs}) == 1:
+        return score_continuations(model, pairs[0][0], [c for _, c in pairs])
+    return [score_pair(model, ctx, cont) for ctx, cont in pairs]
+
+
+@torch.no_grad()
+def score_pair(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """(log P(cont | ctx), whether cont is the greedy continuation), from one forward pass over the last
+    max_seq_len tokens of ctx + cont (the harness's truncation: the oldest context goes first)."""
+    device = model.embed_tokens.weight.device
+    ids = (ctx + cont)[-(model.cfg.max_seq_len + 1) :][:-1]
+    logits, _ = model(torch.tensor([ids], device=device))
+    return _sum_logp(torch.log_softmax(logits[0, -len(cont) :].float(), -1), cont)
+
+
+def _sum_logp(logp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+    """(sum of log P of `cont`'s tokens, whether each is the argmax) from their rows of log-probabilities."""
+    target = torch.tensor(cont, device=logp.device)
+    ll = float(logp.gather(1, target[:, None]).double().sum())  # a float32 sum of ~1,000 nats is off by 1e-4
+    return ll, bool((logp.argmax(-1) == target).all())
+
+
+def score_continuations(model, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
+    """score_pair for each continuation of one context, the context run once (score_groups)."""
+    return score_groups(model, [(ctx, conts)])[0]
+
+
+@torch.no_grad()
+def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], budget: int = 8192,
+                 done=None) -> list[list[tuple[float, bool]]]:  # fmt: skip
+    """score_pair for every continuation of every (context, continuations) group, batched: each context runs
+    once and its KV cache is shared by its continuations, and many groups run in one forward.
+
+    Groups are sorted by length and batched while rows x (context + continuation) slots stay under `budget`.
+    Pass 1 runs the contexts (right-padded: causal attention never looks at the padding after a token), and
+    the logits at each context's last token predict every continuation's first token. Pass 2 copies each
+    context's cache to one row per continuation and runs the continuations at their own positions, a key mask
+    hiding the padding between a short context and the continuations. Only the positions scored go through
+    the output head. A group whose context + continuation do not fit max_seq_len is scored pair by pair with
+    score_pair's truncation, as the harness does. `done(n)` is called with the number of groups finished.
+    """
+    max_len = model.cfg.max_seq_len
+    out: list[list | None] = [None] * len(groups)
+    fits = []
+    for g, (ctx, conts) in enumerate(groups):
+        if ctx and len(ctx) + max(len(c) for c in conts) - 1 <= max_len:
+            fits.append(g)
+        else:
+            out[g] = [score_pair(model, ctx, c) for c in conts]
+            if done is not None:
+                done(1)
+    fits.sort(key=lambda g: (len(groups[g][0]) + max(len(c) for c in groups[g][1]), len(groups[g][1])))
+    i = 0
+    while i < len(fits):
+        batch, P, L, rows = [], 0, 0, 0
+        while i < len(fits):
+            ctx, conts = groups[fits[i]]
+            p, ell, r = max(P, len(ctx)), max(L, max(len(c) for c in conts)), rows + len(conts)
+            if batch and r * (p + ell) > budget:
+                break
+            batch, P, L, rows = batch + [fits[i]], p, ell, r
+            i += 1
+        for g, scores in zip(batch, _score_batch(model, [groups[g] for g in batch], P, L), strict=True):
+            out[g] = scores
+        if done is not None:
+            done(len(batch))
+    return out
+
+
+def _score_batch(model, groups, P: int, L: int) -> list[list[tuple[float, bool]]]:
+    """score_groups' two passes over one batch: contexts of at most P tokens, continuations of at most L.
+
+    Contexts are left-padded (as generation pads prompts), so that each continuation directly follows its
+    context in the cache and slot distances are true distances (ALiBi reads them); a key mask hides the padding.
     """
     from lmforge.model.transformer import KVCache
 
-    pairs = _split_tokens(tokenizer, req.prompt, req.continuations)
-    max_len = model.cfg.max_seq_len
-    device = model.embed_tokens.weight.device
-    if any(not cont for _, cont in pairs):
-        raise LmforgeError(f"{req.item.where}: a choice encodes to no tokens")
-    longest = max(len(c) for _, c in pairs)
-    if longest >= max_len:
-        raise LmforgeError(f"{req.item.where}: a choice of {longest} tokens does not fit max_seq_len {max_len}")
-    same_prompt = len({tuple(ctx) for ctx, _ in pairs}) == 1
-    if share_prompt and same_prompt:
-        ctx = pairs[0][0][-(max_len - longest) :]  # the prompt's oldest tokens go first when it does not fit
-        conts = [c for _, c in pairs]
-        cache1 = KVCache(model.cfg, 1, len(ctx) + longest, device=device)
-        logits, _ = model(torch.tensor([ctx], device=device), cache=cache1, last_only=True)
-        first = torch.log_softmax(logits[0, -1].float(), -1)
-        B = len(conts)
-        cache = KVCache(model.cfg, B, len(ctx) + longest, device=device)
-        cache.k[:, :, :, : len(ctx)] = cache1.k[:, :1, :, : len(ctx)]
-        cache.v[:, :, :, : len(ctx)] = cache1.v[:, :1, :, : len(ctx)]
-        cache.length = len(ctx)
-        rows = torch.zeros(B, longest, dtype=torch.long, device=device)
-        for i, c in enumerate(conts):
-            rows[i, : len(c)] = torch.tensor(c, device=device)
-        logp = torch.log_softmax(model(rows, cache=cache)[0].float(), -1)  # (B, longest, V): row i position t
-        out = []
-        for i, c in enumerate(conts):
-            target = torch.tensor(c, device=device)
-            # token 0 from the prompt's last position; token t from the row's position t-1
-            step_logp = torch.cat([first[None], logp[i, : len(c) - 1]])
-            ll = float(step_logp.gather(1, target[:, None]).sum())
-            out.append((ll, bool((step_logp.argmax(-1) == target).all())))
-        return out
-    out = []
-    for ctx, cont in pairs:
-        ids = (ctx + cont)[-max_len:]
-        logits, _ = model(torch.tensor([ids[:-1]], device=device))
-        logp = torch.log_softmax(logits[0, -len(cont) :].float(), -1)
-        target = torch.tensor(cont, device=device)
-        out.append((float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())))
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    G, lens = len(groups), torch.tensor([len(ctx) for ctx, _ in groups], device=device)
+    tokens = torch.zeros(G, P, dtype=torch.long, device=device)
+    for g, (ctx, _) in enumerate(groups):
+        tokens[g, P - len(ctx) :] = torch.tensor(ctx, dtype=torch.long)
+    padded = bool((lens != P).any())
+    slots = torch.arange(P + L - 1, device=device)[None, :]
+    real = slots >= (P - lens)[:, None]  # (G, P + L - 1): context tokens and every continuation slot
+    pad_args = {}
+    if padded:
+        pad_args = {"positions": (slots[:, :P] - (P - lens)[:, None]).clamp(min=0), "key_mask": real[:, :P]}
+    cache1 = KVCache(model.cfg, G, P + L - 1, device=device, dtype=dtype)
+    hidden, _ = model(tokens, cache=cache1, last_only=True, return_hidden=True, **pad_args)
+    first = torch.log_softmax(model.lm_head(hidden[:, -1]).float(), -1)  # (G, V): each continuation's first token
+    owner = [g for g, (_, conts) in enumerate(groups) for _ in conts]
+    conts = [c for _, cs in groups for c in cs]
+    later = None
+    if L > 1:
+        index = torch.tensor(owner, device=device)
+        cache = KVCache(model.cfg, len(conts), P + L - 1, device=device, dtype=dtype)
+        cache.k[:, :, :, :P] = cache1.k[:, :, :, :P].index_select(1, index)
+        cache.v[:, :, :, :P] = cache1.v[:, :, :, :P].index_select(1, index)
+        cache.length = P
+        rows = torch.zeros(len(conts), L - 1, dtype=torch.long, device=device)
+        for r, c in enumerate(conts):
+            rows[r, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+        if padded:
+            positions = lens[index][:, None] + torch.arange(L - 1, device=device)[None, :]
+            pad_args = {"positions": positions, "key_mask": real[index]}
+        hidden, _ = model(rows, cache=cache, return_hidden=True, **pad_args)
+        # only the scored positions go through the head: row r's positions 0 .. len(c) - 2
+        r_idx = torch.tensor([r for r, c in enumerate(conts) for _ in range(len(c) - 1)], dtype=torch.long)
+        t_idx = torch.tensor([t for c in conts for t in range(len(c) - 1)], dtype=torch.long)
+        if len(r_idx):
+            later = torch.log_softmax(model.lm_head(hidden[r_idx, t_idx]).float(), -1)
+    out: list[list[tuple[float, bool]]] = [[] for _ in groups]
+    at = 0
+    for g, c in zip(owner, conts, strict=True):
+        n = len(c) - 1
+        logp = torch.cat([first[g : g + 1], later[at : at + n]]) if n else first[g : g + 1]
+        at += n
+        out[g].append(_sum_logp(logp, c))
     return out
 
 
@@ -311,10 +412,25 @@ def score_items(model, tokenizer, requests: list[Request], progress: bool = Fals
 
     was = model.training
     model.eval()
+    max_len = model.cfg.max_seq_len
+    pairs = [_checked_pairs(tokenizer, req, max_len) for req in requests]
+    # A prompt whose last token merged with a choice's first (_split_tokens) gives that choice its own context.
+    groups, where = [], []
+    for n, item_pairs in enumerate(pairs):
+        by_ctx: dict[tuple, list[int]] = {}
+        for j, (ctx, _) in enumerate(item_pairs):
+            by_ctx.setdefault(tuple(ctx), []).append(j)
+        for ctx, js in by_ctx.items():
+            groups.append((list(ctx), [item_pairs[j][1] for j in js]))
+            where.append((n, js))
+    with tqdm(total=len(groups), desc="eval", disable=not progress, mininterval=1.0) as bar:
+        scored = score_groups(model, groups, done=bar.update)
+    lls: list[list[float]] = [[0.0] * len(p) for p in pairs]
+    for (n, js), scores in zip(where, scored, strict=True):
+        for j, (ll, _) in zip(js, scores, strict=True):
+            lls[n][j] = ll
     results = []
-    for req in tqdm(requests, desc="eval", disable=not progress, mininterval=1.0):
-        scored = score_request(model, tokenizer, req)
-        ll = [s for s, _ in scored]
+    for req, ll in zip(requests, lls, strict=True):
         pick = max(range(len(ll)), key=ll.__getitem__)
         pick_norm = max(range(len(ll)), key=lambda i: ll[i] / req.lengths[i])
         results.append({"where": req.item.where, "subject": req.item.subject, "answer": req.item.answer,

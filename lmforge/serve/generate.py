@@ -181,6 +181,7 @@ def generate(
     seed: int | None = None,
     pad_id: int = 0,
     stream: Callable[[int, int], None] | None = None,
+    stop_when: Callable[[int, list[int]], bool] | None = None,
     fused: bool = True,
 ) -> list[list[int]]:
     """New tokens for each prompt (not the prompt), up to `max_new_tokens` per row.
@@ -189,7 +190,8 @@ def generate(
     out of the output (and not streamed) unless `include_stop`. `seed` makes sampling
     repeatable (a private torch.Generator; the global RNG is untouched). `stream(row, token_id)`
     is called for each new token as it is chosen. `pad_id` only fills padding, which the
-    attention mask hides, so any valid id works. `fused` runs the decode steps through
+    attention mask hides, so any valid id works. `stop_when(row, new_ids)` ends a row when it returns True
+    (after that token: e.g. a stop string in the decoded text, which the caller cuts). `fused` runs the decode steps through
     `FusedDecoder` (same tokens, faster; our Transformer with plain linears, on CPU, else ignored);
     False runs the model's own forward for every step.
     """
@@ -254,6 +256,9 @@ def generate(
             out[row].append(t)
             if stream is not None:
                 stream(row, t)
+            if stop_when is not None and stop_when(row, out[row]):
+                done[row] = True
+                finished[row] = True
         if step == max_new_tokens - 1 or all(done):
             break
         if any(done):
