@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--hf-batch", default="1,8", help="HFLM batch sizes to time")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2, help="runs of each, interleaved; the fastest counts")
+    ap.add_argument("--shots", type=int, default=0, help="solved examples before each question (long contexts)")
+    ap.add_argument("--dtype", default="float32", help="float64: both sides without float32 rounding")
     ap.add_argument("--out", default="", help="also write the figures here (JSON)")
     args = ap.parse_args()
 
@@ -65,11 +67,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     tmp = Path(tempfile.mkdtemp(prefix="harness-parity-"))
-    requests = {s: prompts_for(task_items(s, 0)[: args.items], "cloze") for s in sets}
+    requests = {}
+    for s in sets:
+        items = task_items(s, 0)
+        requests[s] = prompts_for(items[: args.items], "cloze", args.shots, pool=items[args.items :] or None)
     names = {s: "lmf_" + s.replace("-", "_") for s in sets}
     for s in sets:
         write_task(tmp, names[s], requests[s])
-    export_hf(args.model, tmp / "hf", dtype="float32")
+    export_hf(args.model, tmp / "hf", dtype="float32")  # HFLM casts to --dtype when it loads
     manager = task_manager(list(names.values()), str(tmp))
     kw = {"tasks": list(names.values()), "task_manager": manager, "log_samples": True, "bootstrap_iters": 0}
 
@@ -77,9 +82,9 @@ def main() -> None:
     # falls on both alike; the fastest time of each counts.
     runs, native_s = {}, float("inf")
     t0 = time.perf_counter()
-    ours = LmforgeLM(args.model, device="cpu")
+    ours = LmforgeLM(args.model, device="cpu", dtype=args.dtype)
     load_ours = time.perf_counter() - t0
-    hfs = {int(b): HFLM(pretrained=str(tmp / "hf"), device="cpu", batch_size=int(b), dtype="float32")
+    hfs = {int(b): HFLM(pretrained=str(tmp / "hf"), device="cpu", batch_size=int(b), dtype=args.dtype)
            for b in args.hf_batch.split(",")}  # fmt: skip
 
     def timed(label, fn):
@@ -100,7 +105,7 @@ def main() -> None:
     ref_name = f"HFLM batch {args.hf_batch.split(',')[0]}"
     ref = runs[ref_name][0]
     n_items = sum(len(requests[s]) for s in sets)
-    print(f"model {args.model}, {n_items} items ({', '.join(f'{s}: {len(requests[s])}' for s in sets)}), "
+    print(f"model {args.model} ({args.dtype}, {args.shots}-shot), {n_items} items ({', '.join(f'{s}: {len(requests[s])}' for s in sets)}), "
           f"{args.threads} threads, {platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}")  # fmt: skip
     report = {
         "model": args.model,

@@ -131,17 +131,18 @@ def test_eval_command_runs_harness_tasks_and_resumes(peaked_run, both, tmp_path,
     _, _, root = both
     out = tmp_path / "out"
     argv = ["eval", str(peaked_run), "--harness", "tiny_mc,tiny_gen", "--harness-include", str(root),
-            "--out", str(out), "--limit", "6"]  # fmt: skip
+            "--tasks", f"mc:{root / 'mc.jsonl'}", "--out", str(out), "--limit", "6"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "results.json").read_text())
     mc = report["tasks"]["harness:tiny_mc"]
     assert mc["n"] == 6 and 0 <= mc["acc"] <= 1 and "acc_norm" in mc
+    assert report["tasks"][f"mc:{root / 'mc.jsonl'}"]["n"] == 6  # a built-in-style task beside the harness ones
     assert "harness:tiny_mc" in capsys.readouterr().out
     lines = (out / "items_harness_tiny_mc.jsonl").read_text().splitlines()
     assert len(lines) == 6 and "resps" in json.loads(lines[0])
     # rerun: both tasks come from results.json, nothing is scored again
     assert main(argv) == 0
-    assert "2 task(s) already scored" in capsys.readouterr().err
+    assert "3 task(s) already scored" in capsys.readouterr().err
     # other settings into the same folder: refused, not overwritten
     assert main([*argv[:-1], "5"]) == 2
     assert "other settings (limit: 6, now 5)" in capsys.readouterr().err

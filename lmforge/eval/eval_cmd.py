@@ -112,6 +112,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         _require_lm_eval()
     out = Path(cfg.out) if cfg.out else None
     results = _resumed(out, cfg)
+    model = tok_dir = None
     if loaded.keys() - results.keys():
         model, tok_dir, _ = load_for_inference(cfg.model, pick_device(cfg.device))
         tokenizer = load_tokenizer(tok_dir)
@@ -141,7 +142,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         from lmforge.eval.harness import LmforgeLM, run_harness, task_manager
 
         manager = task_manager(left, cfg.harness_include)
-        lm = LmforgeLM(cfg.model, device=cfg.device, batch_size=cfg.batch_size, seed=cfg.seed)
+        lm = LmforgeLM(cfg.model, device=cfg.device, batch_size=cfg.batch_size, seed=cfg.seed,
+                       loaded=(model, tok_dir) if model is not None else None)  # fmt: skip
         for task in left:
             t0 = time.perf_counter()
             res = run_harness(lm, [task], manager, cfg.shots, cfg.limit, cfg.seed)

@@ -41,12 +41,16 @@ class LmforgeLM(TemplateLM):
     """An lmforge model as an lm-evaluation-harness `LM`. `pretrained`: run, checkpoint or imported model folder."""
 
     def __init__(self, pretrained: str, device: str = "auto", batch_size: int | str = 8, max_gen_toks: int = 256,
-                 seed: int = 0, token_budget: int = 8192, **_ignored) -> None:  # fmt: skip
+                 seed: int = 0, token_budget: int = 8192, dtype: str = "float32", loaded: tuple | None = None,
+                 **_ignored) -> None:  # fmt: skip
         from lmforge.train.checkpoint import load_for_inference
         from lmforge.train.common import pick_device
 
         super().__init__()
-        self.model, tok_dir, _ = load_for_inference(pretrained, pick_device(device))
+        # `loaded`: (model, tokenizer folder) already in memory (lmforge eval with built-in and harness tasks)
+        self.model, tok_dir = loaded or load_for_inference(pretrained, pick_device(device))[:2]
+        if dtype != "float32":  # float64: parity checks without float32 rounding (benchmarks/harness_parity.py)
+            self.model = self.model.to(getattr(torch, dtype))
         self.tok = load_tokenizer(tok_dir)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> 8
         self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)

@@ -372,37 +372,51 @@ def _score_batch(model, groups, P: int, L: int) -> list[list[tuple[float, bool]]
     pad_args = {}
     if padded:
         pad_args = {"positions": (slots[:, :P] - (P - lens)[:, None]).clamp(min=0), "key_mask": real[:, :P]}
-    cache1 = KVCache(model.cfg, G, P + L - 1, device=device, dtype=dtype)
+    cache1 = KVCache(model.cfg, G, P, device=device, dtype=dtype)
     hidden, _ = model(tokens, cache=cache1, last_only=True, return_hidden=True, **pad_args)
     first = torch.log_softmax(model.lm_head(hidden[:, -1]).float(), -1)  # (G, V): each continuation's first token
     owner = [g for g, (_, conts) in enumerate(groups) for _ in conts]
     conts = [c for _, cs in groups for c in cs]
-    later = None
-    if L > 1:
-        index = torch.tensor(owner, device=device)
-        cache = KVCache(model.cfg, len(conts), P + L - 1, device=device, dtype=dtype)
+    # [log-likelihood, greedy] per continuation: its first token from its context's last position ...
+    scores = [[float(first[g, c[0]]), bool(first[g].argmax() == c[0])] for g, c in zip(owner, conts, strict=True)]
+    # ... the rest from pass 2, its rows in chunks of similar length so that padding stays small (the choices of
+    # one question can differ in length several times over)
+    chunks: list[list[int]] = []
+    for r in sorted((r for r, c in enumerate(conts) if len(c) > 1), key=lambda r: -len(conts[r])):
+        if chunks and 4 * (len(conts[r]) - 1) >= 3 * (len(conts[chunks[-1][0]]) - 1):
+            chunks[-1].append(r)
+        else:
+            chunks.append([r])
+    for chunk in chunks:
+        Lc = len(conts[chunk[0]]) - 1  # the longest in the chunk: every row is padded to it
+        index = torch.tensor([owner[r] for r in chunk], device=device)
+        cache = KVCache(model.cfg, len(chunk), P + Lc, device=device, dtype=dtype)
         cache.k[:, :, :, :P] = cache1.k[:, :, :, :P].index_select(1, index)
         cache.v[:, :, :, :P] = cache1.v[:, :, :, :P].index_select(1, index)
         cache.length = P
-        rows = torch.zeros(len(conts), L - 1, dtype=torch.long, device=device)
-        for r, c in enumerate(conts):
-            rows[r, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+        rows = torch.zeros(len(chunk), Lc, dtype=torch.long, device=device)
+        for i, r in enumerate(chunk):
+            rows[i, : len(conts[r]) - 1] = torch.tensor(conts[r][:-1], dtype=torch.long)
         if padded:
-            positions = lens[index][:, None] + torch.arange(L - 1, device=device)[None, :]
-            pad_args = {"positions": positions, "key_mask": real[index]}
+            positions = lens[index][:, None] + torch.arange(Lc, device=device)[None, :]
+            pad_args = {"positions": positions, "key_mask": real[index, : P + Lc]}
         hidden, _ = model(rows, cache=cache, return_hidden=True, **pad_args)
-        # only the scored positions go through the head: row r's positions 0 .. len(c) - 2
-        r_idx = torch.tensor([r for r, c in enumerate(conts) for _ in range(len(c) - 1)], dtype=torch.long)
-        t_idx = torch.tensor([t for c in conts for t in range(len(c) - 1)], dtype=torch.long)
-        if len(r_idx):
-            later = torch.log_softmax(model.lm_head(hidden[r_idx, t_idx]).float(), -1)
+        # only the scored positions go through the head: row i's positions 0 .. len(c) - 2 predict c[1:]
+        i_idx = torch.tensor([i for i, r in enumerate(chunk) for _ in range(len(conts[r]) - 1)], device=device)
+        t_idx = torch.tensor([t for r in chunk for t in range(len(conts[r]) - 1)], device=device)
+        target = torch.tensor([tok for r in chunk for tok in conts[r][1:]], device=device)
+        logp = torch.log_softmax(model.lm_head(hidden[i_idx, t_idx]).float(), -1)
+        token_ll = logp.gather(1, target[:, None])[:, 0].double()
+        token_greedy = logp.argmax(-1) == target
+        # a float32 sum of ~1,000 nats is off by 1e-4: sum in float64
+        ll = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, i_idx, token_ll)
+        misses = torch.zeros(len(chunk), dtype=torch.long, device=device).index_add_(0, i_idx, (~token_greedy).long())
+        for i, r in enumerate(chunk):
+            scores[r][0] += float(ll[i])
+            scores[r][1] = scores[r][1] and int(misses[i]) == 0
     out: list[list[tuple[float, bool]]] = [[] for _ in groups]
-    at = 0
-    for g, c in zip(owner, conts, strict=True):
-        n = len(c) - 1
-        logp = torch.cat([first[g : g + 1], later[at : at + n]]) if n else first[g : g + 1]
-        at += n
-        out[g].append(_sum_logp(logp, c))
+    for g, (ll, greedy) in zip(owner, scores, strict=True):
+        out[g].append((ll, greedy))
     return out
 
 
