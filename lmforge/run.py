@@ -303,20 +303,15 @@ def _run_stages(recipe: dict, out: Path, state: StageState) -> None:
 def _eval_and_report(ecfg, out: Path, state: StageState, models: list[str], n: int) -> None:
     """The last stage: `lmforge eval` on each model with the same tasks (OUT/eval/<stage>/), then the report
     page of the whole run (always rewritten: it reads what the stages left, in seconds)."""
-    from lmforge.eval.eval_cmd import evaluate, format_table
+    from lmforge.eval.eval_cmd import evaluate
     from lmforge.eval.report import write_report
 
     if ecfg is not None:
         action = state.begin("eval", to_dict(ecfg), models, [out / "eval"])
         _say(f"[{n}/{n}] eval {', '.join(models)} on {', '.join(ecfg.task_list + ecfg.harness_list)} -> "
              f"{out / 'eval'}: {action}")  # fmt: skip
-        for name in models:
-            cfg = dataclasses.replace(ecfg, model=str(out / name), out=str(out / "eval" / name))
-            if action == "skip":
-                report = json.loads((out / "eval" / name / "results.json").read_text(encoding="utf-8"))
-                print(format_table(report))
-            else:
-                evaluate(cfg)  # resumes from what an interrupted run left in OUT/eval/<name>
+        for name in models:  # a finished or interrupted eval resumes from OUT/eval/<name>: nothing is scored twice
+            evaluate(dataclasses.replace(ecfg, model=str(out / name), out=str(out / "eval" / name)))
         if action != "skip":
             state.finish("eval")
     html, md = write_report([out], out)

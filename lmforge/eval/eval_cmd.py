@@ -249,7 +249,6 @@ def _json_line(record: dict) -> str:
 
 def _perplexity(model, tokenizer, path: str, eot_id, max_tokens: int) -> dict:
     from lmforge.data.readers import iter_texts
-    from lmforge.errors import LmforgeError
     from lmforge.eval.loss import text_loss
 
     try:

@@ -11,7 +11,7 @@
 
 `LmforgeLM` implements the harness's three requests on an lmforge model (any run, checkpoint or imported
 model): `loglikelihood` (requests that share a context, as the choices of one question do, run the context
-once and share its KV cache: score_continuations), `loglikelihood_rolling` (the harness's disjoint rolling
+once and share its KV cache: lmforge/eval/mc.py, score_pairs), `loglikelihood_rolling` (the harness's disjoint rolling
 windows, each token predicted once) and `generate_until` (batched KV-cache decoding that ends a row at the
 first stop string). Tokenization is the harness's own (TemplateLM: trailing context spaces move to the
 continuation; no special tokens added; an empty context is the BOS token if the tokenizer names one, else
@@ -32,7 +32,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.mc import score_groups, score_pair, unknown_token_id
+from lmforge.eval.mc import score_pair, score_pairs, unknown_token_id
 from lmforge.tokenizer.special import EOT, load_tokenizer
 
 
@@ -90,21 +90,15 @@ class LmforgeLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Requests with the same context tokens are scored together, the context run once; many contexts run
-        in one forward (score_groups)."""
-        by_ctx: dict[tuple, list[int]] = {}  # context ids -> indices of its requests, in order
-        for i, (_, ctx, cont) in enumerate(requests):
-            if not cont:
-                raise LmforgeError(f"a continuation encodes to no tokens: {requests[i][0]!r}")
-            by_ctx.setdefault(tuple(ctx), []).append(i)
-        groups = [(list(ctx), [requests[i][2] for i in idx]) for ctx, idx in by_ctx.items()]
-        with torch.no_grad(), tqdm(total=len(groups), desc="loglikelihood", disable=disable_tqdm) as bar:
-            scored = score_groups(self.model, groups, budget=self.token_budget, done=bar.update)
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
-        for idx, scores in zip(by_ctx.values(), scored, strict=True):
-            for i, score in zip(idx, scores, strict=True):
-                out[i] = score
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
+        in one forward (score_pairs)."""
+        for req in requests:
+            if not req[2]:
+                raise LmforgeError(f"a continuation encodes to no tokens: {req[0]!r}")
+        with torch.no_grad(), tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm) as bar:
+            out = score_pairs(self.model, [(ctx, cont) for _, ctx, cont in requests], self.token_budget, bar.update)
+        for req, score in zip(requests, out, strict=True):
+            if req[0] is not None:
+                self.cache_hook.add_partial("loglikelihood", req[0], score)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -285,7 +285,7 @@ def score_request(model, tokenizer, req: Request, share_prompt: bool = True) -> 
     """
     pairs = _checked_pairs(tokenizer, req, model.cfg.max_seq_len)
     if share_prompt and len({tuple(ctx) for ctx, _ in pairs}) == 1:
-        return score_continuations(model, pairs[0][0], [c for _, c in pairs])
+        return score_groups(model, [(pairs[0][0], [c for _, c in pairs])])[0]
     return [score_pair(model, ctx, cont) for ctx, cont in pairs]
 
 
@@ -306,11 +306,6 @@ def _sum_logp(logp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
     return ll, bool((logp.argmax(-1) == target).all())
 
 
-def score_continuations(model, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
-    """score_pair for each continuation of one context, the context run once (score_groups)."""
-    return score_groups(model, [(ctx, conts)])[0]
-
-
 @torch.no_grad()
 def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], budget: int = 8192,
                  done=None) -> list[list[tuple[float, bool]]]:  # fmt: skip
@@ -318,12 +313,11 @@ def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], budget:
     once and its KV cache is shared by its continuations, and many groups run in one forward.
 
     Groups are sorted by length and batched while rows x (context + continuation) slots stay under `budget`.
-    Pass 1 runs the contexts (right-padded: causal attention never looks at the padding after a token), and
-    the logits at each context's last token predict every continuation's first token. Pass 2 copies each
-    context's cache to one row per continuation and runs the continuations at their own positions, a key mask
-    hiding the padding between a short context and the continuations. Only the positions scored go through
+    Pass 1 runs the contexts (left-padded, a key mask hiding the padding), and the logits at each context's
+    last token predict every continuation's first token. Pass 2 copies each context's cache to one row per
+    continuation and runs the continuations at their own positions. Only the positions scored go through
     the output head. A group whose context + continuation do not fit max_seq_len is scored pair by pair with
-    score_pair's truncation, as the harness does. `done(n)` is called with the number of groups finished.
+    score_pair's truncation, as the harness does. `done(n)` is called with the number of continuations scored.
     """
     max_len = model.cfg.max_seq_len
     out: list[list | None] = [None] * len(groups)
@@ -334,7 +328,7 @@ def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], budget:
         else:
             out[g] = [score_pair(model, ctx, c) for c in conts]
             if done is not None:
-                done(1)
+                done(len(conts))
     fits.sort(key=lambda g: (len(groups[g][0]) + max(len(c) for c in groups[g][1]), len(groups[g][1])))
     i = 0
     while i < len(fits):
@@ -349,7 +343,22 @@ def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], budget:
         for g, scores in zip(batch, _score_batch(model, [groups[g] for g in batch], P, L), strict=True):
             out[g] = scores
         if done is not None:
-            done(len(batch))
+            done(rows)
+    return out
+
+
+def score_pairs(model, pairs: list[tuple[list[int], list[int]]], budget: int = 8192,
+                done=None) -> list[tuple[float, bool]]:  # fmt: skip
+    """score_pair for each (context, continuation), through score_groups: pairs with the same context tokens
+    (the choices of one question) share one run of it. `done(n)`: pairs finished, for a progress bar."""
+    by_ctx: dict[tuple, list[int]] = {}
+    for i, (ctx, _) in enumerate(pairs):
+        by_ctx.setdefault(tuple(ctx), []).append(i)
+    groups = [(list(ctx), [pairs[i][1] for i in idx]) for ctx, idx in by_ctx.items()]
+    out: list[tuple[float, bool] | None] = [None] * len(pairs)
+    for idx, scores in zip(by_ctx.values(), score_groups(model, groups, budget, done), strict=True):
+        for i, score in zip(idx, scores, strict=True):
+            out[i] = score
     return out
 
 
@@ -378,7 +387,8 @@ def _score_batch(model, groups, P: int, L: int) -> list[list[tuple[float, bool]]
     owner = [g for g, (_, conts) in enumerate(groups) for _ in conts]
     conts = [c for _, cs in groups for c in cs]
     # [log-likelihood, greedy] per continuation: its first token from its context's last position ...
-    scores = [[float(first[g, c[0]]), bool(first[g].argmax() == c[0])] for g, c in zip(owner, conts, strict=True)]
+    best = first.argmax(-1).tolist()
+    scores = [[float(first[g, c[0]]), best[g] == c[0]] for g, c in zip(owner, conts, strict=True)]
     # ... the rest from pass 2, its rows in chunks of similar length so that padding stays small (the choices of
     # one question can differ in length several times over)
     chunks: list[list[int]] = []
@@ -428,21 +438,11 @@ def score_items(model, tokenizer, requests: list[Request], progress: bool = Fals
     model.eval()
     max_len = model.cfg.max_seq_len
     pairs = [_checked_pairs(tokenizer, req, max_len) for req in requests]
+    flat = [pair for item_pairs in pairs for pair in item_pairs]
+    with tqdm(total=len(flat), desc="eval", disable=not progress, mininterval=1.0) as bar:
+        scored = iter(score_pairs(model, flat, done=bar.update))
     # A prompt whose last token merged with a choice's first (_split_tokens) gives that choice its own context.
-    groups, where = [], []
-    for n, item_pairs in enumerate(pairs):
-        by_ctx: dict[tuple, list[int]] = {}
-        for j, (ctx, _) in enumerate(item_pairs):
-            by_ctx.setdefault(tuple(ctx), []).append(j)
-        for ctx, js in by_ctx.items():
-            groups.append((list(ctx), [item_pairs[j][1] for j in js]))
-            where.append((n, js))
-    with tqdm(total=len(groups), desc="eval", disable=not progress, mininterval=1.0) as bar:
-        scored = score_groups(model, groups, done=bar.update)
-    lls: list[list[float]] = [[0.0] * len(p) for p in pairs]
-    for (n, js), scores in zip(where, scored, strict=True):
-        for j, (ll, _) in zip(js, scores, strict=True):
-            lls[n][j] = ll
+    lls = [[next(scored)[0] for _ in item_pairs] for item_pairs in pairs]
     results = []
     for req, ll in zip(requests, lls, strict=True):
         pick = max(range(len(ll)), key=ll.__getitem__)

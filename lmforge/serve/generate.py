@@ -191,7 +191,8 @@ def generate(
     repeatable (a private torch.Generator; the global RNG is untouched). `stream(row, token_id)`
     is called for each new token as it is chosen. `pad_id` only fills padding, which the
     attention mask hides, so any valid id works. `stop_when(row, new_ids)` ends a row when it returns True
-    (after that token: e.g. a stop string in the decoded text, which the caller cuts). `fused` runs the decode steps through
+    (after that token: e.g. a stop string in the decoded text, which the caller cuts). `fused` runs the decode
+    steps through
     `FusedDecoder` (same tokens, faster; our Transformer with plain linears, on CPU, else ignored);
     False runs the model's own forward for every step.
     """
