@@ -54,6 +54,10 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "generate": (("lmforge.serve.generate_cmd",), "continue prompts with a trained model (KV-cache sampling)"),
     "chat": (("lmforge.serve.chat_cmd",), "chat with a model in the terminal (stdin lines when piped)"),
+    "serve": (
+        ("lmforge.serve.serve_cmd",),
+        "serve a model: OpenAI-compatible API (continuous batching, streaming) and a chat page",
+    ),
     "bench": (("lmforge.train.bench",), "time a training step or generation"),
     "import": (("lmforge.hub.import_cmd",), "import a Hugging Face folder or a GGUF file as an lmforge checkpoint"),
     "export": (("lmforge.hub.export_cmd",), "export a run or checkpoint as a Hugging Face model folder"),

@@ -26,6 +26,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.hub.common import TURN_END_TOKENS, Imported
 from lmforge.model.transformer import ModelConfig
+from lmforge.tokenizer.special import bytes_to_unicode
 
 # ----------------------------------------------------------------------------- the q/k row permutation
 
@@ -96,19 +97,6 @@ PRE_TOKENIZERS = {
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types (1 normal, 2 unknown, 5 unused, 6 byte)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, the alphabet byte-level BPE vocabularies are spelled in."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def build_tokenizer(meta: dict, context_length: int) -> dict[str, bytes]:
     """tokenizer.json and tokenizer_config.json from a GGUF's `tokenizer.*` metadata (a dict of key -> value)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
@@ -124,7 +112,7 @@ def build_tokenizer(meta: dict, context_length: int) -> dict[str, bytes]:
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     # Tokens are stored in the byte-level alphabet ("Ġthe"); respell any that are not (a few converters
     # write added tokens as raw text) so the BPE model can match them.
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(spelled)}, merges=merges, fuse_unk=False))

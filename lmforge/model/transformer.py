@@ -317,24 +317,29 @@ class Transformer(nn.Module):
         """The attention mask, or None when plain causal attention (`is_causal=True`) is exact.
 
         With a cache, query i sits at absolute position start+i and sees keys 0..start+i.
-        `key_mask` (B, start+T) marks real tokens (False for left padding). `doc_ids` (B, T)
-        makes the mask block-diagonal: packed sequences attend only within their own
+        `start` is the cache length: an int, or a (B,) tensor when each row holds its own length
+        (the serving engine's slots, lmforge/serve/engine.py: keys past a row's own length are
+        hidden). `key_mask` (B, start+T) marks real tokens (False for left padding). `doc_ids`
+        (B, T) makes the mask block-diagonal: packed sequences attend only within their own
         document. ALiBi adds -slope * distance to the scores.
         """
         alibi = self.cfg.pos_encoding == "alibi"
-        if key_mask is None and doc_ids is None and not alibi and (start == 0 or T == 1):
+        per_row = isinstance(start, torch.Tensor)
+        if not per_row and key_mask is None and doc_ids is None and not alibi and (start == 0 or T == 1):
             return None
-        q_pos = torch.arange(start, start + T, device=device)[:, None]
-        k_pos = torch.arange(start + T, device=device)[None, :]
-        allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+        first = start.view(-1, 1, 1) if per_row else torch.tensor(start, device=device).view(1, 1, 1)
+        q_pos = first + torch.arange(T, device=device)[None, :, None]  # (B or 1, T, 1)
+        k_pos = torch.arange((int(start.max()) if per_row else start) + T, device=device)[None, None, :]
+        allowed = (k_pos <= q_pos)[:, None]  # (B or 1, 1, T, S)
         if key_mask is not None:
             allowed = allowed & key_mask[:, None, None, :].bool()
         if doc_ids is not None:
             allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
         if not alibi:
             return allowed
-        bias = -self.alibi_slopes.to(device=device, dtype=dtype)[:, None, None] * (q_pos - k_pos).clamp(min=0)
-        return bias[None].masked_fill(~allowed, float("-inf"))
+        slopes = self.alibi_slopes.to(device=device, dtype=dtype)[None, :, None, None]
+        bias = -slopes * (q_pos - k_pos)[:, None].clamp(min=0)  # (B or 1, H, T, S)
+        return bias.masked_fill(~allowed, float("-inf"))
 
     def forward(
         self,
@@ -358,9 +363,10 @@ class Transformer(nn.Module):
         return_hidden: (final hidden states (B, T, d), None) instead of logits (reward and value heads).
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {start + T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        start = cache.length if cache is not None else 0  # a (B,) tensor for the serving engine's slots
+        end = (int(start.max()) if isinstance(start, torch.Tensor) else start) + T
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {end} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed_tokens(idx)
         rope, table = None, self.position_table()
         if table is not None:

@@ -3,6 +3,7 @@
     lmforge chat runs/demo-sft
     lmforge chat models/smollm2 --system "You are terse." --temperature 0
     printf 'Hello\nWhat is the capital of France?\n/exit\n' | lmforge chat models/smollm2   # scripted
+    lmforge chat --url http://127.0.0.1:8000                 # a running `lmforge serve` (or any OpenAI API)
 
 Each line you type is a user turn; the model's reply is the assistant turn, and the
 whole history goes back to the model each time, rendered with its own chat template.
@@ -11,6 +12,9 @@ When stdin is not a terminal, lines are read as they come and each reply is prin
 on its own line after `assistant: `, so the chat can be scripted and its transcript saved.
 When the history no longer fits the model's context, the oldest turns are dropped
 (said on stderr); a reply cut by --max-new-tokens is flagged on stderr too.
+With `--url`, the model is the server's (or RUN_OR_MODEL names one of its models): the history goes
+to its /v1/chat/completions with stream on, and `--api-key` (or LMFORGE_API_KEY) is sent as a Bearer
+token; a history the server finds too long is shortened the same way, from the oldest exchange.
 """
 
 from __future__ import annotations
@@ -22,9 +26,23 @@ from lmforge.errors import LmforgeError
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat with a model in the terminal (stdin lines when piped)")
-    p.add_argument("model", metavar="RUN_OR_MODEL", help="a run, checkpoint or imported model folder")
+    p.add_argument(
+        "model",
+        metavar="RUN_OR_MODEL",
+        nargs="?",
+        default=None,
+        help="a run, checkpoint or imported model folder (with --url: the server's model name, optional)",
+    )
+    p.add_argument("--url", default=None, help="talk to a running server (lmforge serve, or any OpenAI-compatible API)")
+    p.add_argument("--api-key", default=None, help="with --url: the server's key (default: LMFORGE_API_KEY)")
     p.add_argument("--system", default=None, help="system prompt for the conversation")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply (default 256)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="most tokens per reply (default: 256, or half the model's context if that is less; with --url "
+        "the server's default: what is left of the context)",
+    )
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     p.add_argument("--top-k", type=int, default=50, help="0 = off (default 50)")
     p.add_argument("--top-p", type=float, default=0.9, help="1 = off (default 0.9)")
@@ -39,7 +57,7 @@ class ChatSession:
 
     def __init__(self, model, fmt, system: str | None = None, **sampling):
         self.model, self.fmt, self.system, self.sampling = model, fmt, system, sampling
-        self.max_new = sampling.pop("max_new_tokens", 256)
+        self.max_new = sampling.pop("max_new_tokens", None) or min(256, model.cfg.max_seq_len // 2)
         if self.max_new >= model.cfg.max_seq_len:
             raise LmforgeError(
                 f"--max-new-tokens ({self.max_new}) must be below the model's context ({model.cfg.max_seq_len})"
@@ -85,19 +103,33 @@ def _lines(interactive: bool):
 
 
 def run(args) -> int:
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise LmforgeError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.url:
+        from lmforge.serve.chat_client import RemoteSession
+
+        session = RemoteSession(args.url, args.model, args.api_key, args.system, max_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
+        return _converse(session, session.printer)
     from lmforge.chat.template import ChatFormat
     from lmforge.serve.generate_cmd import StreamPrinter
     from lmforge.train.checkpoint import load_for_inference
     from lmforge.train.common import pick_device
 
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise LmforgeError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.model is None:
+        raise LmforgeError("chat needs a model: lmforge chat RUN_OR_MODEL (or --url of a server)")
     device = pick_device(args.device)
     model, tok_dir, _ = load_for_inference(args.model, device=device)
     fmt = ChatFormat(tok_dir)
     session = ChatSession(model, fmt, args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                           seed=args.seed)  # fmt: skip
+    return _converse(session, lambda: StreamPrinter(fmt.tokenizer))
+
+
+def _converse(session, new_printer) -> int:
+    """The read-reply loop shared by a local model and a server: /reset, /exit, one streamed reply per line."""
     interactive = sys.stdin.isatty()
     if interactive:
         print("lmforge chat: /reset clears the history, /exit quits", file=sys.stderr)
@@ -112,10 +144,9 @@ def run(args) -> int:
         if not command:
             continue
         sys.stdout.write("" if interactive else "assistant: ")
-        printer = StreamPrinter(fmt.tokenizer)
-        _, ended = session.reply(line, stream=printer)
+        _, ended = session.reply(line, stream=new_printer())
         sys.stdout.write("\n")
         sys.stdout.flush()
         if not ended:
-            print(f"lmforge chat: reply cut at --max-new-tokens={args.max_new_tokens}", file=sys.stderr)
+            print(f"lmforge chat: reply cut at --max-new-tokens={session.max_new}", file=sys.stderr)
     return 0

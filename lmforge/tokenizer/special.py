@@ -35,6 +35,19 @@ CHAT_TEMPLATE = (
 )
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet byte-level BPE vocabularies are spelled in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
 def tokenizer_hash(tokenizer_dir: str | Path) -> str:
     """A short content hash of `tokenizer.json`: shards and checkpoints record it to catch mismatches."""
     path = Path(tokenizer_dir) / "tokenizer.json"

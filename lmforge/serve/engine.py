@@ -1,0 +1,501 @@
+"""Continuous batching: one loop that admits requests into the running decode batch between steps.
+
+    engine = Engine(model, max_batch=16, max_context=1024)
+    engine.start()                                    # the loop runs in its own thread
+    req = Request(prompt_ids, Sampling(max_tokens=64, temperature=0), on_event=print)
+    engine.submit(req)                                # raises QueueFull when the queue is full
+    engine.cancel(req)                                # its slot is freed at the next step
+
+The server (`lmforge serve`, lmforge/serve/api.py) is its only user; the tests drive `step()` directly.
+
+The KV cache is `max_batch` fixed slots of `max_context` positions each (`SlotCache`), allocated once.
+Running requests always hold slots 0..n-1: a finished request's slot is filled by the last one's (its
+keys and values copied, only as far as it has them), so a decode step is one forward over rows 0..n-1
+with each row's own length (`Transformer._attn_mask` with a per-row start: a row sees only its own
+keys, at its own positions). Each step:
+  1. drops cancelled requests (a disconnected client) and admits waiting ones into free slots, as many as
+     this step's prefill budget covers (at least one);
+  2. prefills admitted prompts, at most `prefill_chunk` tokens in all per step, so a long prompt is
+     spread over several steps and the running rows wait at most one chunk for their next token
+     (chunked prefill, as in Sarathi-Serve; Agrawal et al. 2024); prompts in consecutive slots (those
+     admitted together) run in one right-padded forward, and a prompt whose start is in the prefix
+     cache (`PrefixCache`) prefills only the rest;
+  3. runs one decode step for every row whose prompt is in, samples each row with its own settings
+     and generator, and retires rows that hit a stop token, a stop string, max_tokens or the context.
+A row still being prefilled rides along in the decode forward (its output is ignored and the key it
+writes is overwritten by its next chunk), which keeps the batch contiguous.
+
+A request alone gives the same tokens as `lmforge generate` with the same seed and settings (greedy:
+identical tokens, tests/test_serve_engine.py), batched or not, up to float rounding in batched matmuls.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model.transformer import KVCache, Transformer
+from lmforge.serve.generate import FusedDecoder
+from lmforge.serve.sampling import apply_temperature, apply_top_k, apply_top_p
+
+
+class QueueFull(Exception):
+    """The engine's waiting queue is full: the server answers 429 at once."""
+
+
+@dataclass
+class Sampling:
+    """One request's generation settings (the OpenAI API's names; top_k and repetition_penalty as in HF)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
+
+
+@dataclass
+class Request:
+    """A prompt and its settings; `on_event(token_id, logprobs, finish_reason)` is called from the engine thread.
+
+    Each new token comes with finish_reason None (logprobs: (chosen logprob, [(id, logprob)] top k) or None);
+    the last call has token_id None and finish_reason "stop", "length" or "cancelled". `stop_check(token_id)`
+    (optional) returns True to end the request after that token (a stop string in the text).
+    """
+
+    prompt: list[int]
+    sampling: Sampling
+    on_event: Callable[[int | None, tuple | None, str | None], None]
+    stop_check: Callable[[int], bool] | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+    # engine state
+    slot: int = -1
+    prefilled: int = 0
+    output: list[int] = field(default_factory=list)
+    next_token: int | None = None  # sampled, not yet fed back
+    cancelled: bool = False
+    finished: bool = False
+    generator: torch.Generator | None = None
+    counts: torch.Tensor | None = None  # token counts for presence/frequency penalties (output only)
+    seen: torch.Tensor | None = None  # prompt + output tokens, for repetition_penalty (HF counts the prompt)
+    t_submit: float = 0.0
+
+
+class SlotCache:
+    """`slots` rows of keys and values, `max_len` positions each, for every layer; row lengths kept apart."""
+
+    def __init__(self, model: Transformer, slots: int, max_len: int):
+        p = next(model.parameters())
+        cfg = model.cfg
+        shape = (cfg.n_layer, slots, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=p.device, dtype=p.dtype)
+        self.v = torch.zeros(shape, device=p.device, dtype=p.dtype)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=p.device)
+
+    def slot(self, i: int) -> KVCache:
+        """A KVCache over slot i alone (views: what the model writes lands in the slot), for prefill."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.length = self.k[:, i : i + 1], self.v[:, i : i + 1], int(self.lengths[i])
+        return view
+
+    def rows(self, n: int, first: int = 0, T: int = 1) -> _Rows:
+        return _Rows(self, n, first, T)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot src's filled positions into slot dst (retiring dst)."""
+        n = int(self.lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+
+class _Rows:
+    """Slots first..first+n-1 as the model's forward sees them: each row writes its T new positions after its own
+    length (a decode step: T = 1 on rows 0..n-1; a batched prefill: the chunks of several prompts, right-padded)."""
+
+    def __init__(self, cache: SlotCache, n: int, first: int = 0, T: int = 1):
+        self.cache, self.first, self.n = cache, first, n
+        self.length = cache.lengths[first : first + n].clone()  # the model reads it as `start`, adds T after
+        self._rows = torch.arange(first, first + n, device=self.length.device)[:, None]
+        self._cols = self.length[:, None] + torch.arange(T, device=self.length.device)  # (n, T)
+        self._end = int(self.length.max()) + T
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, rows = self.cache, slice(self.first, self.first + self.n)
+        c.k[layer, self._rows, :, self._cols] = k.transpose(1, 2)  # (n, T, kv heads, head dim)
+        c.v[layer, self._rows, :, self._cols] = v.transpose(1, 2)
+        return c.k[layer, rows, :, : self._end], c.v[layer, rows, :, : self._end]
+
+
+class PrefixCache:
+    """Keys and values of recent prompts' starts, by their tokens: a new prompt that begins the same way (the same
+    system prompt, or the same conversation one turn later) copies them into its slot and prefills only the rest.
+
+    Automatic prefix caching as in vLLM (block hashes) with fixed slots: a finished prefill is stored once and found
+    under every multiple of `block` tokens of its prompt; the least recently used prompts go first when the stored
+    tokens pass `max_tokens`. Keys and values depend only on the tokens before them, so a copy is what the prefill
+    would have computed (up to float rounding of a different chunking, as any chunked prefill).
+    """
+
+    def __init__(self, max_tokens: int, block: int = 16):
+        self.max_tokens, self.block = max_tokens, block
+        self.entries: collections.OrderedDict[int, tuple[torch.Tensor, torch.Tensor, list[tuple]]] = (
+            collections.OrderedDict())  # fmt: skip
+        self.index: dict[tuple, tuple[int, int]] = {}  # prompt start -> (entry, its length)
+        self.tokens = 0
+        self.ids = itertools.count()
+        self.hits = self.hit_tokens = 0
+
+    def lookup(self, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(k, v, n) for the longest stored start of `prompt`, leaving at least one token to prefill."""
+        for n in range((len(prompt) - 1) // self.block * self.block, 0, -self.block):
+            found = self.index.get(tuple(prompt[:n]))
+            if found is not None:
+                self.entries.move_to_end(found[0])
+                k, v, _ = self.entries[found[0]]
+                self.hits, self.hit_tokens = self.hits + 1, self.hit_tokens + n
+                return k[:, :, :n], v[:, :, :n], n
+        return None
+
+    def store(self, prompt: list[int], cache: SlotCache, slot: int) -> None:
+        n = (len(prompt) - 1) // self.block * self.block
+        if n == 0 or n > self.max_tokens or tuple(prompt[:n]) in self.index:
+            return
+        while self.tokens + n > self.max_tokens:
+            old, (k, _, keys) = self.entries.popitem(last=False)
+            self.tokens -= k.shape[2]
+            for key in keys:
+                if self.index.get(key, (None,))[0] == old:  # not since taken over by a later prompt's entry
+                    del self.index[key]
+        eid = next(self.ids)
+        keys = [tuple(prompt[:m]) for m in range(self.block, n + 1, self.block)]
+        self.entries[eid] = (cache.k[:, slot, :, :n].clone(), cache.v[:, slot, :, :n].clone(), keys)
+        for m, key in zip(range(self.block, n + 1, self.block), keys):
+            self.index[key] = (eid, m)
+        self.tokens += n
+
+
+class Engine:
+    """The continuous-batching loop over a model (see the module docstring)."""
+
+    def __init__(self, model: Transformer, *, max_batch: int = 16, max_context: int | None = None,
+                 prefill_chunk: int = 256, max_queue: int = 256, prefix_cache: int = 4096,
+                 fused: bool = True):  # fmt: skip
+        max_context = max_context or model.cfg.max_seq_len
+        if not 1 <= max_context <= model.cfg.max_seq_len:
+            raise LmforgeError(f"--max-context ({max_context}) must be in 1..{model.cfg.max_seq_len} (the model's)")
+        if max_batch < 1 or prefill_chunk < 1 or max_queue < 0:
+            raise LmforgeError("--max-batch and the prefill chunk must be at least 1, the queue at least 0")
+        self.model = model.eval()
+        self.max_batch, self.max_context, self.prefill_chunk, self.max_queue = (
+            max_batch, max_context, prefill_chunk, max_queue)  # fmt: skip
+        self.cache = SlotCache(model, max_batch, max_context)
+        self.prefixes = PrefixCache(prefix_cache) if prefix_cache > 0 else None
+        self.device = next(model.parameters()).device
+        use_fused = fused and self.device.type == "cpu" and FusedDecoder.supports(model)
+        self.decoder = FusedDecoder(model, max_batch) if use_fused else None
+        # A single running request decodes ~30% faster with the weights in the batch-1 layout (SmolLM2-135M: 52 vs
+        # 68 ms a token); that is a second copy of the projections, kept only when it is small.
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.decoder1 = FusedDecoder(model, 1) if use_fused and max_batch > 1 and size <= 1 << 30 else None
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # running[i] holds slot i
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.stats = collections.Counter()  # steps, decode_rows, prefill_tokens, generated
+        self.on_step: Callable[[int, float], None] | None = None  # (batch rows, seconds): the server's metrics
+
+    # ------------------------------------------------------------------ outside API (any thread)
+
+    def submit(self, req: Request) -> None:
+        if self.error is not None or self.stopping:
+            raise LmforgeError("the engine is not running")
+        s = req.sampling
+        if not req.prompt:
+            raise LmforgeError("the prompt is empty")
+        if len(req.prompt) + s.max_tokens > self.max_context:
+            raise LmforgeError(f"prompt ({len(req.prompt)} tokens) + max_tokens ({s.max_tokens}) exceeds the context "
+                               f"({self.max_context})")  # fmt: skip
+        vocab = self.model.cfg.vocab_size
+        if min(req.prompt) < 0 or max(req.prompt) >= vocab:
+            raise LmforgeError(f"prompt token ids must be in 0..{vocab - 1}")
+        req.generator = torch.Generator(device=self.device)
+        req.generator.manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
+        req.t_submit = time.perf_counter()
+        with self.lock:
+            if len(self.waiting) >= self.max_queue + self.max_batch - len(self.running):  # beyond the free slots
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self.waiting.append(req)
+        self.wake.set()
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (its client went away); the engine frees its slot at the next step."""
+        req.cancelled = True
+        self.wake.set()
+
+    def load(self) -> dict:
+        """Queue depth, running rows and free slots, for /metrics and /health."""
+        with self.lock:
+            return {"waiting": len(self.waiting), "running": len(self.running),
+                    "free_slots": self.max_batch - len(self.running)}  # fmt: skip
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        with self.lock:
+            pending = list(self.waiting) + self.running
+            self.waiting.clear()
+        for req in pending:
+            self._finish(req, "cancelled")
+        self.running = []
+
+    def _loop(self) -> None:
+        try:
+            while not self.stopping:
+                if not self.step():
+                    self.wake.wait(timeout=0.5)
+                    self.wake.clear()
+        except BaseException as e:  # a bug or out of memory: fail every request instead of hanging them
+            self.error = e
+            with self.lock:
+                pending = list(self.waiting) + self.running
+                self.waiting.clear()
+                self.running = []
+            for req in pending:
+                self._finish(req, "error")
+            raise
+
+    # ------------------------------------------------------------------ the step (engine thread)
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit, prefill one chunk's worth, decode one token for every ready row. False when there was nothing."""
+        t0 = time.perf_counter()
+        self._retire([r for r in self.running if r.cancelled], "cancelled")
+        with self.lock:
+            for req in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(req)
+                self._finish(req, "cancelled")
+            # Admit only what this step's prefill budget covers (at least one request): a row admitted and not yet
+            # prefilled would ride along in every decode step for nothing (a burst of 64 requests cost a 64-row
+            # decode per step while they were prefilled a few at a time).
+            budget = self.prefill_chunk - sum(len(r.prompt) - r.prefilled for r in self.running)
+            while self.waiting and len(self.running) < self.max_batch:
+                req = self.waiting[0]
+                if len(req.prompt) > budget and budget < self.prefill_chunk:
+                    break
+                self.waiting.popleft()
+                budget -= len(req.prompt)
+                req.slot, req.prefilled = len(self.running), 0
+                self.cache.lengths[req.slot] = 0
+                self.running.append(req)
+        if not self.running:
+            return False
+        self._prefill()
+        ready = [r for r in self.running if r.next_token is not None]
+        if ready:
+            self._decode()
+        self.stats["steps"] += 1
+        if self.on_step is not None:
+            self.on_step(len(self.running), time.perf_counter() - t0)
+        return True
+
+    def _prefill(self) -> None:
+        """Prefill up to `prefill_chunk` prompt tokens: prompts in consecutive slots in one forward each run."""
+        budget, work = self.prefill_chunk, []
+        for req in self.running:
+            if budget == 0:
+                break
+            if req.prefilled == len(req.prompt):
+                continue
+            if req.prefilled == 0 and self.prefixes is not None:
+                found = self.prefixes.lookup(req.prompt)
+                if found is not None:  # the prompt's start is cached: copy it, prefill the rest
+                    k, v, n = found
+                    self.cache.k[:, req.slot, :, :n] = k
+                    self.cache.v[:, req.slot, :, :n] = v
+                    self.cache.lengths[req.slot] = req.prefilled = n
+            chunk = req.prompt[req.prefilled : req.prefilled + budget]
+            budget -= len(chunk)
+            work.append((req, chunk))
+        work.sort(key=lambda w: w[0].slot)
+        runs = [[work[0]]] if work else []
+        for w in work[1:]:
+            if w[0].slot == runs[-1][-1][0].slot + 1:
+                runs[-1].append(w)
+            else:
+                runs.append([w])
+        finished, logits = [], []
+        for run in runs:
+            for (req, chunk), row in zip(run, self._prefill_run(run)):
+                req.prefilled += len(chunk)
+                self.stats["prefill_tokens"] += len(chunk)
+                if req.prefilled == len(req.prompt):
+                    finished.append(req)
+                    logits.append(row)
+        for req in finished:
+            if self.prefixes is not None:
+                self.prefixes.store(req.prompt, self.cache, req.slot)
+            self._start_penalties(req)
+        if finished:
+            self._emit(finished, torch.stack(logits))
+
+    def _prefill_run(self, run: list[tuple[Request, list[int]]]) -> torch.Tensor:
+        """Last-position logits (len(run), V) of each chunk; writes their keys/values and advances the lengths."""
+        first, n, T = run[0][0].slot, len(run), max(len(c) for _, c in run)
+        starts = self.cache.lengths[first : first + n]
+        if n == 1 or int(starts.max()) + T > self.max_context:  # alone (a padded row must not pass its slot's end)
+            out = []
+            for req, chunk in run:
+                view = self.cache.slot(req.slot)
+                out.append(self.model(torch.tensor([chunk], device=self.device), cache=view, last_only=True)[0][0, -1])
+                self.cache.lengths[req.slot] = view.length
+            return torch.stack(out)
+        ids = torch.zeros(n, T, dtype=torch.long, device=self.device)  # right-padded: padding comes after each chunk
+        for i, (_, chunk) in enumerate(run):
+            ids[i, : len(chunk)] = torch.tensor(chunk)
+        lens = torch.tensor([len(c) for _, c in run], device=self.device)
+        positions = (starts[:, None] + torch.arange(T, device=self.device)).clamp(max=self.model.cfg.max_seq_len - 1)
+        view = self.cache.rows(n, first, T)
+        hidden = self.model(ids, cache=view, positions=positions, return_hidden=True)[0]
+        self.cache.lengths[first : first + n] += lens
+        return self.model.lm_head(hidden[torch.arange(n, device=self.device), lens - 1])
+
+    def _decode(self) -> None:
+        n = len(self.running)
+        tok = torch.tensor([r.next_token if r.next_token is not None else 0 for r in self.running], device=self.device)
+        rows = self.cache.rows(n)
+        if self.decoder is not None:
+            logits = (self.decoder1 if n == 1 and self.decoder1 is not None else self.decoder)(tok, rows)
+        else:
+            logits = self.model(tok[:, None], cache=rows, positions=rows.length[:, None])[0][:, -1]
+        ready = []
+        for i, req in enumerate(self.running):
+            if req.next_token is not None:  # a row mid-prefill rode along: its length stays, its output is dropped
+                self.cache.lengths[i] += 1
+                req.next_token = None
+                ready.append(i)
+        self.stats["decode_rows"] += len(ready)
+        self._emit([self.running[i] for i in ready], logits[ready])
+
+    def _start_penalties(self, req: Request) -> None:
+        s, V = req.sampling, self.model.cfg.vocab_size
+        if s.presence_penalty or s.frequency_penalty:
+            req.counts = torch.zeros(V, device=self.device)
+        if s.repetition_penalty != 1.0:  # as generate(): the prompt counts, stop tokens are never penalized
+            req.seen = torch.zeros(V, dtype=torch.bool, device=self.device)
+            req.seen[torch.tensor(req.prompt, device=self.device)] = True
+            if s.stop_ids:
+                req.seen[torch.tensor(list(s.stop_ids), device=self.device)] = False
+
+    def _emit(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Sample a token for each request from its logits row; stream it; retire the finished."""
+        done: list[tuple[Request, str]] = []
+        for req, t, lp in zip(reqs, *sample_rows(logits, reqs)):
+            s = req.sampling
+            if t in s.stop_ids:
+                done.append((req, "stop"))
+                continue
+            req.output.append(t)
+            self.stats["generated"] += 1
+            if req.counts is not None:
+                req.counts[t] += 1
+            if req.seen is not None:
+                req.seen[t] = True
+            req.on_event(t, lp, None)
+            length = len(req.prompt) + len(req.output)
+            if req.stop_check is not None and req.stop_check(t):
+                done.append((req, "stop"))
+            elif len(req.output) >= s.max_tokens or length >= self.max_context:
+                done.append((req, "length"))
+            else:
+                req.next_token = t
+        for req, reason in done:
+            self._retire([req], reason)
+
+    def _retire(self, reqs: list[Request], reason: str) -> None:
+        for req in reqs:
+            if req.slot < 0:
+                continue
+            last = self.running[-1]
+            if last is not req:
+                self.cache.move(last.slot, req.slot)
+                self.running[req.slot], last.slot = last, req.slot
+            self.running.pop()
+            req.slot = -1
+            self._finish(req, reason)
+
+    @staticmethod
+    def _finish(req: Request, reason: str) -> None:
+        if not req.finished:
+            req.finished = True
+            req.on_event(None, None, reason)
+
+
+def _penalized(logits: torch.Tensor, req: Request) -> torch.Tensor:
+    """One row's logits after the request's repetition (HF), presence and frequency (OpenAI) penalties."""
+    s = req.sampling
+    if req.seen is not None:
+        p = s.repetition_penalty
+        logits = torch.where(req.seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    if req.counts is not None:
+        logits = logits - s.frequency_penalty * req.counts - s.presence_penalty * (req.counts > 0)
+    return logits
+
+
+def sample_rows(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[tuple | None]]:
+    """A token (and logprobs when asked) for each row, each with its request's settings and generator.
+
+    Rows with the same temperature/top-k/top-p are processed together; every draw uses the row's own
+    generator on its own (1, V) probabilities, which is what `generate` does for a single prompt, so a
+    seeded request gives the same tokens alone or batched.
+    """
+    tokens: list[int] = [0] * len(reqs)
+    groups: dict[tuple, list[int]] = collections.defaultdict(list)
+    for i, r in enumerate(reqs):
+        s = r.sampling
+        groups[(s.temperature, s.top_k, s.top_p)].append(i)
+    rows = [_penalized(logits[i], r) if (r.seen is not None or r.counts is not None) else logits[i]
+            for i, r in enumerate(reqs)]  # fmt: skip
+    for (temperature, top_k, top_p), idx in groups.items():
+        lg = torch.stack([rows[i] for i in idx])
+        if temperature == 0:
+            picked = lg.argmax(dim=-1).tolist()
+        else:
+            lg = apply_top_p(apply_top_k(apply_temperature(lg.float(), temperature), top_k or None), top_p)
+            probs = lg.softmax(dim=-1)
+            picked = [int(torch.multinomial(probs[j : j + 1], 1, generator=reqs[i].generator))
+                      for j, i in enumerate(idx)]  # fmt: skip
+        for i, t in zip(idx, picked):
+            tokens[i] = int(t)
+    logprobs: list[tuple | None] = [None] * len(reqs)
+    for i, r in enumerate(reqs):
+        k = r.sampling.logprobs
+        if k is not None:  # the model's own distribution (before temperature and penalties), as vLLM reports
+            lp = torch.log_softmax(logits[i].float(), dim=-1)
+            top = torch.topk(lp, k) if k > 0 else None
+            alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            logprobs[i] = (float(lp[tokens[i]]), alts)
+    return tokens, logprobs
