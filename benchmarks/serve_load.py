@@ -38,11 +38,11 @@ import datetime
 import json
 import os
 import platform
-import tempfile
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -393,8 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="", help="write every result (per level and per request) here")
     p.add_argument("--label", default="", help="the name in the tables (default: the launch command or the URL)")
     p.add_argument("--launch", default="", help="a server command to start (and stop at the end)")
-    p.add_argument("--server-log", default=os.path.join(tempfile.gettempdir(), "serve_load_server.log"),
-                   help="where a launched server's output goes (default: serve_load_server.log in the temp folder)")
+    p.add_argument(
+        "--server-log",
+        default=os.path.join(tempfile.gettempdir(), "serve_load_server.log"),
+        help="where a launched server's output goes (default: serve_load_server.log in the temp folder)",
+    )
     p.add_argument("--launch-timeout", type=float, default=600, help="seconds to wait for a launched server's /health")
     p.add_argument("--report", nargs="+", default=None, metavar="JSON",
                    help="only print the tables of saved runs (and the first one's ratios to each other)")  # fmt: skip
