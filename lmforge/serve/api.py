@@ -148,9 +148,7 @@ def create_app(served: Served) -> FastAPI:
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str, request: Request):
         authorize(request)
-        if name != served.name:
-            raise ApiError(404, f"model '{name}' does not exist (this server has '{served.name}')", param="model",
-                           code="model_not_found")  # fmt: skip
+        check_model(name)
         return model_card()
 
     @app.post("/v1/chat/completions")

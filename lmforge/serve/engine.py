@@ -44,7 +44,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import KVCache, Transformer
 from lmforge.serve.generate import FusedDecoder
-from lmforge.serve.sampling import apply_temperature, apply_top_k, apply_top_p
+from lmforge.serve.sampling import apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p
 
 
 class QueueFull(Exception):
@@ -80,7 +80,6 @@ class Request:
     sampling: Sampling
     on_event: Callable[[int | None, tuple | None, str | None], None]
     stop_check: Callable[[int], bool] | None = None
-    id: int = field(default_factory=itertools.count().__next__)
     # engine state
     slot: int = -1
     prefilled: int = 0
@@ -91,7 +90,6 @@ class Request:
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None  # token counts for presence/frequency penalties (output only)
     seen: torch.Tensor | None = None  # prompt + output tokens, for repetition_penalty (HF counts the prompt)
-    t_submit: float = 0.0
 
 
 class SlotCache:
@@ -237,7 +235,6 @@ class Engine:
             raise LmforgeError(f"prompt token ids must be in 0..{vocab - 1}")
         req.generator = torch.Generator(device=self.device)
         req.generator.manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
-        req.t_submit = time.perf_counter()
         with self.lock:
             if len(self.waiting) >= self.max_queue + self.max_batch - len(self.running):  # beyond the free slots
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
@@ -458,8 +455,7 @@ def _penalized(logits: torch.Tensor, req: Request) -> torch.Tensor:
     """One row's logits after the request's repetition (HF), presence and frequency (OpenAI) penalties."""
     s = req.sampling
     if req.seen is not None:
-        p = s.repetition_penalty
-        logits = torch.where(req.seen, torch.where(logits > 0, logits / p, logits * p), logits)
+        logits = apply_repetition_penalty(logits, req.seen, s.repetition_penalty)
     if req.counts is not None:
         logits = logits - s.frequency_penalty * req.counts - s.presence_penalty * (req.counts > 0)
     return logits
