@@ -347,3 +347,10 @@ def test_serve_command_refuses_bad_settings_in_one_line(base_run, capsys):
     err = capsys.readouterr().err
     assert "max-context" in err and len(err.strip().splitlines()) == 1
     assert main(["serve", str(base_run), "--max-batch", "0"]) == 2
+    capsys.readouterr()
+    with socket.socket() as busy:  # a port already taken: one line, exit 2
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", str(base_run), "--port", str(busy.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1" in err and len(err.strip().splitlines()) == 1

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from lmforge.cli_config import add_config_command
 from lmforge.config import require
+from lmforge.errors import LmforgeError
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,11 @@ def serve(cfg: ServeConfig) -> int:
     mib = 2 * eng.cache.k.numel() * eng.cache.k.element_size() / 2**20
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((cfg.host, cfg.port))  # bound here so port 0 can be printed before uvicorn starts
+    try:
+        sock.bind((cfg.host, cfg.port))  # bound here so port 0 can be printed before uvicorn starts
+    except OSError as e:
+        sock.close()
+        raise LmforgeError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     print(f"lmforge serve: '{served.name}' at {url} (chat page {url}/, API {url}/v1); KV cache {eng.max_batch} "
