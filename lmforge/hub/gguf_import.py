@@ -87,6 +87,7 @@ def _smollm():
 PRE_TOKENIZERS = {
     "smollm": _smollm,
     "gpt2": _byte_level,
+    "gpt-2": _byte_level,  # llama.cpp's own spelling of the same pattern (what `lmforge export --format gguf` writes)
     # llama.cpp's "default" (also what a file without the key gets) is GPT-2's pattern plus number rules
     # that older converters guessed; transformers' GGUF loader reads it as GPT-2's pattern, and so do we.
     "default": _byte_level,
@@ -209,7 +210,7 @@ def _f32(value) -> float:
     return float(str(np.float32(value)))  # numpy prints the shortest string that rounds to the same float32
 
 
-def config_from_gguf(meta: dict, where: Path, vocab_rows: int, tied: bool) -> ModelConfig:
+def config_from_gguf(meta: dict, where: Path, vocab_rows: int, tied: bool, qkv_bias: bool = False) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise LmforgeError(f"{where}: unsupported GGUF architecture {arch!r}; lmforge imports 'llama' GGUFs")
@@ -234,7 +235,7 @@ def config_from_gguf(meta: dict, where: Path, vocab_rows: int, tied: bool) -> Mo
         vocab_size=vocab_rows, n_layer=int(get("block_count")), d_model=d, n_head=n_head,
         n_kv_head=int(get("attention.head_count_kv", n_head)), d_ff=int(get("feed_forward_length")),
         max_seq_len=int(get("context_length")), rope_theta=_f32(get("rope.freq_base", 10000.0)),
-        norm_eps=_f32(get("attention.layer_norm_rms_epsilon")), tie_embeddings=tied,
+        norm_eps=_f32(get("attention.layer_norm_rms_epsilon")), tie_embeddings=tied, qkv_bias=qkv_bias,
     )  # fmt: skip
     try:
         return cfg.validate()
@@ -261,7 +262,8 @@ def read_gguf(path: Path) -> Imported:
         raise LmforgeError(f"{path}: no token_embd.weight tensor")
     vocab_rows = int(by_name["token_embd.weight"].shape[-1])  # ggml shape [d, vocab]
     tied = "output.weight" not in by_name  # llama.cpp stores no output matrix for a tied head
-    cfg = config_from_gguf(meta, path, vocab_rows, tied)
+    qkv_bias = "blk.0.attn_q.bias" in by_name  # Qwen2-style q/k/v biases (llama.cpp's llama graph takes them)
+    cfg = config_from_gguf(meta, path, vocab_rows, tied, qkv_bias)
     if "tokenizer.ggml.tokens" not in meta:
         raise LmforgeError(f"{path}: no tokenizer in the metadata (tokenizer.ggml.tokens)")
     try:

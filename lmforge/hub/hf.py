@@ -220,7 +220,10 @@ def read_hf_folder(folder: Path) -> Imported:
 
 
 def unsupported_for_hf(cfg: ModelConfig) -> str | None:
-    """The first config field HF Llama/Qwen2 cannot represent, as `field=value`, or None."""
+    """The first config field HF Llama/Qwen2 cannot represent, as `field=value`, or None.
+
+    llama.cpp's `llama` graph computes the same variants, so `lmforge export --format gguf` asks this too.
+    """
     defaults = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False, "bias": False}
     for name, value in defaults.items():
         if getattr(cfg, name) != value:
