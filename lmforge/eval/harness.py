@@ -55,7 +55,7 @@ class LmforgeLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> 8
         self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
         self.token_budget = int(token_budget)  # loglikelihood: rows x tokens of one forward (score_groups)
-        self._device = self.model.embed_tokens.weight.device
+        self._device = next(self.model.parameters()).device
         special = _special_tokens(Path(tok_dir))
         self._eot = self._token_id(special.get("eos_token") or EOT)
         self._prefix = self._token_id(special["bos_token"]) if special.get("bos_token") else self._eot

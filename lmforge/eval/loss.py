@@ -57,7 +57,7 @@ def text_loss(model, tokenizer, texts, eot_id: int | None = None, max_tokens: in
     if len(ids) < 2:
         raise ValueError("fewer than 2 tokens of text")
     T = model.cfg.max_seq_len
-    device = model.embed_tokens.weight.device
+    device = next(model.parameters()).device
     was = model.training
     model.eval()
     total, count = 0.0, 0

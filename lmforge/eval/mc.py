@@ -293,7 +293,7 @@ def score_request(model, tokenizer, req: Request, share_prompt: bool = True) -> 
 def score_pair(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
     """(log P(cont | ctx), whether cont is the greedy continuation), from one forward pass over the last
     max_seq_len tokens of ctx + cont (the harness's truncation: the oldest context goes first)."""
-    device = model.embed_tokens.weight.device
+    device = next(model.parameters()).device
     ids = (ctx + cont)[-(model.cfg.max_seq_len + 1) :][:-1]
     logits, _ = model(torch.tensor([ids], device=device))
     return _sum_logp(torch.log_softmax(logits[0, -len(cont) :].float(), -1), cont)
@@ -370,7 +370,7 @@ def _score_batch(model, groups, P: int, L: int) -> list[list[tuple[float, bool]]
     """
     from lmforge.model.transformer import KVCache
 
-    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     G, lens = len(groups), torch.tensor([len(ctx) for ctx, _ in groups], device=device)
     tokens = torch.zeros(G, P, dtype=torch.long, device=device)
     for g, (ctx, _) in enumerate(groups):

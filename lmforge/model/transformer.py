@@ -310,7 +310,7 @@ class Transformer(nn.Module):
 
     def _positions(self, B, T, start, positions):
         if positions is None:
-            return torch.arange(start, start + T, device=self.embed_tokens.weight.device).expand(B, T)
+            return torch.arange(start, start + T, device=self.norm.weight.device).expand(B, T)
         return positions
 
     def _attn_mask(self, B, T, start, key_mask, doc_ids, device, dtype):

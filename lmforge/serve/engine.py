@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.model.quant import is_quantized, weight_bytes
 from lmforge.model.transformer import KVCache, Transformer
 from lmforge.serve.generate import FusedDecoder
 from lmforge.serve.sampling import apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p
@@ -206,9 +207,10 @@ class Engine:
         use_fused = fused and self.device.type == "cpu" and FusedDecoder.supports(model)
         self.decoder = FusedDecoder(model, max_batch) if use_fused else None
         # A single running request decodes ~30% faster with the weights in the batch-1 layout (SmolLM2-135M: 52 vs
-        # 68 ms a token); that is a second copy of the projections, kept only when it is small.
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.decoder1 = FusedDecoder(model, 1) if use_fused and max_batch > 1 and size <= 1 << 30 else None
+        # 68 ms a token); that is a second copy of the projections, kept only when it is small. Quantized weights
+        # run the same kernels at any batch: no second layout.
+        small = weight_bytes(model) <= 1 << 30 and not is_quantized(model)
+        self.decoder1 = FusedDecoder(model, 1) if use_fused and max_batch > 1 and small else None
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # running[i] holds slot i
         self.lock = threading.Lock()

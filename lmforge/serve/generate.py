@@ -25,6 +25,7 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model.matmul import Linear
+from lmforge.model.quant import QuantLinear
 from lmforge.model.transformer import KVCache, Transformer, apply_rope
 from lmforge.serve.sampling import apply_repetition_penalty, pick
 
@@ -56,6 +57,10 @@ class _Proj:
     """
 
     def __init__(self, linears: list[nn.Linear], batch: int):
+        self.quant = None
+        if isinstance(linears[0], QuantLinear):  # weight-only quantized: its own kernels, the rows side by side
+            self.quant = QuantLinear.cat(linears)
+            return
         w = torch.cat([m.weight for m in linears]) if len(linears) > 1 else linears[0].weight
         self.b = None
         if any(m.bias is not None for m in linears):
@@ -68,6 +73,9 @@ class _Proj:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T + b, plus `residual` when given (folded into the product where the kernel allows)."""
+        if self.quant is not None:
+            y = self.quant(x)
+            return y if residual is None else residual + y
         if self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "none", [], "")
             return y if residual is None else residual + y
@@ -120,7 +128,9 @@ class FusedDecoder:
         """Our Transformer with plain linear projections (a LoRA-wrapped or other model uses its own forward)."""
         if not isinstance(model, Transformer):
             return False
-        return all(type(m) in (nn.Linear, Linear) for name, m in model.named_modules() if name.endswith(_PROJ))
+        return all(
+            type(m) in (nn.Linear, Linear, QuantLinear) for name, m in model.named_modules() if name.endswith(_PROJ)
+        )
 
     def __call__(self, tok: torch.Tensor, cache: KVCache, positions=None, key_mask=None) -> torch.Tensor:
         """tok (B,) -> next-token logits (B, V); writes the new keys/values into `cache` and advances it.
@@ -131,7 +141,8 @@ class FusedDecoder:
         B, H, Hk, D = tok.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
         start = cache.length
         pos = start if positions is None else positions
-        x = m.embed_tokens.weight.index_select(0, tok)  # (B, d): one token per row, no time axis
+        emb = m.embed_tokens  # (B, d): one token per row, no time axis
+        x = emb.weight.index_select(0, tok) if isinstance(emb, nn.Embedding) else emb(tok)
         rope = None
         if self.table is not None:
             x = x + self.table[pos]

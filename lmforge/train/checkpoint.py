@@ -179,14 +179,33 @@ def tokenizer_dir(ckpt: Path, meta: dict) -> Path:
     return tok_dir if tok_dir.is_absolute() else (ckpt / tok_dir).resolve()
 
 
-def load_model(path: str | Path) -> tuple[Transformer, Path, dict]:
+def check_trainable(ckpt: Path, meta: dict) -> None:
+    """Refuse a weight-only quantized checkpoint as the start of training (its weights are integers)."""
+    q = meta.get("quantization")
+    if q:
+        source = meta.get("source", {}).get("path", "the float model it was quantized from")
+        raise LmforgeError(f"{ckpt} is quantized ({q['method']}): it is for inference; train from {source}")
+
+
+def load_model(path: str | Path, *, for_training: bool = False) -> tuple[Transformer, Path, dict]:
     """(model on CPU, checkpoint folder, meta) from a run, checkpoint or imported-model folder.
 
     A LoRA checkpoint is rebuilt as its base with the adapter merged in; the base must be
-    the very weights the adapter was trained on (checked by fingerprint).
+    the very weights the adapter was trained on (checked by fingerprint). A quantized checkpoint
+    (`lmforge quantize`) comes back with its quantized modules (lmforge/model/quant.py); with
+    `for_training` it is refused.
     """
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
+    if for_training:
+        check_trainable(ckpt, meta)
+    if meta.get("quantization"):
+        from lmforge.model.quant import load_quantized, quantize_model
+
+        model = quantize_model(Transformer(ModelConfig.from_dict(meta["model_config"])), meta["quantization"],
+                               from_weights=False)  # fmt: skip
+        load_quantized(model, load_tensors(ckpt / "model.safetensors"), ckpt / "model.safetensors")
+        return model, ckpt, meta
     if "adapter" not in meta:
         model = Transformer(ModelConfig.from_dict(meta["model_config"]))
         load_model_weights(model, ckpt)
@@ -194,7 +213,7 @@ def load_model(path: str | Path) -> tuple[Transformer, Path, dict]:
     from lmforge.model.lora import LoraConfig, apply_lora, load_lora_tensors, merge_lora
 
     base = meta["base"]
-    model, base_ckpt, base_meta = load_model(base["path"])
+    model, base_ckpt, base_meta = load_model(base["path"], for_training=for_training)
     if file_fingerprint(weights_path(base_ckpt, base_meta)) != base["fingerprint"]:
         raise LmforgeError(
             f"{ckpt}: this LoRA adapter was trained on base weights {base['fingerprint']}, "

@@ -325,6 +325,7 @@ def _load_resized(model: Transformer, src: Path) -> None:
     Mean initialization of new rows follows Hewitt (2021), "Initializing new word embeddings
     for pretrained language models": new tokens start as an average token, not noise.
     """
+    ckpt.check_trainable(src, ckpt.read_meta(src))
     tensors = ckpt.load_tensors(src / "model.safetensors")
     own = model.state_dict()
     for name in ("embed_tokens.weight", "lm_head.weight"):

@@ -1,0 +1,83 @@
+"""Where a batch-1 decode step's time goes on CPU: the matrix products alone vs the whole step.
+
+    python benchmarks/decode_breakdown.py --model /tmp/smol --model /tmp/smol-int8     # fp32 and `lmforge quantize`d
+
+Part 1, for the model's projection shapes: every layer's weights as distinct tensors (so they stream from
+DRAM, as in decoding, not from cache), one row times each, fp32 (`x @ W^T` in the layout the decode step
+uses) and int8 (ATen's `_weight_int8pack_mm`, bf16 activation): ms per token and GB/s. Part 2, per model:
+tok/s of `generate` at batch 1 (the decode steps only: the time between the first and the last streamed
+token) and the top operators of 32 decode steps by torch.profiler. The difference between part 2's
+ms per token and part 1's sum is the per-op overhead (norms, RoPE, attention, casts, Python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lmforge.serve.generate import generate
+from lmforge.train.checkpoint import load_for_inference
+
+
+def best_ms(fn, rounds: int = 5, n: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n * 1e3)
+    return best
+
+
+def products(cfg) -> None:
+    hd = cfg.head_dim
+    shapes = [("qkv", (cfg.n_head + 2 * cfg.n_kv_head) * hd, cfg.d_model, cfg.n_layer),
+              ("o", cfg.d_model, cfg.n_head * hd, cfg.n_layer), ("gate+up", 2 * cfg.d_ff, cfg.d_model, cfg.n_layer),
+              ("down", cfg.d_model, cfg.d_ff, cfg.n_layer), ("head", cfg.vocab_size, cfg.d_model, 1)]  # fmt: skip
+    total = {"fp32": 0.0, "int8": 0.0}
+    for name, N, K, L in shapes:
+        qs = [torch.randint(-127, 128, (N, K), dtype=torch.int8) for _ in range(L)]
+        wts = [q.float().t().contiguous() for q in qs]
+        scales, xb = torch.rand(N).bfloat16(), torch.randn(1, K).bfloat16()
+        x = xb.float()
+        fp32 = best_ms(lambda: [x @ w for w in wts])  # noqa: B023 (called right here)
+        int8 = best_ms(lambda: [torch.ops.aten._weight_int8pack_mm(xb, q, scales) for q in qs])  # noqa: B023
+        total["fp32"] += fp32
+        total["int8"] += int8
+        print(f"  {name:8s} {N}x{K} x{L}: fp32 {fp32:.2f} ms ({N * K * L * 4 / fp32 / 1e6:.1f} GB/s), "
+              f"int8 {int8:.2f} ms ({N * K * L / int8 / 1e6:.1f} GB/s)")  # fmt: skip
+    print(f"  products per token: fp32 {total['fp32']:.1f} ms, int8 {total['int8']:.1f} ms")
+
+
+def whole_step(path: str, new: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    model = load_for_inference(path)[0]
+    prompt = [list(range(1, 9))]
+    generate(model, prompt, 4, temperature=0)
+    stamps: list[float] = []
+    generate(model, prompt, new, temperature=0, stop_ids=(), stream=lambda row, tok: stamps.append(time.perf_counter()))
+    ms = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+    print(f"{path}: {1e3 / ms:.1f} tok/s at batch 1 ({ms:.1f} ms a token)")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(model, prompt, 32, temperature=0, stop_ids=())
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True, help="a model folder (repeat: fp32, int8, ...)")
+    ap.add_argument("--new", type=int, default=128, help="new tokens for the tok/s figure")
+    args = ap.parse_args()
+    cfg = load_for_inference(args.model[0])[0].cfg
+    print(f"matrix products of one token, {torch.get_num_threads()} threads (weights from DRAM):")
+    products(cfg)
+    for path in args.model:
+        whole_step(path, args.new)
+
+
+if __name__ == "__main__":
+    main()
