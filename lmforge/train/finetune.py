@@ -111,7 +111,7 @@ class FinetuneRun:
         self.stage = stage
         self.run_dir = Path(cfg.out)
         self.device = pick_device(cfg.device)
-        self.model, self.base_ckpt, base_meta = ckpt.load_model(cfg.base)
+        self.model, self.base_ckpt, base_meta = ckpt.load_model(cfg.base, for_training=True)
         if cfg.seq_len == 0:
             cfg = dataclasses.replace(cfg, seq_len=min(self.model.cfg.max_seq_len, 1024))
         if cfg.seq_len > self.model.cfg.max_seq_len:
@@ -199,9 +199,9 @@ class FinetuneRun:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
 
-    def saver(self, optimizer, loader, main: bool = True):
+    def saver(self, optimizer, loader, main: bool = True, extra_meta: dict | None = None):
         """save(step, tokens_seen, cfg): weights (or adapter), head, optimizer, RNG and loader position (main
-        process only: every rank holds the same weights)."""
+        process only: every rank holds the same weights); `extra_meta` goes into meta.json too (distill's teacher)."""
         model = self.model
         base_info = {"path": str(Path(self.base_ckpt).resolve()), "fingerprint": self.base_fingerprint}
         tok_meta = {"dir": "../../tokenizer", "hash": tokenizer_hash(self.tokenizer_dir)}
@@ -211,7 +211,8 @@ class FinetuneRun:
                 return
             opt_tensors, opt_meta = ckpt.optimizer_tensors(optimizer.state_dict())
             meta = {"model_config": model.cfg.to_dict(), "train_config": to_dict(cfg), "tokenizer": tok_meta,
-                    "base": base_info, "loader": loader.state_dict(), "tokens_seen": tokens_seen, "stage": self.stage}  # fmt: skip
+                    "base": base_info, "loader": loader.state_dict(), "tokens_seen": tokens_seen, "stage": self.stage,
+                    **(extra_meta or {})}  # fmt: skip
             if cfg.lora:
                 meta["adapter"] = cfg.lora_config.to_dict()
                 tensors, name = lora_tensors(model), "adapter.safetensors"
