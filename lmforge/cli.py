@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "params": (("lmforge.params",), "parameter count by part and FLOPs per token of a model config"),
     "pretrain": (("lmforge.train.pretrain",), "pretrain a model on token shards (resumes if RUN_DIR has a checkpoint)"),
     "sft": (("lmforge.train.sft",), "instruction-tune a model on conversations (answer-only loss; --lora)"),
+    "distill": (("lmforge.train.distill",), "distill a teacher into a student (logit KD, or SFT on its answers)"),
     "prefs": (("lmforge.align.prefs",), "build preference pairs from real signals (chitchat ratings, tasks)"),
     "reward": (("lmforge.align.reward",), "train a reward model on preference pairs (pairwise ranking loss)"),
     "dpo": (("lmforge.align.dpo",), "direct preference optimization (DPO / IPO / SimPO) on pairs"),
@@ -60,7 +61,8 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "bench": (("lmforge.train.bench",), "time a training step or generation"),
     "import": (("lmforge.hub.import_cmd",), "import a Hugging Face folder or a GGUF file as an lmforge checkpoint"),
-    "export": (("lmforge.hub.export_cmd",), "export a run or checkpoint as a Hugging Face model folder"),
+    "quantize": (("lmforge.hub.quantize_cmd",), "weight-only int8 / int4 quantization (a smaller, faster model)"),
+    "export": (("lmforge.hub.export_cmd",), "export a run or checkpoint as a Hugging Face folder or a GGUF file"),
 }
 
 
