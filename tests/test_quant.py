@@ -180,3 +180,30 @@ def test_layer_scheme_picks_a_group_that_divides():
     assert quant.layer_scheme(1536, "int4", 128) == ("int4", 128)
     assert quant.layer_scheme(100, "int4", 32) == ("int8", None)  # no group size divides 100
     assert quant.layer_scheme(100, "int8", None) == ("int8", None)
+
+
+def test_lora_run_is_quantized_merged(base_run, tmp_path):
+    """A LoRA run quantizes as its base with the adapter merged in (what `load_model` gives)."""
+    from lmforge.model.lora import LoraConfig, apply_lora, lora_tensors
+
+    model, base_ckpt, meta = ckpt.load_model(base_run)
+    lora = LoraConfig(rank=2)
+    apply_lora(model, lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lora_meta = {
+        "model_config": model.cfg.to_dict(), "adapter": lora.to_dict(),
+        "tokenizer": {"dir": str(ckpt.tokenizer_dir(base_ckpt, meta)), "hash": meta["tokenizer"]["hash"]},
+        "base": {"path": str(base_ckpt), "fingerprint": ckpt.file_fingerprint(base_ckpt / "model.safetensors")},
+    }  # fmt: skip
+    ckpt.save_checkpoint(tmp_path / "lora", 5, lora_tensors(model), lora_meta, weights_file="adapter.safetensors")
+    assert main(["quantize", str(tmp_path / "lora"), "--out", str(tmp_path / "q")]) == 0
+    got = ckpt.load_for_inference(tmp_path / "q")[0]
+    want = quant.quantize_model(ckpt.load_for_inference(tmp_path / "lora")[0], quant.quant_config("int8", None))
+    idx = torch.randint(0, model.cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(got(idx)[0], want(idx)[0])
+        base_q = quant.quantize_model(ckpt.load_for_inference(base_run)[0], quant.quant_config("int8", None))
+        assert not torch.equal(got(idx)[0], base_q(idx)[0])  # the adapter is in it
