@@ -75,6 +75,9 @@ class LoopConfig:
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16
     nan_policy: str = "stop"  # stop: error out on a NaN/inf loss; skip: skip that batch (counted)
+    # recompute each block's activations in the backward pass instead of keeping them: much less memory for about a
+    # third more compute. on (or true), off (or false), or auto: on for models of 50M parameters or more (SmolLM2)
+    activation_checkpointing: str = "auto"
 
     def loop_checks(self) -> list[tuple[bool, str]]:
         """The checks of the fields above (a stage's validate() adds its own)."""
@@ -98,6 +101,10 @@ class LoopConfig:
             (self.keep_last >= 1, "keep_last must be >= 1"),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}"),
             (self.nan_policy in ("stop", "skip"), "nan_policy must be stop or skip"),
+            (
+                self.activation_checkpointing in ("auto", "on", "off"),
+                "activation_checkpointing must be auto, on or off",
+            ),
         ]
 
 
@@ -126,6 +133,8 @@ def _coerce(value, tp, name: str):
         if tp is float:
             return float(value)
         if tp is str:
+            if isinstance(value, bool):  # YAML reads on/off/yes/no/true/false as booleans: a string field wants a word
+                return "on" if value else "off"
             return str(value)
     except (TypeError, ValueError):
         pass

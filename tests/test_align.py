@@ -32,6 +32,12 @@ def test_dpo_ipo_simpo_by_hand():
     assert float(loss) == pytest.approx(-math.log(1 / (1 + math.exp(-0.5))))
     loss, _, _ = L.ipo_loss(t([-1.0]), t([-2.0]), t([-1.5]), t([-1.5]), beta=0.5)  # h = 1 = 1/(2 beta)
     assert float(loss) == pytest.approx(0.0)
+    # per answer token (Azar et al., TRL; lmforge dpo's default): sums divided by lengths 2 and 4 first
+    loss, c, r = L.ipo_loss(t([-2.0]), t([-8.0]), t([-3.0]), t([-8.0]), beta=0.5, len_c=t([2.0]), len_r=t([4.0]))
+    assert (float(c), float(r)) == (0.25, 0.0) and float(loss) == pytest.approx((0.5 - 1.0) ** 2)
+    loss, _, _ = L.ipo_loss(t([-2.0]), t([-8.0]), t([-3.0]), t([-8.0]), beta=0.5, len_c=t([2.0]), len_r=t([4.0]),
+                            per_token=False)  # fmt: skip
+    assert float(loss) == pytest.approx((1.0 - 1.0) ** 2)
     loss, c, r = L.simpo_loss(t([-2.0]), t([-6.0]), beta=2.0, gamma=0.5, len_c=t([4.0]), len_r=t([3.0]))
     assert (float(c), float(r)) == (-1.0, -4.0)
     assert float(loss) == pytest.approx(math.log(1 + math.exp(-2.5)))
@@ -80,6 +86,37 @@ def test_sequence_logprobs_match_cross_entropy():
     mask = torch.ones(2, 5)
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), targets.reshape(-1), reduction="none").view(2, 5)
     torch.testing.assert_close(L.sequence_logprobs(logits, targets, mask), -ce.sum(-1))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_answer_logprobs_equal_the_full_logits_path(tied):
+    """The head on answer positions only (DPO, GRPO, PPO) gives the log-probs, entropies and gradients of the full
+    (B, T, vocab) logits, through a real model, with and without a tied head."""
+    from lmforge.align.rollout import answer_logprobs
+    from lmforge.model.transformer import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, n_layer=2, d_model=32, n_head=4, max_seq_len=16, tie_embeddings=tied)
+    model = Transformer(cfg).double()
+    idx = torch.randint(0, 97, (3, 12))
+    targets = torch.randint(0, 97, (3, 12))
+    targets[:, :4] = -100  # the prompt
+    targets[1, 9:] = -100  # padding
+    mask = targets != -100
+    logits, _ = model(idx)
+    full = torch.log_softmax(logits, dim=-1)  # in fp64, as the model
+    want = full.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * mask
+    want_entropy = -(full.exp() * full).sum(-1).detach() * mask
+    logp, got_mask, entropy = answer_logprobs(model, {"idx": idx, "targets": targets})
+    assert torch.equal(got_mask, mask)
+    torch.testing.assert_close(logp, want)
+    torch.testing.assert_close(entropy, want_entropy)
+    scale = torch.randn(3, 12, dtype=torch.float64)
+    params = [p for p in model.parameters()]
+    g_want = torch.autograd.grad((want * scale).sum(), params)
+    g_got = torch.autograd.grad((logp * scale).sum(), params)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_wilson_interval():

@@ -216,16 +216,28 @@ def test_fused_generation_equals_unfused(name):
     assert generate(model, PROMPTS, 20, **sampled) == generate(model, PROMPTS, 20, fused=False, **sampled)
 
 
-def test_fused_path_leaves_lora_models_to_their_own_forward():
-    from lmforge.model.lora import LoraConfig, apply_lora
+@pytest.mark.parametrize("padded", [False, True])
+@torch.inference_mode()
+def test_fused_decode_folds_lora_adapters_in(padded):
+    """A LoRA policy (GRPO/PPO rollouts) decodes through the fused step with its adapters folded in, and with them
+    switched off (the reference) as the base model; the model itself is left as it was."""
+    from lmforge.model.lora import LoraConfig, adapters_disabled, apply_lora
 
-    model = tiny()
-    names = list(model.state_dict())
+    model = variant()
     plain = generate(model, PROMPTS, 10, temperature=0)
-    assert list(model.state_dict()) == names  # fusing added nothing to the model
-    apply_lora(model, LoraConfig(rank=2))
-    assert not FusedDecoder.supports(model)
-    assert generate(model, PROMPTS, 10, temperature=0) == plain  # lora_B starts at zero: the same function
+    names = list(model.state_dict())
+    apply_lora(model, LoraConfig(rank=2)).eval()  # the new layers' dropout off, as generate() does
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0, 0.1)  # a trained adapter: it changes the function
+    assert FusedDecoder.supports(model)
+    _check_fused_decode(model, batch=3, padded=padded)
+    adapted = generate(model, PROMPTS, 10, temperature=0)
+    assert adapted == generate(model, PROMPTS, 10, temperature=0, fused=False) and adapted != plain
+    with adapters_disabled(model):
+        _check_fused_decode(model, batch=3, padded=padded)
+        assert generate(model, PROMPTS, 10, temperature=0) == plain
+    assert len(list(model.state_dict())) == len(names) + 2 * sum(1 for n in names if n.endswith("proj.weight"))
 
 
 # ----------------------------------------------------------------------------- sampling functions

@@ -30,3 +30,29 @@ def test_no_grad_path_and_all_ignored():
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(x, w, t, "sum"), F.cross_entropy(x @ w.t(), t, reduction="sum"))
     assert linear_cross_entropy(x, w, torch.full((10,), -100)).item() == 0.0
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_token_logprobs_match_log_softmax(chunk, frozen_head):
+    from lmforge.model.losses import linear_token_logprobs
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 16, dtype=torch.float64, requires_grad=not frozen_head)
+    t = torch.randint(0, 30, (40,))
+    lp_all = torch.log_softmax(x @ w.t(), dim=-1)
+    ref = lp_all.gather(1, t[:, None]).squeeze(1)
+    ref_entropy = -(lp_all.exp() * lp_all).sum(-1)
+    got, entropy = linear_token_logprobs(x, w, t, chunk=chunk)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(entropy, ref_entropy.detach())
+    assert not entropy.requires_grad
+    weights = torch.randn(40, dtype=torch.float64)  # a per-token loss: each row's gradient scaled differently
+    wrt = (x,) if frozen_head else (x, w)
+    g_ref = torch.autograd.grad((ref * weights).sum(), wrt)
+    g_got = torch.autograd.grad((got * weights).sum(), wrt)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_token_logprobs(x, w, t, chunk=chunk)[0], ref.detach())

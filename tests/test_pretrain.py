@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.config import parse_set
 from lmforge.train.metrics import read_metrics
@@ -299,3 +300,34 @@ def test_out_of_memory_at_micro_batch_1_is_a_one_line_error(small_shards, tmp_pa
         "(CUDA out of memory. Tried to allocate 2.00 GiB (simulated))"
     )
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_activation_checkpointing_gives_the_same_run_and_peak_memory_is_logged(small_shards, tmp_path, capsys):
+    """`activation_checkpointing=on` recomputes activations in backward: the same losses to the bit (dropout
+    included: its RNG state is replayed); every metrics record carries the peak memory, the run's last line too."""
+    runs = {}
+    for setting in ("off", "on"):
+        pretrain(config(small_shards, tmp_path / setting, f"activation_checkpointing={setting}", "model.dropout=0.1",
+                        "eval_every=0", max_steps=6))  # fmt: skip
+        runs[setting] = train_losses(tmp_path / setting)
+        assert f"(activation checkpointing {setting})" in capsys.readouterr().err
+    assert runs["on"] == runs["off"]
+    records = [r for r in read_metrics(tmp_path / "on") if "loss" in r]
+    assert all(r["peak_rss_mb"] > 10 for r in records)
+    with pytest.raises(Exception, match="activation_checkpointing must be auto, on or off"):
+        config(small_shards, tmp_path / "x", "activation_checkpointing=sometimes")
+
+
+def test_activation_checkpointing_auto_follows_model_size():
+    from lmforge.model.transformer import ModelConfig, Transformer
+    from lmforge.train.common import set_activation_checkpointing
+
+    small = Transformer(ModelConfig(vocab_size=320, n_layer=2, d_model=64, n_head=4, max_seq_len=64))
+    assert set_activation_checkpointing(small, "auto")[0] is False and not small.checkpointing
+    assert set_activation_checkpointing(small, "on")[0] is True and small.checkpointing
+    with torch.device("meta"):  # SmolLM2's size without allocating it
+        from lmforge.model.presets import preset
+
+        big = Transformer(preset("smollm2-135m"))
+    on, size = set_activation_checkpointing(big, "auto")
+    assert on and size > 100e6

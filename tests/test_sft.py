@@ -418,3 +418,14 @@ def test_out_of_memory_shrinks_the_sft_micro_batch(base_run, chats, tmp_path, mo
     assert [r["loss"] for r in _records(tmp_path / "fit") if "loss" in r] == [
         r["loss"] for r in _records(tmp_path / "ref") if "loss" in r
     ]
+
+
+def test_lora_with_activation_checkpointing_trains_the_same(base_run, chats, tmp_path):
+    """Frozen base weights, LoRA adapters, answer-only loss: recomputing activations changes nothing."""
+    losses = {}
+    for setting in ("off", "on"):
+        out = tmp_path / setting
+        sft(_cfg(base_run, chats, out, lora=True, lora_rank=4, max_steps=6, log_every=1, eval_every=0,
+                 activation_checkpointing=setting))  # fmt: skip
+        losses[setting] = [r["loss"] for r in _records(out) if "loss" in r]
+    assert losses["on"] == losses["off"] and len(losses["on"]) == 6

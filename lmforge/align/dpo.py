@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.align.batching import PairLoader, pair_batches, pair_data
-from lmforge.align.losses import PREFERENCE_LOSSES, chosen_nll, sequence_logprobs
+from lmforge.align.losses import PREFERENCE_LOSSES, chosen_nll
+from lmforge.align.rollout import answer_logprobs
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
 from lmforge.model.lora import adapters_disabled
@@ -42,6 +43,9 @@ class DpoConfig(FinetuneConfig):
     loss: str = "dpo"  # dpo, ipo or simpo
     beta: float = 0.1  # strength of the KL anchor (dpo, ipo); reward scale for simpo (try 2.0)
     simpo_gamma: float = 0.5  # simpo's target margin
+    # ipo's log-probabilities: mean (per answer token, as Azar et al. and TRL; beta means the same at any answer
+    # length) or sum (over the answer, as dpo uses them: the margin target 1/(2 beta) then binds long answers less)
+    ipo_logps: str = "mean"
     sft_coef: float = 0.0  # RPO (Pang et al. 2024): + sft_coef * the chosen answer's per-token NLL
     val_fraction: float = 0.1  # held-out prompts
     lr: float = 5e-6  # peak LR (preference optimization wants a smaller one than SFT)
@@ -51,6 +55,8 @@ class DpoConfig(FinetuneConfig):
             raise LmforgeError("config: dpo needs --data (preference pairs JSONL)")
         if self.loss not in PREFERENCE_LOSSES:
             raise LmforgeError(f"config: loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.loss!r}")
+        if self.ipo_logps not in ("mean", "sum"):
+            raise LmforgeError(f"config: ipo_logps must be mean or sum, got {self.ipo_logps!r}")
         if self.beta <= 0 or self.sft_coef < 0:
             raise LmforgeError("config: beta must be > 0 and sft_coef >= 0")
         return super().validate()
@@ -63,15 +69,14 @@ def register(subparsers) -> None:
 
 def pair_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log pi(chosen), log pi(rejected), answer lengths (2B,)) for a pair batch."""
-    logits, _ = model(batch["idx"])
-    mask = batch["targets"] != -100
-    logp = sequence_logprobs(logits, batch["targets"], mask)
-    c, r = logp.chunk(2)
+    logp, mask, _ = answer_logprobs(model, batch)
+    c, r = logp.sum(-1).chunk(2)
     return c, r, mask.sum(-1).float()
 
 
 def dpo(cfg: DpoConfig) -> dict:
-    run = FinetuneRun(cfg, "dpo", resume_fields=("data", "loss", "beta", "simpo_gamma", "sft_coef", "val_fraction"))
+    run = FinetuneRun(cfg, "dpo", resume_fields=("data", "loss", "beta", "simpo_gamma", "ipo_logps", "sft_coef",
+                                                     "val_fraction"))  # fmt: skip
     dd = setup_distributed(run.device)
     try:
         return _train(run.cfg, run, dd)
@@ -112,7 +117,8 @@ def _train(cfg: DpoConfig, run: FinetuneRun, dd) -> dict:
         with run.autocast():
             pi_c, pi_r, lengths = pair_logprobs(model_, batch)
         len_c, len_r = lengths.chunk(2)
-        loss, rc, rr = loss_fn(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, gamma=cfg.simpo_gamma, len_c=len_c, len_r=len_r)
+        loss, rc, rr = loss_fn(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, gamma=cfg.simpo_gamma, len_c=len_c,
+                               len_r=len_r, per_token=cfg.ipo_logps == "mean")  # fmt: skip
         if cfg.sft_coef:  # keeps the chosen answers likely: DPO alone may push both sides down
             loss = loss + cfg.sft_coef * chosen_nll(pi_c, len_c)
         metrics = {"reward_chosen": float(rc.mean()), "reward_rejected": float(rr.mean()),

@@ -46,19 +46,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.align.losses import (
-    entropy_per_token,
     explained_variance,
     gae,
     kl_per_token,
     kl_shaped_rewards,
     masked_mean,
     policy_gradient_loss,
-    token_logprobs,
     value_loss,
     whiten,
 )
 from lmforge.align.rollout import (
     RewardModelScorer,
+    answer_logprobs,
+    head_logprobs,
     kl_limit,
     load_prompts,
     question_messages,
@@ -131,10 +131,12 @@ def register(subparsers) -> None:
     add_stage_command(subparsers, "ppo", help, PpoConfig, ppo, __doc__)
 
 
-def policy_outputs(model, value_head, idx) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, T, V), values (B, T)) from one forward: the value head reads the final hidden state."""
+def policy_outputs(model, value_head, idx, targets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p(targets), entropy, values), each (B, T), from one forward: the value head reads the final hidden
+    state; the output head runs on the answer positions only (0 elsewhere)."""
     hidden, _ = model(idx, return_hidden=True)
-    return model.lm_head(hidden), value_head(hidden).squeeze(-1).float()
+    logp, entropy = head_logprobs(model, hidden, targets)
+    return logp, entropy, value_head(hidden).squeeze(-1).float()
 
 
 class RolloutBuffer:
@@ -182,15 +184,16 @@ class RolloutBuffer:
         scores = self.score(chosen, [fmt.tokenizer.decode(o) for o in outs]).to(self.device)
         batch = rows(prompts, outs, ended, fmt.stop_ids[0], fmt.stop_ids[0], self.device)
         logp, values, ref_logp = [], [], []
-        for i in range(0, cfg.rollout_size, cfg.batch_size):  # in micro-batches: the logits are (B, T, vocab)
+        for i in range(0, cfg.rollout_size, cfg.batch_size):  # in micro-batches, as training reads them
             idx, targets = batch["idx"][i : i + cfg.batch_size], batch["targets"][i : i + cfg.batch_size]
             with self.autocast():
-                logits, v = policy_outputs(self.model, self.value_head, idx)
+                lp, _, v = policy_outputs(self.model, self.value_head, idx, targets)
                 with adapters_disabled(self.model) if self.ref is None else contextlib.nullcontext():
-                    ref_logits, _ = (self.ref if self.ref is not None else self.model)(idx)
-            logp.append(token_logprobs(logits, targets))
+                    ref_lp, _, _ = answer_logprobs(self.ref if self.ref is not None else self.model,
+                                                   {"idx": idx, "targets": targets})  # fmt: skip
+            logp.append(lp)
             values.append(v)
-            ref_logp.append(token_logprobs(ref_logits, targets))
+            ref_logp.append(ref_lp)
         logp, values, ref_logp = torch.cat(logp), torch.cat(values), torch.cat(ref_logp)
         mask = batch["targets"] != -100
         kl = kl_per_token(logp, ref_logp, kind="k1")
@@ -294,8 +297,8 @@ def _train(cfg: PpoConfig, run: FinetuneRun, dd) -> dict:
     def step(model_, batch):
         model_.eval()  # dropout off: the rollout's log-probs were taken without it
         with run.autocast():
-            logits, values = policy_outputs(model_, value_head, batch["idx"])
-        logp, mask = token_logprobs(logits, batch["targets"]), batch["targets"] != -100
+            logp, entropy, values = policy_outputs(model_, value_head, batch["idx"], batch["targets"])
+        mask = batch["targets"] != -100
         pg = policy_gradient_loss(logp, batch["old_logp"], batch["advantages"], mask, cfg.clip)
         vl = value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip)
         log_ratio = (logp - batch["old_logp"]).detach()
@@ -305,7 +308,7 @@ def _train(cfg: PpoConfig, run: FinetuneRun, dd) -> dict:
             "value_loss": float(vl.detach()),
             "clipfrac": float(masked_mean(((log_ratio.exp() - 1).abs() > cfg.clip).float(), mask)),
             "approx_kl": float(masked_mean(-log_ratio, mask)),
-            "entropy": float(masked_mean(entropy_per_token(logits.detach()), mask)),
+            "entropy": float(masked_mean(entropy, mask)),
         }
         return pg + cfg.vf_coef * vl, batch["num_tokens"], metrics
 

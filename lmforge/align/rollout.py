@@ -49,12 +49,23 @@ def rows(prompts, outs, ended, stop_id: int, pad_id: int, device="cpu") -> dict:
 
 
 def answer_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-token log-probs of the targets, answer mask, per-token entropy), each (B, T)."""
-    from lmforge.align.losses import entropy_per_token, token_logprobs
+    """(per-token log-probs of the targets, answer mask, per-token entropy), each (B, T), 0 off the answers."""
+    hidden, _ = model(batch["idx"], return_hidden=True)
+    logp, entropy = head_logprobs(model, hidden, batch["targets"])
+    return logp, batch["targets"] != -100, entropy
 
-    logits, _ = model(batch["idx"])
-    mask = batch["targets"] != -100
-    return token_logprobs(logits, batch["targets"]), mask, entropy_per_token(logits.detach())
+
+def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), entropy (no gradient)), each (B, T) in fp32 and 0 where targets is -100, from the final hidden
+    states (B, T, d): the output head runs on the answer positions only, a chunk at a time (the prompt's and the
+    padding's logits are never made; lmforge/model/losses.py: linear_token_logprobs)."""
+    from lmforge.model.losses import linear_token_logprobs
+
+    mask = targets != -100
+    head = getattr(model, "module", model).lm_head  # through a DDP wrapper
+    logp, entropy = linear_token_logprobs(hidden[mask], head.weight, targets[mask])
+    zeros = torch.zeros(mask.shape, dtype=logp.dtype, device=logp.device)
+    return zeros.masked_scatter(mask, logp), zeros.masked_scatter(mask, entropy)
 
 
 def kl_limit(max_kl: float):

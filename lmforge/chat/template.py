@@ -15,8 +15,11 @@ assistant message i, the text rendered for messages[:i] with a generation prompt
 prompt, the text rendered for messages[:i+1] ends with the answer, and the difference
 (trailing whitespace dropped) is the answer's content plus its turn-end token. A token
 is trained when its text starts inside such a span, so the model learns to emit the
-turn-end token and stop. Templates whose rendering of a prefix is not a prefix of the
-whole rendering cannot be masked this way and are refused with a one-line error.
+turn-end token and stop. The newline a template puts after the turn-end token (ChatML's
+`<|im_end|>\n`) is not trained: it is the template's, never sampled (generation stops at
+the turn-end token); TRL's `assistant_only_loss` trains it too. Templates whose rendering
+of a prefix is not a prefix of the whole rendering cannot be masked this way and are
+refused with a one-line error.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.model.lora import LoraLinear
 from lmforge.model.matmul import Linear
 from lmforge.model.quant import QuantLinear
 from lmforge.model.transformer import KVCache, Transformer, apply_rope
@@ -61,7 +62,7 @@ class _Proj:
         if isinstance(linears[0], QuantLinear):  # weight-only quantized: its own kernels, the rows side by side
             self.quant = QuantLinear.cat(linears)
             return
-        w = torch.cat([m.weight for m in linears]) if len(linears) > 1 else linears[0].weight
+        w = torch.cat([_weight(m) for m in linears]) if len(linears) > 1 else _weight(linears[0])
         self.b = None
         if any(m.bias is not None for m in linears):
             self.b = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
@@ -83,6 +84,14 @@ class _Proj:
             return torch.addmm(residual, x, self.wt)
         y = x @ self.wt if self.b is None else torch.addmm(self.b, x, self.wt)
         return y if residual is None else residual + y
+
+
+def _weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight a linear applies: a LoRA layer's with its adapter folded in (GRPO/PPO rollouts of a LoRA policy
+    run the fused path; with the adapters switched off, as for a reference, the base weight)."""
+    if isinstance(linear, LoraLinear) and linear.scaling:
+        return linear.weight + linear.scaling * (linear.lora_B @ linear.lora_A)
+    return linear.weight
 
 
 def _norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -125,12 +134,11 @@ class FusedDecoder:
 
     @staticmethod
     def supports(model) -> bool:
-        """Our Transformer with plain linear projections (a LoRA-wrapped or other model uses its own forward)."""
+        """Our Transformer with plain, LoRA or quantized linear projections (another model uses its own forward)."""
         if not isinstance(model, Transformer):
             return False
-        return all(
-            type(m) in (nn.Linear, Linear, QuantLinear) for name, m in model.named_modules() if name.endswith(_PROJ)
-        )
+        kinds = (nn.Linear, Linear, LoraLinear, QuantLinear)
+        return all(type(m) in kinds for name, m in model.named_modules() if name.endswith(_PROJ))
 
     def __call__(self, tok: torch.Tensor, cache: KVCache, positions=None, key_mask=None) -> torch.Tensor:
         """tok (B,) -> next-token logits (B, V); writes the new keys/values into `cache` and advances it.

@@ -185,3 +185,31 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+CHECKPOINTING_AUTO_PARAMS = 50_000_000  # `activation_checkpointing: auto` turns it on from this model size up
+
+
+def set_activation_checkpointing(model: torch.nn.Module, setting: str) -> tuple[bool, int]:
+    """Apply `activation_checkpointing` (auto, on, off) to every lmforge Transformer inside `model` (a DDP/FSDP
+    wrapper, a policy with a value head); returns (on, parameters of the largest). auto: on from 50M parameters."""
+    from lmforge.model.transformer import Transformer
+
+    found = [m for m in model.modules() if isinstance(m, Transformer)]
+    size = max((sum(p.numel() for p in m.parameters()) for m in found), default=0)
+    on = setting == "on" or (setting == "auto" and size >= CHECKPOINTING_AUTO_PARAMS)
+    for m in found:
+        m.checkpointing = on
+    return on, size
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """The process's peak memory so far: resident set size on CPU (what gets a process killed), and on CUDA also
+    the most the allocator held. For metrics records and a run's closing line."""
+    import resource
+
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux (bytes on macOS)
+    out = {"peak_rss_mb": round(rss_kb / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / (1 << 20), 1)
+    return out

@@ -38,7 +38,13 @@ from tqdm import tqdm
 from lmforge.config import LoopConfig, save_config
 from lmforge.errors import LmforgeError
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.common import lr_at, peak_flops, smaller_micro_batch
+from lmforge.train.common import (
+    lr_at,
+    peak_flops,
+    peak_memory_mb,
+    set_activation_checkpointing,
+    smaller_micro_batch,
+)
 
 
 class StopFlag:
@@ -168,6 +174,10 @@ def train_loop(cfg: LoopConfig, model, optimizer, step_fn, batches, hooks: Hooks
     where = f"{device}" + (f" (rank {rank})" if world > 1 else "")
     peak = peak_flops(device)
     evals: list[dict] = []
+    recompute, size = set_activation_checkpointing(model, getattr(cfg, "activation_checkpointing", "off"))
+    if recompute and rank == 0 and cfg.activation_checkpointing == "auto":
+        print(f"lmforge {desc}: activation checkpointing on ({size / 1e6:.0f}M parameters; "
+              "--activation-checkpointing off keeps the activations: faster, more memory)", file=sys.stderr)  # fmt: skip
 
     def evaluate(step: int) -> None:
         rec = hooks.evaluate(step)
@@ -240,6 +250,7 @@ def train_loop(cfg: LoopConfig, model, optimizer, step_fn, batches, hooks: Hooks
                         "tokens_per_s": tps, "epoch": batches.epoch, "skipped": skipped, **extra}  # fmt: skip
                 if mfu is not None:
                     last["mfu"] = mfu
+                last.update(peak_memory_mb(device))
                 hooks.logger.log(last)
             out_of_time = cfg.max_seconds > 0 and time.perf_counter() - began >= cfg.max_seconds
             final = step == cfg.max_steps or out_of_time or stop.signal is not None
@@ -252,6 +263,12 @@ def train_loop(cfg: LoopConfig, model, optimizer, step_fn, batches, hooks: Hooks
                 break
     bar.close()
     hooks.logger.close()
+    if rank == 0:
+        mem = peak_memory_mb(device)
+        gpu = f", {mem['peak_gpu_mb']:,.0f} MB on the GPU" if "peak_gpu_mb" in mem else ""
+        checkpointing = "on" if recompute else "off"
+        print(f"lmforge {desc}: peak memory {mem['peak_rss_mb']:,.0f} MB resident{gpu} "
+              f"(activation checkpointing {checkpointing})", file=sys.stderr)  # fmt: skip
     # `stopped` tells the caller (a command's exit code, `lmforge run`'s summary) that the run ended early.
     result = {**last, "step": step, "stopped": stopped}
     if hooks.evaluate_first and start_step == 0 and evals and evals[0]["step"] == 0:
