@@ -113,6 +113,7 @@ def _train(cfg: DpoConfig, run: FinetuneRun, dd) -> dict:
         return c, r
 
     def step(model_, batch):
+        model_.eval()  # dropout off (LoRA's too), as TRL's disable_dropout: the policy and reference compare cleanly
         ref_c, ref_r = reference(batch)
         with run.autocast():
             pi_c, pi_r, lengths = pair_logprobs(model_, batch)

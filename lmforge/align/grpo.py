@@ -157,7 +157,7 @@ def _train(cfg: GrpoConfig, run: FinetuneRun, dd) -> dict:
                 f"micro-batch; training {trainable:,} of {total:,} parameters")  # fmt: skip
 
     def step(model_, batch):
-        model_.train()
+        model_.eval()  # dropout off (TRL's disable_dropout): the log-probs are the sampling policy's own
         with run.autocast():
             logp, mask, entropy = answer_logprobs(model_, batch)
         with torch.no_grad(), adapters_disabled(model) if ref is None else contextlib.nullcontext():

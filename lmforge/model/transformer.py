@@ -382,7 +382,7 @@ class Transformer(nn.Module):
                 rope = (self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None])
         x = self.drop(x)
         mask = self._attn_mask(B, T, start, key_mask, doc_ids, x.device, x.dtype)
-        recompute = self.checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        recompute = self.checkpointing and cache is None and torch.is_grad_enabled()  # also in eval mode (DPO, GRPO)
         for block in self.layers:
             if recompute:  # non-reentrant: works with frozen weights (LoRA), DDP/FSDP and torch.compile
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, use_reentrant=False)
