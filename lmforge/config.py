@@ -63,6 +63,9 @@ class LoopConfig:
     schedule: str = "cosine"  # cosine, or wsd (warmup-stable-decay)
     decay_fraction: float = 0.2  # wsd: fraction of steps spent in the final decay
     weight_decay: float = 0.1  # AdamW decay, applied to matrices only (not norms, biases)
+    # adamw, or muon: Muon on the blocks' matrices, AdamW on embeddings, head, norms and biases (modded-nanogpt,
+    # nanochat); the same lr and weight decay for both (Muon's step matched to AdamW's RMS; lmforge/train/optim.py)
+    optimizer: str = "adamw"
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
@@ -93,6 +96,7 @@ class LoopConfig:
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
             (0 < self.decay_fraction <= 1, "decay_fraction must be in (0, 1]"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.optimizer in ("adamw", "muon"), "optimizer must be adamw or muon"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
             (self.grad_clip >= 0, "grad_clip must be >= 0 (0 = off)"),
             (self.eval_every >= 0 and self.eval_batches >= 0, "eval_every and eval_batches must be >= 0"),

@@ -331,3 +331,30 @@ def test_activation_checkpointing_auto_follows_model_size():
         big = Transformer(preset("smollm2-135m"))
     on, size = set_activation_checkpointing(big, "auto")
     assert on and size > 100e6
+
+
+def test_muon_trains_and_resumes_exactly(small_shards, tmp_path):
+    """optimizer=muon: Muon on the blocks' matrices, AdamW on the rest; the loss falls, and a run stopped after its
+    first step resumes (both optimizers' state from the checkpoint) into the very losses of a straight run."""
+    from safetensors import safe_open
+
+    straight = pretrain(config(small_shards, tmp_path / "a", "optimizer=muon", max_steps=8))
+    losses = train_losses(tmp_path / "a")
+    assert losses[8] < losses[1] - 0.1 and straight["step"] == 8
+    pretrain(config(small_shards, tmp_path / "b", "optimizer=muon", "max_seconds=1e-9", max_steps=8))
+    pretrain(config(small_shards, tmp_path / "b", "optimizer=muon", max_steps=8))
+    assert train_losses(tmp_path / "b") == losses
+    with safe_open(str(tmp_path / "a" / "checkpoints" / "step_00000008" / "state.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith(".momentum_buffer") and k.startswith("optim.0:") for k in keys)  # Muon's
+    assert any(k.endswith(".exp_avg_sq") and k.startswith("optim.1:") for k in keys)  # AdamW's
+    # AdamW alone from the same start: a different run (Muon is really in use).
+    pretrain(config(small_shards, tmp_path / "c", max_steps=2))
+    assert train_losses(tmp_path / "c")[2] != losses[2]
+
+
+def test_muon_with_fsdp_is_a_config_error(small_shards, tmp_path):
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match="optimizer=muon needs whole matrices"):
+        config(small_shards, tmp_path / "x", "optimizer=muon", "parallel=fsdp")

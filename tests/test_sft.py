@@ -429,3 +429,18 @@ def test_lora_with_activation_checkpointing_trains_the_same(base_run, chats, tmp
                  activation_checkpointing=setting))  # fmt: skip
         losses[setting] = [r["loss"] for r in _records(out) if "loss" in r]
     assert losses["on"] == losses["off"] and len(losses["on"]) == 6
+
+
+def test_lora_with_muon_resumes_exactly(base_run, chats, tmp_path):
+    """optimizer=muon with LoRA: every trainable matrix is an adapter inside a block, so Muon alone steps them;
+    stopped after step 1 and resumed, the same losses as straight through."""
+
+    def run(out, **over):
+        muon = {"lora": True, "max_steps": 4, "lr": 1e-2, "optimizer": "muon", "eval_every": 0, "log_every": 1}
+        return sft(_cfg(base_run, chats, tmp_path / out, **muon, **over))
+
+    a = run("a")
+    run("b", max_seconds=1e-9)
+    run("b")
+    losses = [[r["loss"] for r in _records(tmp_path / out) if "loss" in r] for out in ("a", "b")]
+    assert losses[0] == losses[1] and len(losses[0]) >= 2 and a["val_loss_after"] < a["val_loss_before"]

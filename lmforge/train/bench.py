@@ -20,7 +20,8 @@ import time
 import torch
 
 from lmforge.model.transformer import ModelConfig, Transformer, count_params, flops_per_token
-from lmforge.train.common import make_optimizer, peak_flops, pick_device, tune_cpu_allocator
+from lmforge.train.common import peak_flops, pick_device, tune_cpu_allocator
+from lmforge.train.optim import make_optimizer
 
 
 def _sync(device: torch.device) -> None:

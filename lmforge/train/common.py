@@ -1,4 +1,5 @@
-"""Pieces every training stage shares: device choice, distributed setup, optimizer, LR schedule, exit codes.
+"""Pieces every training stage shares: device choice, distributed setup, LR schedule, exit codes (the optimizer:
+lmforge/train/optim.py).
 
 Used by every training stage and by the shared loop (lmforge/train/loop.py).
 """
@@ -71,22 +72,6 @@ def teardown_distributed() -> None:
         with contextlib.suppress(RuntimeError):
             dist.barrier()
         dist.destroy_process_group()
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas, device: torch.device):
-    """AdamW with weight decay on matrices only (embeddings and linear weights), not on norms or biases.
-
-    Fused kernels on CUDA; the foreach implementation elsewhere.
-    """
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # Fused on CUDA and CPU: on CPU the default is a per-parameter Python loop (measured ~20% of a
-    # tiny-model step; see BENCHMARKS.md). Same update math.
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
 
 
 def tune_cpu_allocator() -> bool:

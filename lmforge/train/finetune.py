@@ -35,9 +35,10 @@ from lmforge.model.lora import LoraConfig, apply_lora, load_lora_tensors, lora_t
 from lmforge.model.transformer import param_part
 from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.common import adopt_saved_batch_split, make_optimizer, pick_device, stop_exit_code
+from lmforge.train.common import adopt_saved_batch_split, pick_device, stop_exit_code
 from lmforge.train.loop import Hooks, refit_loader
 from lmforge.train.metrics import MetricsLogger
+from lmforge.train.optim import make_optimizer
 
 FREEZABLE = ("embeddings", "attention", "mlp", "norms")
 # Must match to resume (and the sequences per step: adopt_saved_batch_split keeps the checkpoint's micro-batch split).
@@ -186,7 +187,9 @@ class FinetuneRun:
     def optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
         modules = torch.nn.ModuleList([self.model] + ([self.head] if self.head is not None else []))
-        optimizer = make_optimizer(modules, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device)
+        optimizer = make_optimizer(
+            modules, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device, cfg.optimizer
+        )
         if self.meta is not None:
             try:
                 optimizer.load_state_dict(ckpt.load_training_state(self.resume_from))

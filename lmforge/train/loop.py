@@ -174,7 +174,7 @@ def train_loop(cfg: LoopConfig, model, optimizer, step_fn, batches, hooks: Hooks
     where = f"{device}" + (f" (rank {rank})" if world > 1 else "")
     peak = peak_flops(device)
     evals: list[dict] = []
-    recompute, size = set_activation_checkpointing(model, getattr(cfg, "activation_checkpointing", "off"))
+    recompute, size = set_activation_checkpointing(model, cfg.activation_checkpointing)
     if recompute and rank == 0 and cfg.activation_checkpointing == "auto":
         print(f"lmforge {desc}: activation checkpointing on ({size / 1e6:.0f}M parameters; "
               "--activation-checkpointing off keeps the activations: faster, more memory)", file=sys.stderr)  # fmt: skip

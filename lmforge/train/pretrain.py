@@ -35,7 +35,6 @@ from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.common import (
     adopt_saved_batch_split,
-    make_optimizer,
     pick_device,
     setup_distributed,
     stop_exit_code,
@@ -44,6 +43,7 @@ from lmforge.train.common import (
 )
 from lmforge.train.loop import Hooks, next_token_step, refit_loader, train_loop
 from lmforge.train.metrics import MetricsLogger
+from lmforge.train.optim import make_optimizer
 
 # Settings that must match for a resume to continue the same run (and sequences per step: adopt_saved_batch_split).
 RESUME_FIELDS = ("seq_len",)
@@ -73,6 +73,8 @@ class TrainConfig(LoopConfig):
             *self.loop_checks(),
             (self.seq_len >= 1, "seq_len must be >= 1"),
             (self.parallel in ("ddp", "fsdp"), "parallel must be ddp or fsdp"),
+            (not (self.parallel == "fsdp" and self.optimizer == "muon"),
+             "optimizer=muon needs whole matrices: use parallel=ddp (FSDP shards them)"),
             (self.seq_len <= self.model.max_seq_len,
              f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"),
         ]  # fmt: skip
@@ -210,7 +212,7 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
     fsdp = dd.enabled and cfg.parallel == "fsdp"
     if fsdp:
         _fully_shard(model)  # before the optimizer: FSDP2 swaps parameters for sharded ones
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device, cfg.optimizer)
     if meta is not None:
         _load_optimizer(raw_model, optimizer, ckpt.load_training_state(existing[-1]), fsdp, existing[-1])
     if cfg.compile:
