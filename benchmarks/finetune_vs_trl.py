@@ -582,14 +582,19 @@ def markdown(rep: dict) -> str:
         (
             "- DPO: TRL's completion is answer + <|im_end|> + newline, so its log-probabilities sum one more token "
             "(the newline) than lmforge's; each row also carries that token as input. TRL computes log-probs "
-            "through its fused LM head; lmforge runs its head on the answer tokens only, a chunk at a time. Not run "
+            "through its fused LM head; lmforge runs its head on the answer tokens only, a chunk at a time. Layout: "
+            "lmforge packs a batch's 8 sides padding-free into as few rows as fit (dpo `packing`, default on); TRL "
+            "pads one row per side (its `padding_free` needs FlashAttention, and TRL 1.16 falls back to padding). "
+            "Not run "
             "here: IPO averages the log-probabilities per answer token on both by default (lmforge "
             "`ipo_logps=mean`; `ipo_logps=sum` sums them as DPO does)."
         ),
         (
             "- GRPO: the prompts are the same, the answers are not (different samplers and RNG: lmforge's KV-cache "
             "generator, transformers' `generate`), so answer lengths, rewards and losses differ and tokens/s is "
-            "per answer token each side sampled. Not run here: lmforge's PPO whitens advantages with the biased "
+            "per answer token each side sampled. lmforge runs each prompt once for its group of 8 answers (grpo "
+            "`share_prompts`, default on); TRL runs prompt + answer as one row for each answer. Not run here: "
+            "lmforge's PPO whitens advantages with the biased "
             "variance (TRL: n - 1) and adds the score at the turn-end token (TRL: one position later)."
         ),
         (

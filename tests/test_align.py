@@ -80,14 +80,6 @@ def test_kl_estimators_and_masked_mean():
     assert float(L.masked_mean(t([1.0, 3.0, 100.0]), t([1, 1, 0]))) == 2.0
 
 
-def test_sequence_logprobs_match_cross_entropy():
-    torch.manual_seed(0)
-    logits, targets = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
-    mask = torch.ones(2, 5)
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), targets.reshape(-1), reduction="none").view(2, 5)
-    torch.testing.assert_close(L.sequence_logprobs(logits, targets, mask), -ce.sum(-1))
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_answer_logprobs_equal_the_full_logits_path(tied):
     """The head on answer positions only (DPO, GRPO, PPO) gives the log-probs, entropies and gradients of the full
@@ -117,6 +109,86 @@ def test_answer_logprobs_equal_the_full_logits_path(tied):
     g_got = torch.autograd.grad((logp * scale).sum(), params)
     for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pos,checkpointing", [("rope", False), ("rope", True), ("learned", False),
+                                              ("sinusoidal", True)])  # fmt: skip
+def test_shared_prompts_give_the_full_rows_log_probs_and_gradients(pos, checkpointing):
+    """GRPO's group and DPO's pair run each prompt once (collate_shared + model(prefix=)): prompts of different
+    lengths, answers of different lengths, an answer of one token, GQA; the same per-answer log-probs and gradients
+    as the full rows, with activation checkpointing too."""
+    from lmforge.align.batching import collate, collate_shared
+    from lmforge.align.rollout import answer_logprobs
+    from lmforge.model.transformer import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=24, pos_encoding=pos)
+    model = Transformer(cfg).double()
+    model.checkpointing = checkpointing
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    answer_lens = [3, 1, 7, 4, 11, 2]  # two answers per prompt
+    owner = [0, 1, 2, 0, 1, 2]  # DPO's order (chosen rows, then rejected); GRPO's is [0, 0, 1, 1, 2, 2]
+    sides = []
+    for o, n in zip(owner, answer_lens, strict=True):
+        answer = torch.randint(0, 61, (n,), generator=g).tolist()
+        sides.append((prompts[o] + answer, [False] * len(prompts[o]) + [True] * n))
+    full, shared = collate(sides, 0), collate_shared(sides, owner, 0)
+    assert "prefix" in shared and shared["idx"].shape[1] < full["idx"].shape[1]
+    assert shared["num_tokens"] == full["num_tokens"]
+    params = list(model.parameters())
+    results = []
+    for batch in (full, shared):
+        logp, mask, entropy = answer_logprobs(model, batch)
+        per_answer = logp.sum(-1)
+        assert mask.sum(-1).tolist() == answer_lens
+        results.append(
+            (per_answer, entropy.sum(-1), torch.autograd.grad((per_answer * torch.arange(1.0, 7)).sum(), params))
+        )
+    (want, want_h, g_want), (got, got_h, g_got) = results
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_h, want_h)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi", "learned"])
+def test_packed_sides_give_the_padded_rows_log_probs_and_gradients(pos):
+    """DPO's padding-free rows (collate_packed): per-side sums of log-probs, answer lengths and their gradients
+    equal those of one padded row per side."""
+    from lmforge.align.batching import collate, collate_packed, side_sums
+    from lmforge.align.rollout import answer_logprobs
+    from lmforge.model.transformer import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=61, n_layer=2, d_model=32, n_head=4, max_seq_len=24,
+                                    pos_encoding=pos)).double()  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    sides = []
+    for n_prompt, n_answer in [(5, 3), (2, 1), (9, 11), (3, 4), (6, 2), (4, 13)]:
+        ids = torch.randint(0, 61, (n_prompt + n_answer,), generator=g).tolist()
+        sides.append((ids, [False] * n_prompt + [True] * n_answer))
+    padded, packed = collate(sides, 0), collate_packed(sides, 0)
+    assert len(packed["idx"]) < len(sides) and packed["num_tokens"] == padded["num_tokens"]
+    params = list(model.parameters())
+    results = []
+    for batch in (padded, packed):
+        logp, mask, _ = answer_logprobs(model, batch)
+        sums, lengths = side_sums(logp, batch), side_sums(mask.double(), batch)
+        results.append((sums, lengths, torch.autograd.grad((sums * torch.arange(1.0, 7)).sum(), params)))
+    (want, want_n, g_want), (got, got_n, g_got) = results
+    assert got_n.tolist() == want_n.tolist() == [3, 1, 11, 4, 2, 13]
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_collate_shared_falls_back_to_full_rows_when_prompts_differ():
+    from lmforge.align.batching import collate, collate_shared
+
+    sides = [([1, 2, 3, 4], [False, False, True, True]), ([7, 2, 3, 5], [False, False, True, True])]
+    got, want = collate_shared(sides, [0, 0], 0), collate(sides, 0)
+    assert "prefix" not in got and torch.equal(got["idx"], want["idx"]) and torch.equal(got["targets"], want["targets"])
 
 
 def test_wilson_interval():
@@ -247,6 +319,24 @@ def test_dpo_raises_held_out_preference_and_margin(base_run, style_pairs, tmp_pa
     assert "loss must be one of dpo, ipo, simpo" in capsys.readouterr().err
 
 
+def test_dpo_packed_matches_padded_rows(base_run, style_pairs, tmp_path, monkeypatch):
+    from lmforge.align import batching
+
+    made = []
+    real = batching.collate_packed
+    monkeypatch.setattr(batching, "collate_packed", lambda *a: made.append(real(*a)) or made[-1])
+    losses = {}
+    for packing in ("true", "false"):
+        out = tmp_path / packing
+        assert main(["dpo", "--model", str(base_run), "--data", str(style_pairs), "--out", str(out), "--max-steps", "3",
+                     "--batch-size", "4", "--lr", "1e-3", "--set", "log_every=1", "--set", f"packing={packing}",
+                     "--set", "eval_every=3"]) == 0  # fmt: skip
+        losses[packing] = [(r.get("loss"), r.get("val_logratio_margin")) for r in _metrics(out)]
+    got, want = ([x for r in losses[k] for x in r if x is not None] for k in ("true", "false"))
+    assert len(got) == len(want) >= 5 and got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert made and all(b["sides"] == 8 for b in made)  # the packed layout was the one trained on
+
+
 @pytest.mark.parametrize("stage", ["reward", "dpo"])
 def test_bad_pairs_leave_no_run_folder(base_run, tmp_path, capsys, stage):
     out = tmp_path / "run"
@@ -276,6 +366,10 @@ def test_grpo_runs_logs_rl_metrics_and_resumes(base_run, tmp_path, toy_task):
     grpo(cfg(tmp_path / "b", max_seconds=1e-9))
     grpo(cfg(tmp_path / "b"))
     assert [r["loss"] for r in _metrics(tmp_path / "b") if "loss" in r] == [r["loss"] for r in steps]
+    # Full rows (each prompt run with every answer, as TRL does): the same losses as the shared prompts.
+    grpo(cfg(tmp_path / "c", share_prompts=False))
+    full = [r["loss"] for r in _metrics(tmp_path / "c") if "loss" in r]
+    assert full == pytest.approx([r["loss"] for r in steps], rel=1e-4, abs=1e-6)
 
 
 def test_grpo_stops_when_kl_explodes_keeping_the_last_checkpoint(base_run, tmp_path, toy_task):

@@ -56,18 +56,91 @@ def collate(sides: list[tuple[list[int], list[bool]]], pad_id: int, device="cpu"
     return {"idx": idx.to(device), "targets": targets.to(device), "last": last.to(device), "num_tokens": num_tokens}
 
 
-def collate_pairs(pairs: list[tuple], pad_id: int, device="cpu") -> dict:
-    return collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, device)
+def collate_shared(sides: list[tuple[list[int], list[bool]]], owner: list[int], pad_id: int, device="cpu") -> dict:
+    """Rows that continue shared prompts (GRPO's group of answers), for model(idx, prefix=batch["prefix"]).
+
+    Side i is prompt owner[i] followed by its answer, the prompt being every token before the first trained
+    one. Each prompt but its last token runs once (`prefix`: (prompts, lengths, owner)); a row holds that last
+    token and its answer, and its targets are collate's, so log-probs and losses read the same. Returns collate's
+    rows instead where the sides of one owner disagree on the prompt or no prompt is longer than one token.
+    """
+    splits = [max(trained.index(True) - 1, 0) if True in trained else 0 for _, trained in sides]
+    prompts: dict[int, list[int]] = {}
+    for (ids, _), o, k in zip(sides, owner, splits, strict=True):
+        if prompts.setdefault(o, ids[:k]) != ids[:k]:
+            return collate(sides, pad_id, device)
+    order = sorted(prompts)
+    P = max(len(p) for p in prompts.values())
+    if P == 0 or order != list(range(len(order))):
+        return collate(sides, pad_id, device)
+    batch = collate([(ids[k:], trained[k:]) for (ids, trained), k in zip(sides, splits, strict=True)], pad_id, device)
+    prefix = torch.full((len(order), P), pad_id, dtype=torch.long)
+    for o in order:
+        prefix[o, : len(prompts[o])] = torch.tensor(prompts[o], dtype=torch.long)
+    lengths = torch.tensor([len(prompts[o]) for o in order])
+    batch["prefix"] = (prefix.to(device), lengths.to(device), torch.tensor(owner).to(device))
+    batch["num_tokens"] = sum(len(ids) - 1 for ids, _ in sides)  # the same count as full rows
+    return batch
+
+
+def collate_packed(sides: list[tuple[list[int], list[bool]]], pad_id: int, device="cpu") -> dict:
+    """Padding-free rows: the sides, as collate reads them, placed first-fit-decreasing into rows as long as the
+    longest side, each with positions from 0 and attention only within itself (the model's `positions` and
+    `doc_ids`, as SFT's packing). `side` (R, C) names the side each position belongs to (-1: padding), for
+    per-side sums (side_sums). The same log-probabilities as collate's rows in fewer padded slots (SmolLM2 on
+    chitchat pairs, batch 4: 1.22 slots per token instead of 1.67)."""
+    lengths = [len(ids) - 1 for ids, _ in sides]
+    C = max(lengths)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sides)), key=lambda i: -lengths[i]):
+        fit = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
+        if fit is None:
+            bins.append([]), room.append(C)
+            fit = len(bins) - 1
+        bins[fit].append(i)
+        room[fit] -= lengths[i]
+    shape = (len(bins), C)
+    idx, targets = torch.full(shape, pad_id, dtype=torch.long), torch.full(shape, IGNORE, dtype=torch.long)
+    positions, side = torch.zeros(shape, dtype=torch.long), torch.full(shape, -1, dtype=torch.long)
+    for r, members in enumerate(bins):
+        at = 0
+        for i in members:
+            ids, trained = sides[i]
+            n, t = lengths[i], torch.tensor(ids)
+            idx[r, at : at + n] = t[:-1]
+            targets[r, at : at + n] = torch.where(torch.tensor(trained[1:]), t[1:], IGNORE)
+            positions[r, at : at + n] = torch.arange(n)
+            side[r, at : at + n] = i
+            at += n
+    doc_ids = torch.where(side >= 0, side, len(sides))  # the padding attends among itself: no empty rows of scores
+    return {"idx": idx.to(device), "targets": targets.to(device), "positions": positions.to(device),
+            "doc_ids": doc_ids.to(device), "side": side.to(device), "sides": len(sides), "num_tokens": sum(lengths)}  # fmt: skip
+
+
+def side_sums(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-side sums of (rows, T) values: each row's sum, or, for packed rows (collate_packed), each side's."""
+    if "side" not in batch:
+        return values.sum(-1)
+    keep = batch["side"] >= 0
+    out = torch.zeros(batch["sides"], dtype=values.dtype, device=values.device)
+    return out.index_add(0, batch["side"][keep], values[keep])
+
+
+def collate_pairs(pairs: list[tuple], pad_id: int, device="cpu", packed: bool = False) -> dict:
+    """Chosen sides first, then rejected; `packed`: padding-free rows (collate_packed)."""
+    sides = [c for c, _ in pairs] + [r for _, r in pairs]
+    return (collate_packed if packed else collate)(sides, pad_id, device)
 
 
 class PairLoader:
     """Resumable batches of pairs, reshuffled each epoch by seed; rank r of W takes every W-th batch."""
 
-    def __init__(self, pairs, batch_size, pad_id, seed=0, rank=0, world_size=1, device="cpu"):
+    def __init__(self, pairs, batch_size, pad_id, seed=0, rank=0, world_size=1, device="cpu", packed=False):
         if len(pairs) < batch_size * world_size:
             raise LmforgeError(f"{len(pairs)} training pairs, fewer than one batch ({batch_size} x {world_size})")
         self.pairs, self.B, self.pad_id, self.seed = pairs, batch_size, pad_id, seed
-        self.rank, self.world, self.device = rank, world_size, device
+        self.rank, self.world, self.device, self.packed = rank, world_size, device, packed
         self.epoch, self.cursor = 0, 0
 
     def _order(self) -> list[int]:
@@ -82,7 +155,8 @@ class PairLoader:
         order = self._order()
         start = self.cursor + self.rank * self.B
         self.cursor += per_step
-        return collate_pairs([self.pairs[i] for i in order[start : start + self.B]], self.pad_id, self.device)
+        return collate_pairs([self.pairs[i] for i in order[start : start + self.B]], self.pad_id, self.device,
+                             self.packed)  # fmt: skip
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
@@ -91,9 +165,9 @@ class PairLoader:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
 
-def pair_batches(pairs: list[tuple], batch_size: int, pad_id: int, device="cpu") -> list[dict]:
+def pair_batches(pairs: list[tuple], batch_size: int, pad_id: int, device="cpu", packed=False) -> list[dict]:
     """All pairs once, in order: the held-out set."""
-    return [collate_pairs(pairs[i : i + batch_size], pad_id, device) for i in range(0, len(pairs), batch_size)]
+    return [collate_pairs(pairs[i : i + batch_size], pad_id, device, packed) for i in range(0, len(pairs), batch_size)]
 
 
 def pair_data(cfg, run) -> tuple[object, list, list, str, dict]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.align.batching import PairLoader, pair_batches, pair_data
+from lmforge.align.batching import PairLoader, pair_batches, pair_data, side_sums
 from lmforge.align.losses import PREFERENCE_LOSSES, chosen_nll
 from lmforge.align.rollout import answer_logprobs
 from lmforge.errors import LmforgeError
@@ -48,6 +48,7 @@ class DpoConfig(FinetuneConfig):
     ipo_logps: str = "mean"
     sft_coef: float = 0.0  # RPO (Pang et al. 2024): + sft_coef * the chosen answer's per-token NLL
     val_fraction: float = 0.1  # held-out prompts
+    packing: bool = True  # a batch's sides packed padding-free into rows (same losses; off: a padded row per side)
     lr: float = 5e-6  # peak LR (preference optimization wants a smaller one than SFT)
 
     def validate(self) -> DpoConfig:
@@ -70,8 +71,8 @@ def register(subparsers) -> None:
 def pair_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log pi(chosen), log pi(rejected), answer lengths (2B,)) for a pair batch."""
     logp, mask, _ = answer_logprobs(model, batch)
-    c, r = logp.sum(-1).chunk(2)
-    return c, r, mask.sum(-1).float()
+    c, r = side_sums(logp, batch).chunk(2)
+    return c, r, side_sums(mask.float(), batch)
 
 
 def dpo(cfg: DpoConfig) -> dict:
@@ -97,10 +98,10 @@ def _train(cfg: DpoConfig, run: FinetuneRun, dd) -> dict:
     pad_id = fmt.stop_ids[0] if fmt.stop_ids else 0
     model, device = run.model, run.device
     optimizer = run.optimizer()
-    loader = PairLoader(train, cfg.batch_size, pad_id, cfg.seed, dd.rank, dd.world_size, device)
+    loader = PairLoader(train, cfg.batch_size, pad_id, cfg.seed, dd.rank, dd.world_size, device, cfg.packing)
     if run.meta is not None:
         loader.load_state_dict(run.meta["loader"])
-    val_batches = pair_batches(val, cfg.batch_size, pad_id, device)[: cfg.eval_batches]
+    val_batches = pair_batches(val, cfg.batch_size, pad_id, device, cfg.packing)[: cfg.eval_batches]
     loss_fn = PREFERENCE_LOSSES[cfg.loss]
 
     @torch.no_grad()

@@ -63,6 +63,7 @@ class GrpoConfig(FinetuneConfig):
     train_prompts: int = 2000  # distinct training prompts drawn from the task
     eval_prompts: int = 100  # held-out prompts for greedy exact-match accuracy
     system: str = ""  # system prompt for every question ("" = none)
+    share_prompts: bool = True  # each prompt runs once for its group of answers (same losses; off: full rows, as TRL)
     lr: float = 1e-5  # peak LR
 
     def validate(self) -> GrpoConfig:
@@ -91,6 +92,7 @@ class RolloutSource:
             model, fmt, task, items, cfg, device, rank)  # fmt: skip
         self.drawn = 0
         self.stop_id = fmt.stop_ids[0]
+        self.shared = cfg.share_prompts and getattr(model, "module", model).cfg.pos_encoding != "alibi"
 
     @property
     def epoch(self) -> int:
@@ -108,9 +110,9 @@ class RolloutSource:
         rewards = torch.tensor(
             [self.task.reward(self.fmt.tokenizer.decode(o), a) for o, a in zip(outs, answers, strict=True)]
         )
-        batch = rows(
-            [p for p in prompts for _ in range(cfg.group_size)], outs, ended, self.stop_id, self.stop_id, self.device
-        )
+        repeated = [p for p in prompts for _ in range(cfg.group_size)]
+        owner = [i // cfg.group_size for i in range(len(repeated))] if self.shared else None  # each prompt runs once
+        batch = rows(repeated, outs, ended, self.stop_id, self.stop_id, self.device, owner)
         batch["advantages"] = grpo_advantages(rewards, cfg.group_size).to(self.device)
         batch["stats"] = {"reward": float(rewards.mean()), "accuracy": float((rewards == 1).float().mean()),
                           "length": sum(map(len, outs)) / len(outs), "ended": sum(ended) / len(ended)}  # fmt: skip

@@ -58,23 +58,6 @@ def chosen_nll(pi_c: torch.Tensor, len_c: torch.Tensor) -> torch.Tensor:
     return (-pi_c / len_c.clamp(min=1)).mean()
 
 
-def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over masked positions of log p(target_t | prefix): (B, T, V), (B, T), (B, T) -> (B,)."""
-    return (token_logprobs(logits, targets) * mask).sum(-1)
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target_t) per position, (B, T); targets may hold -100 (the result there is meaningless)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_per_token(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution at each position, (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Estimate of KL(policy || reference) per sampled token (Schulman, "Approximating KL divergence").
 

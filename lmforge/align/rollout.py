@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.align.batching import collate, encode_side
+from lmforge.align.batching import collate, collate_shared, encode_side
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import mcnemar_exact, wilson_interval
 from lmforge.fileio import atomic_write_json
@@ -37,20 +37,24 @@ def sample(model, prompts, n, max_new_tokens, *, temperature=1.0, top_p=1.0, see
     return outs, ended
 
 
-def rows(prompts, outs, ended, stop_id: int, pad_id: int, device="cpu") -> dict:
-    """Training rows: prompt + answer (+ stop token if it ended), targets on the answer tokens only."""
+def rows(prompts, outs, ended, stop_id: int, pad_id: int, device="cpu", owner: list[int] | None = None) -> dict:
+    """Training rows: prompt + answer (+ stop token if it ended), targets on the answer tokens only. `owner`
+    (which distinct prompt each row continues): the prompts run once for all their answers (collate_shared)."""
     sides = []
     for p, o, e in zip(prompts, outs, ended, strict=True):
         answer = list(o) + ([stop_id] if e else [])
         if not answer:  # an immediate stop still trains the stop token; nothing at all has no target
             answer = [stop_id]
         sides.append((list(p) + answer, [False] * len(p) + [True] * len(answer)))
-    return collate(sides, pad_id, device)
+    return collate(sides, pad_id, device) if owner is None else collate_shared(sides, owner, pad_id, device)
 
 
 def answer_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-token log-probs of the targets, answer mask, per-token entropy), each (B, T), 0 off the answers."""
-    hidden, _ = model(batch["idx"], return_hidden=True)
+    """(per-token log-probs of the targets, answer mask, per-token entropy), each (B, T), 0 off the answers.
+    A batch with a "prefix" runs its shared prompts once (collate_shared); packed rows bring their positions and
+    doc_ids (collate_packed)."""
+    layout = {k: batch[k] for k in ("prefix", "positions", "doc_ids") if k in batch}
+    hidden, _ = model(batch["idx"], return_hidden=True, **layout)
     logp, entropy = head_logprobs(model, hidden, batch["targets"])
     return logp, batch["targets"] != -100, entropy
 

@@ -183,6 +183,25 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class SharedPrefix:
+    """Keys and values of prompts that several training rows continue (GRPO's group of answers): the prompts run
+    once, then each row's attention reads its own prompt's keys (`owner[row]`) ahead of its own.
+
+    Unlike KVCache nothing is written in place: gradients flow back into the prompts' pass, and a block reading
+    the prefix is a pure function that activation checkpointing can recompute. Built by Transformer.forward(prefix=).
+    """
+
+    def __init__(self, owner: torch.Tensor):
+        self.owner, self.k, self.v, self.length, self.recording = owner, {}, {}, 0, True
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.recording:
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        prefix_k, prefix_v = self.k[layer].index_select(0, self.owner), self.v[layer].index_select(0, self.owner)
+        return torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2)
+
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -357,6 +376,7 @@ class Transformer(nn.Module):
         loss_reduction: str = "mean",
         last_only: bool = False,
         return_hidden: bool = False,
+        prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ):
         """idx (B, T) token ids -> (logits (B, T, V), None), or (None, loss) when targets are given.
 
@@ -365,11 +385,16 @@ class Transformer(nn.Module):
         batches, or restarting at 0 for each packed document); key_mask (B, cache length + T):
         True at real tokens; doc_ids (B, T): packed documents, no attention across them.
         return_hidden: (final hidden states (B, T, d), None) instead of logits (reward and value heads).
+        prefix: (prompts (N, P) right-padded, their lengths (N,), owner (B,)): row b of idx continues prompt
+        owner[b], which runs once for all the rows that continue it (SharedPrefix; rows built by
+        lmforge/align/batching.py collate_shared). The same outputs as each row run with its prompt in front.
         """
+        if prefix is not None:
+            cache, positions, key_mask = self._run_prefix(idx, *prefix)
         B, T = idx.shape
         start = cache.length if cache is not None else 0  # a (B,) tensor for the serving engine's slots
         end = (int(start.max()) if isinstance(start, torch.Tensor) else start) + T
-        if end > self.cfg.max_seq_len:
+        if end > self.cfg.max_seq_len and not isinstance(cache, SharedPrefix):  # its positions are each row's own
             raise ValueError(f"sequence length {end} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed_tokens(idx)
         rope, table = None, self.position_table()
@@ -382,10 +407,12 @@ class Transformer(nn.Module):
                 rope = (self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None])
         x = self.drop(x)
         mask = self._attn_mask(B, T, start, key_mask, doc_ids, x.device, x.dtype)
-        recompute = self.checkpointing and cache is None and torch.is_grad_enabled()  # also in eval mode (DPO, GRPO)
+        # Also in eval mode (DPO, GRPO). A KVCache is written in place, so no recomputing; a read SharedPrefix is fine.
+        pure = cache is None or (isinstance(cache, SharedPrefix) and not cache.recording)
+        recompute = self.checkpointing and pure and torch.is_grad_enabled()
         for block in self.layers:
             if recompute:  # non-reentrant: works with frozen weights (LoRA), DDP/FSDP and torch.compile
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache)
         if last_only:
@@ -400,6 +427,23 @@ class Transformer(nn.Module):
         # Training never materializes the (tokens x vocab) logits: the head and the loss run in chunks.
         loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), loss_reduction)
         return None, loss
+
+    def _run_prefix(self, idx, prompts, prompt_len, owner):
+        """Run the shared prompts into a SharedPrefix; return what the continuation rows idx run with: (the
+        prefix as their cache, their positions (each row counts on from its prompt's length), their key mask
+        (the prompt's padding hidden))."""
+        if self.cfg.pos_encoding == "alibi":  # its bias reads distances off the padded layout
+            raise ValueError("a shared prefix does not support ALiBi; run full rows")
+        shared = SharedPrefix(owner)
+        self(prompts, cache=shared, return_hidden=True)
+        shared.recording = False
+        B, T = idx.shape
+        row_len = prompt_len.index_select(0, owner)[:, None]
+        # Padding past a row's end may count past the position tables; no real token reads it.
+        positions = (row_len + torch.arange(T, device=idx.device)).clamp(max=self.cfg.max_seq_len - 1)
+        prompt_keys = torch.arange(prompts.shape[1], device=idx.device) < row_len
+        key_mask = torch.cat([prompt_keys, torch.ones(B, T, dtype=torch.bool, device=idx.device)], 1)
+        return shared, positions, key_mask
 
 
 # ----------------------------------------------------------------------------- sizes
