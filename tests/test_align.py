@@ -372,6 +372,23 @@ def test_grpo_runs_logs_rl_metrics_and_resumes(base_run, tmp_path, toy_task):
     assert full == pytest.approx([r["loss"] for r in steps], rel=1e-4, abs=1e-6)
 
 
+def test_grpo_without_kl_skips_the_reference(base_run, tmp_path, toy_task, monkeypatch):
+    """kl_coef=0: one forward per step (the policy's), no KL logged, the loss is the policy-gradient loss."""
+    from lmforge.align import grpo as grpo_module
+    from lmforge.align.grpo import GrpoConfig, grpo
+    from lmforge.config import resolve
+
+    calls = []
+    real = grpo_module.answer_logprobs
+    monkeypatch.setattr(grpo_module, "answer_logprobs", lambda *a: calls.append(1) or real(*a))
+    sets = {"max_steps": 2, "batch_size": 2, "group_size": 4, "max_new_tokens": 8, "eval_prompts": 0, "kl_coef": 0.0,
+            "train_prompts": 50, "log_every": 1, "lr": 1e-3, "warmup_steps": 1}  # fmt: skip
+    grpo(resolve(GrpoConfig, {}, {"base": str(base_run), "task": toy_task, "out": str(tmp_path / "g")}, sets))
+    steps = [r for r in _metrics(tmp_path / "g") if "loss" in r]
+    assert len(calls) == 2 and len(steps) == 2 and all("kl" not in r for r in steps)
+    assert all(r["loss"] == pytest.approx(r["pg_loss"], abs=1e-6) for r in steps)
+
+
 def test_grpo_stops_when_kl_explodes_keeping_the_last_checkpoint(base_run, tmp_path, toy_task):
     from lmforge.align.grpo import GrpoConfig, grpo
     from lmforge.config import resolve

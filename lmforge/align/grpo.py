@@ -57,7 +57,7 @@ class GrpoConfig(FinetuneConfig):
     max_new_tokens: int = 32  # longest sampled answer
     temperature: float = 1.0  # sampling temperature of the rollouts
     top_p: float = 1.0  # nucleus sampling of the rollouts (1 = off)
-    kl_coef: float = 0.04  # weight of KL(policy || reference) in the loss
+    kl_coef: float = 0.04  # weight of KL(policy || reference) in the loss (0: no reference pass, no KL logged)
     clip: float = 0.2  # PPO's ratio clip
     max_kl: float = 5.0  # stop if the mean per-token KL to the reference exceeds this (0 = never)
     train_prompts: int = 2000  # distinct training prompts drawn from the task
@@ -136,7 +136,8 @@ def grpo(cfg: GrpoConfig) -> dict:
 
 
 def _train(cfg: GrpoConfig, run: FinetuneRun, dd) -> dict:
-    ref = None if cfg.lora else copy.deepcopy(run.model).eval().requires_grad_(False)
+    keep_ref = cfg.kl_coef and not cfg.lora  # LoRA's reference is the base with its adapters off
+    ref = copy.deepcopy(run.model).eval().requires_grad_(False) if keep_ref else None
     trainable, total = run.make_trainable()
     if ref is not None:
         ref.to(run.device)
@@ -162,18 +163,14 @@ def _train(cfg: GrpoConfig, run: FinetuneRun, dd) -> dict:
         model_.eval()  # dropout off (TRL's disable_dropout): the log-probs are the sampling policy's own
         with run.autocast():
             logp, mask, entropy = answer_logprobs(model_, batch)
+        pg = policy_gradient_loss(logp, logp.detach(), batch["advantages"], mask, cfg.clip)
+        metrics = {**batch["stats"], "entropy": float(masked_mean(entropy, mask)), "pg_loss": float(pg.detach())}
+        if not cfg.kl_coef:  # no KL term: the reference pass is skipped (and no KL is logged)
+            return pg, batch["num_tokens"], metrics
         with torch.no_grad(), adapters_disabled(model) if ref is None else contextlib.nullcontext():
             ref_logp, _, _ = answer_logprobs(ref if ref is not None else model_, batch)
-        pg = policy_gradient_loss(logp, logp.detach(), batch["advantages"], mask, cfg.clip)
         kl = masked_mean(kl_per_token(logp, ref_logp), mask)
-        loss = pg + cfg.kl_coef * kl
-        metrics = {
-            **batch["stats"],
-            "kl": float(kl.detach()),
-            "entropy": float(masked_mean(entropy, mask)),
-            "pg_loss": float(pg.detach()),
-        }
-        return loss, batch["num_tokens"], metrics
+        return pg + cfg.kl_coef * kl, batch["num_tokens"], {**metrics, "kl": float(kl.detach())}
 
     def evaluate(step: int) -> dict | None:
         if not eval_items:
