@@ -183,6 +183,18 @@ def test_packed_sides_give_the_padded_rows_log_probs_and_gradients(pos):
         torch.testing.assert_close(a, b)
 
 
+def test_rollouts_sample_without_dropout_and_keep_the_training_mode():
+    from lmforge.align.rollout import sample
+    from lmforge.model.transformer import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=61, n_layer=2, d_model=32, n_head=4, max_seq_len=24, dropout=0.5))
+    prompts = [[1, 2, 3], [4, 5]]
+    want, _ = sample(model.eval(), prompts, 2, 8, temperature=0.0)
+    got, _ = sample(model.train(), prompts, 2, 8, temperature=0.0)
+    assert got == want and model.training
+
+
 def test_collate_shared_falls_back_to_full_rows_when_prompts_differ():
     from lmforge.align.batching import collate, collate_shared
 

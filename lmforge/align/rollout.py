@@ -30,9 +30,14 @@ def sample(model, prompts, n, max_new_tokens, *, temperature=1.0, top_p=1.0, see
     """n answers per prompt (prompt-major order) -> (answers' token lists, ended at a stop token)."""
     flat = [p for p in prompts for _ in range(n)]
     outs = []
-    for i in range(0, len(flat), chunk):
-        outs += generate(model, flat[i : i + chunk], max_new_tokens, temperature=temperature, top_p=top_p,
-                         seed=seed + i, stop_ids=stop_ids, pad_id=stop_ids[0] if stop_ids else 0)  # fmt: skip
+    was_training = model.training
+    model.eval()  # the policy without dropout: a stage's first rollout comes right after the loop's model.train()
+    try:
+        for i in range(0, len(flat), chunk):
+            outs += generate(model, flat[i : i + chunk], max_new_tokens, temperature=temperature, top_p=top_p,
+                             seed=seed + i, stop_ids=stop_ids, pad_id=stop_ids[0] if stop_ids else 0)  # fmt: skip
+    finally:
+        model.train(was_training)
     ended = [len(o) < max_new_tokens for o in outs]
     return outs, ended
 
