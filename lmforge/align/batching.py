@@ -94,10 +94,10 @@ def collate_packed(sides: list[tuple[list[int], list[bool]]], pad_id: int, devic
     bins: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(sides)), key=lambda i: -lengths[i]):
-        fit = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
-        if fit is None:
-            bins.append([]), room.append(C)
-            fit = len(bins) - 1
+        fit = next((b for b, free in enumerate(room) if lengths[i] <= free), len(bins))
+        if fit == len(bins):  # no row has room: a new one
+            bins.append([])
+            room.append(C)
         bins[fit].append(i)
         room[fit] -= lengths[i]
     shape = (len(bins), C)
