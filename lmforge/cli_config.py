@@ -24,7 +24,7 @@ import tokenize
 import types
 import typing
 
-from lmforge.config import LoopConfig, load_yaml, parse_set, resolve
+from lmforge.config import LoopConfig, load_yaml, parse_set, recipe_path, resolve
 from lmforge.data.textsplit import TextSplitFields
 
 
@@ -143,12 +143,12 @@ def add_config_command(subparsers, name: str, help: str, cls, run, *, rename: di
         name, help=help, description=description or help, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # --model must never be taken for --model.n-layer, nor --lr for --lr-something
     )  # fmt: skip
-    p.add_argument("--config", help=f"YAML recipe with {cls.__name__} fields")
+    p.add_argument("--config", help=f"YAML file of {cls.__name__} fields, or a packaged recipe (lmforge/recipes)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     add_config_flags(p, cls, rename, positional)
 
     def main(args: argparse.Namespace) -> int:
-        recipe = load_yaml(args.config) if args.config else {}
+        recipe = load_yaml(recipe_path(args.config)) if args.config else {}
         build = resolve_fn or functools.partial(resolve, cls)
         result = run(build(recipe, flags_of(args, cls), parse_set(args.set)))
         return exit_code(result, name) if exit_code else 0

@@ -81,6 +81,9 @@ class LoopConfig:
     # recompute each block's activations in the backward pass instead of keeping them: much less memory for about a
     # third more compute. on (or true), off (or false), or auto: on for models of 50M parameters or more (SmolLM2)
     activation_checkpointing: str = "auto"
+    # under torchrun: seconds to wait for every process to join (a rendezvous, a node still starting) and for any one
+    # collective (a checkpoint gathered to rank 0); then a one-line error instead of hanging
+    dist_timeout_s: float = 1800.0
 
     def loop_checks(self) -> list[tuple[bool, str]]:
         """The checks of the fields above (a stage's validate() adds its own)."""
@@ -105,6 +108,7 @@ class LoopConfig:
             (self.keep_last >= 1, "keep_last must be >= 1"),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}"),
             (self.nan_policy in ("stop", "skip"), "nan_policy must be stop or skip"),
+            (self.dist_timeout_s > 0, "dist_timeout_s must be > 0"),
             (
                 self.activation_checkpointing in ("auto", "on", "off"),
                 "activation_checkpointing must be auto, on or off",
@@ -199,6 +203,14 @@ def parse_set(items: list[str]) -> dict:
             node = node.setdefault(part, {})
         node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
     return out
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A YAML file as given, or a packaged recipe by name (`demo`, `gpt2-124m`: lmforge/recipes/NAME.yaml)."""
+    from importlib import resources
+
+    packaged = Path(str(resources.files("lmforge") / "recipes" / f"{name_or_path}.yaml"))
+    return packaged if not Path(name_or_path).exists() and packaged.is_file() else Path(name_or_path)
 
 
 def load_yaml(path: str | Path) -> dict:

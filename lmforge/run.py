@@ -31,10 +31,9 @@ import signal
 import sys
 import textwrap
 import time
-from importlib import resources
 from pathlib import Path
 
-from lmforge.config import did_you_mean, load_yaml, parse_set, resolve, to_dict
+from lmforge.config import did_you_mean, load_yaml, parse_set, recipe_path, resolve, to_dict
 from lmforge.data.corpora import shakespeare_files  # noqa: F401 (tests and benchmarks import it from here)
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write_json, atomic_write_text
@@ -63,13 +62,11 @@ def _merge(base: dict, updates: dict) -> dict:
 
 def load_recipe(path: str | None, sets: list[str]) -> dict:
     """A recipe file, or a packaged recipe by name (`demo`, `demo-zh`), with `--set` overrides merged in."""
-    packaged = resources.files("lmforge") / "recipes" / f"{path or 'demo'}.yaml"
-    if path is None or (not Path(path).exists() and packaged.is_file()):
-        recipe = load_yaml(packaged)
-    else:
-        recipe = load_yaml(path)
-    recipe = _merge(recipe, parse_set(sets))
+    recipe = _merge(load_yaml(recipe_path(path or "demo")), parse_set(sets))
     unknown = sorted(set(recipe) - RECIPE_KEYS)
+    if "preset" in unknown and "pretrain" not in recipe:  # gpt2-124m.yaml, llama-1b-fsdp.yaml
+        raise LmforgeError(f"recipe {path}: a pretraining config, not a pipeline recipe: "
+                           f"lmforge pretrain --config {path} --data SHARDS --out RUN_DIR")  # fmt: skip
     if unknown:
         raise LmforgeError(f"recipe: unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(RECIPE_KEYS))}")
     return recipe

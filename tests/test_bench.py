@@ -31,6 +31,8 @@ def test_bench_train_prints_one_json_line(capsys):
     assert result["tokens_per_s"] > 0
     assert result["params"] > 0 and result["flops_per_token"] > 0
     assert result["mfu"] is None  # no peak FLOP/s table entry for CPUs
+    assert result["bf16"] is False and result["memory_peak_bytes"] is None  # fp32 on CPU; a peak on CUDA only
+    assert result["memory_predicted_bytes"] > 16 * result["params"]  # weights, grads, AdamW and activations
 
 
 def test_time_train_steps_trains_and_returns_tokens_per_s():

@@ -140,6 +140,23 @@ def test_bad_inputs_one_line_exit_2(small_shards, tmp_path):
     assert p.returncode == 2 and "index.json" in p.stderr
 
 
+def test_unreachable_process_group_is_one_line_error(small_shards, tmp_path):
+    """A rank whose rendezvous address nobody serves (a node that never started, a wrong endpoint)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nobody listens there
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    p = cli(*_args(small_shards, tmp_path / "run", 3), "--set", "dist_timeout_s=1", "--device", "cpu", check=False,
+            env=env)  # fmt: skip
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines() == [
+        f"lmforge: error: cannot reach the process group's store at 127.0.0.1:{port} as rank 1 of 2 within 1 s (is "
+        + "the rendezvous endpoint reachable and every node started? see README: from laptop to cluster)"
+    ]
+
+
 def test_time_budget_exits_0_and_says_rerun_resumes(small_shards, tmp_path, capsys):
     from lmforge.cli import main
 
@@ -247,6 +264,34 @@ def test_smaller_micro_batch_keeps_the_sequences_per_step():
     from lmforge.train.common import smaller_micro_batch
 
     assert [smaller_micro_batch(b) for b in (16, 12, 6, 5, 2, 1)] == [8, 6, 3, 1, 1, None]
+
+
+@pytest.mark.parametrize(
+    "saved, saved_world, asked, world, expect",
+    [
+        ((4, 1), 2, (4, 1), 2, (4, 1)),  # same world, same split
+        ((2, 2), 2, (4, 1), 2, (2, 2)),  # same world: the checkpoint's (refitted) split wins
+        ((2, 1), 2, (2, 1), 1, (2, 2)),  # 2 -> 1: 4 sequences, micro-batch capped at the asked 2
+        ((4, 1), 1, (4, 1), 2, (2, 1)),  # 1 -> 2: 2 per process
+        ((3, 2), 4, (8, 1), 3, (8, 1)),  # 24 sequences on 3: 8 each in one micro-batch
+        ((3, 2), 4, (5, 1), 3, (4, 2)),  # ... micro-batch at most 5: the largest divisor of 8 below it
+    ],
+)
+def test_resume_keeps_the_sequences_per_step_on_another_world_size(saved, saved_world, asked, world, expect):
+    from lmforge.train.common import adopt_saved_batch_split
+
+    cfg = config("d", "o", batch_size=asked[0], grad_accum=asked[1])
+    got = adopt_saved_batch_split(cfg, {"batch_size": saved[0], "grad_accum": saved[1]}, "ckpt", saved_world, world)
+    assert (got.batch_size, got.grad_accum) == expect
+    assert got.batch_size * got.grad_accum * world == saved[0] * saved[1] * saved_world
+
+
+def test_resume_on_a_world_size_that_does_not_divide_is_an_error():
+    from lmforge.errors import LmforgeError
+    from lmforge.train.common import adopt_saved_batch_split
+
+    with pytest.raises(LmforgeError, match="cannot resume on 3 processes: the run takes 4 sequences per step"):
+        adopt_saved_batch_split(config("d", "o"), {"batch_size": 2, "grad_accum": 1}, "ckpt", 2, 3)
 
 
 def _oom_above(monkeypatch, limit: int) -> list[int]:

@@ -78,7 +78,7 @@ def pair_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def dpo(cfg: DpoConfig) -> dict:
     run = FinetuneRun(cfg, "dpo", resume_fields=("data", "loss", "beta", "simpo_gamma", "ipo_logps", "sft_coef",
                                                      "val_fraction"))  # fmt: skip
-    dd = setup_distributed(run.device)
+    dd = setup_distributed(run.device, run.cfg.dist_timeout_s)
     try:
         return _train(run.cfg, run, dd)
     finally:

@@ -128,7 +128,7 @@ class RolloutSource:
 
 def grpo(cfg: GrpoConfig) -> dict:
     run = FinetuneRun(cfg, "grpo", resume_fields=("task", "group_size", "train_prompts", "system"))
-    dd = setup_distributed(run.device)
+    dd = setup_distributed(run.device, run.cfg.dist_timeout_s)
     try:
         return _train(run.cfg, run, dd)
     finally:

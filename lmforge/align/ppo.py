@@ -238,7 +238,7 @@ class RolloutBuffer:
 def ppo(cfg: PpoConfig) -> dict:
     run = FinetuneRun(cfg, "ppo", resume_fields=("task", "reward_model", "prompts", "minibatches", "ppo_epochs",
                                                  "train_prompts", "eval_prompts", "system"))  # fmt: skip
-    dd = setup_distributed(run.device)
+    dd = setup_distributed(run.device, run.cfg.dist_timeout_s)
     try:
         return _train(run.cfg, run, dd)
     finally:

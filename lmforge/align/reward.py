@@ -73,7 +73,7 @@ def pairwise_accuracy(model, head, batches) -> dict:
 
 def train_reward(cfg: RewardConfig) -> dict:
     run = FinetuneRun(cfg, "reward", resume_fields=("data", "val_fraction"))
-    dd = setup_distributed(run.device)
+    dd = setup_distributed(run.device, run.cfg.dist_timeout_s)
     try:
         return _train(run.cfg, run, dd)
     finally:

@@ -2,11 +2,14 @@
 
     lmforge bench train --json                      # the tiny shape: L=4, d=256, T=256, V=8192, batch 16
     lmforge bench train --compile                   # what the training loop can switch on
+    lmforge bench train --n-layer 12 --d-model 768 --n-head 12 --seq-len 1024 --batch-size 16 --dtype bfloat16
     lmforge bench generate --batch-size 4 --json    # 128-token prompts, 256 new tokens, greedy
     lmforge bench generate --no-fused               # without the fused decode step (the model's own forward)
 
 Prints one JSON line (with --json) holding tokens_per_s, params, flops_per_token and mfu
-(achieved FLOP/s over the device's dense bf16 peak; null on CPU and unknown devices).
+(achieved FLOP/s over the device's dense bf16 peak; null on CPU and unknown devices); a training
+bench also holds memory_predicted_bytes (lmforge/train/memory.py) and, on CUDA, memory_peak_bytes
+(the allocator's peak), so the prediction can be checked on the GPU at hand.
 `time_train_steps` is also what benchmarks/train_speed.py uses to compare against nanoGPT
 and transformers side by side.
 """
@@ -21,6 +24,7 @@ import torch
 
 from lmforge.model.transformer import ModelConfig, Transformer, count_params, flops_per_token
 from lmforge.train.common import peak_flops, pick_device, tune_cpu_allocator
+from lmforge.train.memory import train_memory
 from lmforge.train.optim import make_optimizer
 
 
@@ -31,13 +35,13 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def time_train_steps(model, idx, targets, steps: int, warmup: int, optimizer=None) -> float:
+def time_train_steps(model, idx, targets, steps: int, warmup: int, optimizer=None, bf16: bool = False) -> float:
     """Tokens per second of a full training step (forward, backward, AdamW step), median over `steps`.
 
     `model(idx, targets)` must return `(logits, loss)`. Pass `optimizer` to keep its state
     across calls (benchmarks interleave models round by round); by default a plain AdamW.
     The first `warmup` steps are not timed (allocator warm-up, lazy init, torch.compile);
-    `steps=0` only warms up and returns nan.
+    `steps=0` only warms up and returns nan. `bf16`: the forward under bf16 autocast, as training on a GPU runs.
     """
     if optimizer is None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -45,7 +49,8 @@ def time_train_steps(model, idx, targets, steps: int, warmup: int, optimizer=Non
     device = idx.device
 
     def step():
-        _, loss = model(idx, targets)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            _, loss = model(idx, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -83,6 +88,7 @@ def _config(args, max_seq_len: int) -> ModelConfig:
 
 def bench_train(args) -> dict:
     device = pick_device(args.device)
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")  # as `lmforge pretrain`
     torch.manual_seed(0)
     cfg = _config(args, args.seq_len)
     model = Transformer(cfg).to(device)
@@ -93,13 +99,20 @@ def bench_train(args) -> dict:
     step_model = torch.compile(model) if args.compile else model
     idx = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), device=device)
     targets = torch.roll(idx, -1, dims=1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     if args.compile:  # compile outside the timed steps; report its cost separately
-        time_train_steps(step_model, idx, targets, steps=0, warmup=1, optimizer=optimizer)
+        time_train_steps(step_model, idx, targets, steps=0, warmup=1, optimizer=optimizer, bf16=bf16)
     compile_s = time.perf_counter() - t0 if args.compile else None
-    tps = time_train_steps(step_model, idx, targets, steps=args.steps, warmup=args.warmup, optimizer=optimizer)
+    tps = time_train_steps(step_model, idx, targets, steps=args.steps, warmup=args.warmup, optimizer=optimizer,
+                           bf16=bf16)  # fmt: skip
     fpt = flops_per_token(cfg, args.seq_len)
-    return _result("train", args, device, tps, params, fpt, compile_s=compile_s)
+    predicted = train_memory(cfg, batch_size=args.batch_size, seq_len=args.seq_len, bf16=bf16)["total"]
+    # The allocator's peak next to the prediction (CUDA only: on a CPU the process's RSS holds much else besides).
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return _result("train", args, device, tps, params, fpt, compile_s=compile_s, bf16=bf16,
+                   memory_predicted_bytes=predicted, memory_peak_bytes=peak)  # fmt: skip
 
 
 def bench_generate(args) -> dict:
@@ -162,6 +175,8 @@ def register(subparsers) -> None:
         q.add_argument("--json", action="store_true", help="print one JSON line")
         if name == "train":
             q.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+            q.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                           help="auto: bf16 autocast on CUDA, fp32 elsewhere (as lmforge pretrain)")  # fmt: skip
         else:
             q.add_argument("--prompt-len", type=int, default=128)
             q.add_argument("--new-tokens", type=int, default=256)

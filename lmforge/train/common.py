@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import math
 import os
 import signal
@@ -51,8 +52,12 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device: torch.device) -> Dist:
-    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); no-op otherwise."""
+def setup_distributed(device: torch.device, timeout_s: float = 1800.0) -> Dist:
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); no-op otherwise.
+
+    A group that cannot be joined within `timeout_s` (an endpoint nobody listens on, a node that never started) is a
+    one-line error naming the address, not a hang or a traceback.
+    """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Dist()
     d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
@@ -60,8 +65,38 @@ def setup_distributed(device: torch.device) -> Dist:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        hint = "is the rendezvous endpoint reachable and every node started? see README: from laptop to cluster"
+        # Rank 0 hosts the store itself unless torchrun's agent does; everyone else first waits for it to listen,
+        # so an address nobody serves is this one line rather than c10d's retries with C++ backtraces.
+        if d.rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            _wait_for_listener(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "0")),
+                               timeout_s, f"cannot reach the process group's store at {where} as rank {d.rank} of "
+                               f"{d.world_size} within {timeout_s:g} s ({hint})")  # fmt: skip
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError, TimeoutError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
+            raise LmforgeError(
+                f"cannot join the process group at {where} as rank {d.rank} of {d.world_size} within "
+                f"{timeout_s:g} s: {str(e).splitlines()[0] if str(e) else type(e).__name__} ({hint})"
+            ) from None
     return d
+
+
+def _wait_for_listener(host: str, port: int, timeout_s: float, message: str) -> None:
+    """Return once `host:port` accepts a TCP connection; LmforgeError(message) after `timeout_s` without one."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=min(5.0, timeout_s)).close()
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise LmforgeError(message) from None
+            time.sleep(0.2)
 
 
 def teardown_distributed() -> None:
@@ -123,14 +158,36 @@ def smaller_micro_batch(batch_size: int) -> int | None:
     return None
 
 
-def adopt_saved_batch_split(cfg, saved: dict, where):
-    """Resume check for the batch: the sequences per step must match the checkpoint's; returns `cfg` with the
-    checkpoint's micro-batch split.
+def launched_world_size() -> int:
+    """Processes in this run as torchrun launched it (1 without torchrun); readable before the group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
 
-    A run whose micro-batch was shrunk to fit memory saved the split it used, so rerunning the
-    original command resumes with that split (the same losses as the run so far) instead of refusing.
+
+def adopt_saved_batch_split(cfg, saved: dict, where, saved_world: int = 1, world: int = 1):
+    """Resume check for the batch: the sequences per optimizer step must be the checkpoint's; returns `cfg` with the
+    micro-batch split that keeps them on `world` processes.
+
+    Same world size: the checkpoint's own split. A run whose micro-batch was shrunk to fit memory saved the split it
+    used, so rerunning the original command resumes with that split (the same losses as the run so far).
+    Another world size (a run saved by N processes resumed on M, checkpoints hold whole tensors): the checkpoint's
+    sequences per step G are split as G / M per process, micro-batch at most the asked batch_size, the rest
+    accumulated; the loaders count positions over all processes, so the steps see the same rows as before.
     """
     b, a = int(saved.get("batch_size", 0)), int(saved.get("grad_accum", 0))
+    if world != saved_world:
+        total = b * a * saved_world
+        if total % world:
+            raise LmforgeError(
+                f"{where}: cannot resume on {world} processes: the run takes {total} sequences per step "
+                f"(saved by {saved_world} processes), which do not split evenly over {world}"
+            )
+        per_rank = total // world
+        micro = max(d for d in range(1, min(cfg.batch_size, per_rank) + 1) if per_rank % d == 0)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"lmforge: resuming a run of {saved_world} process(es) on {world}: micro-batch {micro} x "
+                  f"{per_rank // micro} accumulation per process (the same {total} sequences per step)",
+                  file=sys.stderr)  # fmt: skip
+        return dataclasses.replace(cfg, batch_size=micro, grad_accum=per_rank // micro)
     if b * a != cfg.batch_size * cfg.grad_accum:
         raise LmforgeError(
             f"{where}: cannot resume: {b * a} sequences per step (batch_size {b} x grad_accum {a}) in the checkpoint "
@@ -175,6 +232,11 @@ def peak_flops(device: torch.device) -> float | None:
 CHECKPOINTING_AUTO_PARAMS = 50_000_000  # `activation_checkpointing: auto` turns it on from this model size up
 
 
+def checkpointing_on(setting: str, params: int) -> bool:
+    """What `activation_checkpointing` (auto, on, off) resolves to for a model of `params` parameters."""
+    return setting == "on" or (setting == "auto" and params >= CHECKPOINTING_AUTO_PARAMS)
+
+
 def set_activation_checkpointing(model: torch.nn.Module, setting: str) -> tuple[bool, int]:
     """Apply `activation_checkpointing` (auto, on, off) to every lmforge Transformer inside `model` (a DDP/FSDP
     wrapper, a policy with a value head); returns (on, parameters of the largest). auto: on from 50M parameters."""
@@ -182,7 +244,7 @@ def set_activation_checkpointing(model: torch.nn.Module, setting: str) -> tuple[
 
     found = [m for m in model.modules() if isinstance(m, Transformer)]
     size = max((sum(p.numel() for p in m.parameters()) for m in found), default=0)
-    on = setting == "on" or (setting == "auto" and size >= CHECKPOINTING_AUTO_PARAMS)
+    on = checkpointing_on(setting, size)
     for m in found:
         m.checkpointing = on
     return on, size

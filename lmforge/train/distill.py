@@ -127,7 +127,8 @@ def load_teacher(path: str) -> Teacher:
 def distill(cfg: DistillConfig) -> dict:
     """Run (or resume) a distillation as configured; returns the last metrics record (and the SFT result's fields)."""
     teacher = load_teacher(cfg.teacher)
-    dd = setup_distributed(pick_device(cfg.device))  # under torchrun: rank 0 writes, the others wait for it
+    # Under torchrun: rank 0 writes, the others wait for it.
+    dd = setup_distributed(pick_device(cfg.device), cfg.dist_timeout_s)
     try:
         return (_sequence_level if cfg.from_generations else _logit_level)(cfg, teacher, dd)
     finally:

@@ -35,7 +35,7 @@ from lmforge.model.lora import LoraConfig, apply_lora, load_lora_tensors, lora_t
 from lmforge.model.transformer import param_part
 from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.common import adopt_saved_batch_split, pick_device, stop_exit_code
+from lmforge.train.common import adopt_saved_batch_split, launched_world_size, pick_device, stop_exit_code
 from lmforge.train.loop import Hooks, refit_loader
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.optim import make_optimizer
@@ -131,7 +131,8 @@ class FinetuneRun:
                         f"{self.resume_from}: cannot resume: {key} is {saved.get(key)!r} in the checkpoint "
                         f"but {getattr(cfg, key)!r} now (use a new --out, or the same config)"
                     )
-            cfg = adopt_saved_batch_split(cfg, saved, self.resume_from)
+            world = launched_world_size()
+            cfg = adopt_saved_batch_split(cfg, saved, self.resume_from, self.meta.get("world_size", world), world)
             if self.meta["base"]["fingerprint"] != self.base_fingerprint:
                 raise LmforgeError(f"{self.resume_from}: cannot resume: the base model {cfg.base} changed since")
         self.cfg = cfg
@@ -215,6 +216,7 @@ class FinetuneRun:
             opt_tensors, opt_meta = ckpt.optimizer_tensors(optimizer.state_dict())
             meta = {"model_config": model.cfg.to_dict(), "train_config": to_dict(cfg), "tokenizer": tok_meta,
                     "base": base_info, "loader": loader.state_dict(), "tokens_seen": tokens_seen, "stage": self.stage,
+                    "world_size": launched_world_size(),
                     **(extra_meta or {})}  # fmt: skip
             if cfg.lora:
                 meta["adapter"] = cfg.lora_config.to_dict()

@@ -132,7 +132,7 @@ def register(subparsers) -> None:
                        description=__doc__, exit_code=stop_exit_code)  # fmt: skip
 
 
-def _check_resume(meta: dict, cfg, path: Path) -> None:
+def _check_resume(meta: dict, cfg, path: Path, world: int) -> TrainConfig:
     saved_model, saved_train = meta["model_config"], meta["train_config"]
     for key, value in cfg.model.to_dict().items():
         if saved_model.get(key) != value:
@@ -145,7 +145,8 @@ def _check_resume(meta: dict, cfg, path: Path) -> None:
             raise LmforgeError(
                 f"{path}: cannot resume: {key} is {saved_train.get(key)!r} in the checkpoint but {getattr(cfg, key)!r} now"
             )
-    return adopt_saved_batch_split(cfg, saved_train, path)
+    # Checkpoints hold whole tensors (gathered under FSDP), so any number of processes can resume them.
+    return adopt_saved_batch_split(cfg, saved_train, path, meta.get("world_size", world), world)
 
 
 def pretrain(cfg: TrainConfig) -> dict:
@@ -158,7 +159,7 @@ def pretrain(cfg: TrainConfig) -> dict:
     device = pick_device(cfg.device)
     if device.type == "cpu":
         tune_cpu_allocator()
-    dd = setup_distributed(device)
+    dd = setup_distributed(device, cfg.dist_timeout_s)
     try:
         return _train(cfg, run_dir, device, dd)
     finally:
@@ -178,7 +179,7 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
     existing = ckpt.list_checkpoints(run_dir)
     meta = ckpt.read_meta(existing[-1]) if existing else None
     if meta is not None:
-        cfg = _check_resume(meta, cfg, existing[-1])
+        cfg = _check_resume(meta, cfg, existing[-1], dd.world_size)
         if meta["tokenizer"]["hash"] != index["tokenizer_hash"]:
             raise LmforgeError(
                 f"{cfg.data}: shards were made with tokenizer {index['tokenizer_hash']}, "
@@ -349,22 +350,37 @@ def _fully_shard(model) -> None:
 
 
 def _full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state dicts (gathered to CPU under FSDP)."""
-    if not fsdp:
-        return model.state_dict(), optimizer.state_dict()
+    """Whole model and optimizer state dicts, the same whatever the number of processes (gathered to CPU under FSDP).
+
+    AdamW's state is keyed by parameter name rather than position, so a checkpoint saved under FSDP resumes
+    on one process or under DDP and the other way round. Muon's pair of optimizers keeps its own keys
+    (it never runs under FSDP: validate refuses it).
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    model_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) if fsdp \
+        else model.state_dict()  # fmt: skip
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return model_sd, optimizer.state_dict()
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True) if fsdp else StateDictOptions()
+    return model_sd, get_optimizer_state_dict(model, optimizer, options=opts)
 
 
 def _load_optimizer(model, optimizer, state: dict, fsdp: bool, where: Path) -> None:
+    """Restore `_full_state`'s optimizer state: by parameter name (any number of processes, FSDP or not), or by
+    position (checkpoints written before names, and Muon's pair)."""
+    by_name = any(isinstance(k, str) and not k[:1].isdigit() for k in state["state"]) or any(
+        isinstance(p, str) for g in state["param_groups"] for p in g.get("params", [])
+    )
     try:
-        if fsdp:
+        if by_name and isinstance(optimizer, torch.optim.Optimizer):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+            opts = StateDictOptions(full_state_dict=True) if fsdp else StateDictOptions()
+            set_optimizer_state_dict(model, optimizer, state, options=opts)
+        elif fsdp:
+            raise ValueError("it keys parameters by position; FSDP needs them by name (resume it without FSDP once)")
         else:
             optimizer.load_state_dict(state)
-    except (ValueError, KeyError, RuntimeError) as e:
+    except (ValueError, KeyError, RuntimeError, AssertionError) as e:
         raise LmforgeError(f"{where}: optimizer state does not fit this run ({str(e).splitlines()[0]})") from None

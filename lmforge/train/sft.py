@@ -64,7 +64,7 @@ def register(subparsers) -> None:
 def sft(cfg: SftConfig) -> dict:
     """Run (or resume) supervised fine-tuning; returns {"val_loss_before", "val_loss_after", ...}."""
     run = FinetuneRun(cfg, "sft", resume_fields=("data", "data_format", "system", "val_fraction"))
-    dd = setup_distributed(run.device)
+    dd = setup_distributed(run.device, run.cfg.dist_timeout_s)
     try:
         return _sft(run.cfg, run, dd)
     finally:
