@@ -47,7 +47,11 @@ def open_checkpoint(source: str | Path):
     meta = read_meta(ckpt)
     if meta.get("quantization"):
         raise LmforgeError(f"{ckpt} is quantized ({meta['quantization'].get('method')}); export its float source")
-    return ckpt, meta, ModelConfig.from_dict(meta["model_config"])
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    if cfg.n_experts:
+        raise LmforgeError(f"{ckpt}: a mixture-of-experts model (n_experts={cfg.n_experts}); export does not write "
+                           "expert layouts (Mixtral, Qwen-MoE) yet")  # fmt: skip
+    return ckpt, meta, cfg
 
 
 def checkpoint_tensors(ckpt: Path, meta: dict, cfg) -> dict:

@@ -69,6 +69,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
     meta = read_meta(ckpt)
     if meta.get("quantization"):
         raise LmforgeError(f"{ckpt} is already quantized ({meta['quantization']['method']}); quantize the float model")
+    if meta["model_config"].get("n_experts"):  # its experts are stacked tensors, not the linears quantize replaces
+        raise LmforgeError(f"{ckpt}: a mixture-of-experts model; quantize does not quantize experts yet")
     qcfg = quant_config(cfg.method, cfg.group_size)
     tok_dir = tokenizer_dir(ckpt, meta)
     if not (tok_dir / "tokenizer.json").is_file():

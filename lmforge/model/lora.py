@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, warn
 from lmforge.model.matmul import Linear, linear
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -96,6 +96,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     found = _linears(model, cfg.targets)
+    experts = getattr(getattr(model, "cfg", None), "n_experts", 0)
+    if experts and {"gate_proj", "up_proj", "down_proj"} & set(cfg.targets):
+        warn("lora: a mixture-of-experts model's experts are stacked tensors, not linears: they get no adapters")
     if not found:
         raise LmforgeError(f"lora: no linear layer named {list(cfg.targets)} in the model")
     for parent, name, child in found:

@@ -7,8 +7,9 @@
 
 Architecture variants are config fields, not subclasses:
 positional encoding (RoPE, sinusoidal, learned, ALiBi), norm (RMSNorm,
-LayerNorm; always pre-norm), MLP (SwiGLU, GELU), heads (MHA, GQA, MQA through
-`n_kv_head`), tied or untied embeddings, optional QK-norm.
+LayerNorm; always pre-norm), MLP (SwiGLU, GELU; dense or a mixture of top-k routed
+experts through `n_experts`), heads (MHA, GQA, MQA through `n_kv_head`), tied or untied
+embeddings, optional QK-norm.
 
 Parameter names follow Hugging Face's Llama (`embed_tokens`, `layers.N.self_attn.q_proj`,
 `layers.N.mlp.gate_proj`, `input_layernorm`, `norm`, `lm_head`), without the leading
@@ -29,7 +30,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.model.losses import linear_cross_entropy
+from lmforge.model.losses import IGNORE_INDEX, linear_cross_entropy
 from lmforge.model.matmul import Linear
 
 POS_ENCODINGS = ("rope", "sinusoidal", "learned", "alibi")
@@ -63,6 +64,11 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2 style); implied by `bias`
     dropout: float = 0.0  # dropout on embeddings, attention and residual branches (training only)
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    # Mixture of experts: 0 = a dense MLP; E > 0 = every block's MLP is E experts of width d_ff, each token routed to
+    # the experts_top_k best (Mixtral, Qwen-MoE); moe_aux_coef weighs the load-balancing loss added in training
+    n_experts: int = 0
+    experts_top_k: int = 2  # experts each token runs through (with n_experts > 0)
+    moe_aux_coef: float = 0.01  # Switch Transformer's balance loss E * sum_e f_e * P_e; its minimum 1 is at balance
 
     def __post_init__(self):  # frozen: the derived widths are filled in once, here
         if self.n_kv_head is None:
@@ -94,6 +100,11 @@ class ModelConfig:
             raise LmforgeError(f"model.pos_encoding=sinusoidal needs an even d_model, got {self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
             raise LmforgeError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.n_experts < 0 or (self.n_experts and not 1 <= self.experts_top_k <= self.n_experts):
+            raise LmforgeError(f"model.experts_top_k must be in [1, n_experts={self.n_experts}] and n_experts >= 0, "
+                               f"got n_experts={self.n_experts}, experts_top_k={self.experts_top_k}")  # fmt: skip
+        if self.moe_aux_coef < 0:
+            raise LmforgeError(f"model.moe_aux_coef must be >= 0, got {self.moe_aux_coef}")
         return self
 
     def to_dict(self) -> dict:
@@ -271,13 +282,69 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x) if self.swiglu else None, self.up_proj(x)))
 
 
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k routing of N tokens over E experts from the router's logits (N, E): (weights (N, k) summing to 1 per
+    token (the softmax over all experts, renormalized over the k chosen, as Mixtral and Qwen-MoE do), experts
+    (N, k), the load-balancing loss). The loss is Switch Transformer's E * sum_e f_e * P_e (Fedus et al. 2021),
+    f_e the share of the N * k assignments that went to expert e and P_e its mean routing probability: 1 when
+    both are uniform, up to E when one expert takes everything; only P carries a gradient."""
+    probs = logits.float().softmax(-1)
+    weights, experts = probs.topk(k, dim=-1)
+    n_experts = logits.shape[-1]
+    share = torch.bincount(experts.flatten(), minlength=n_experts).to(probs.dtype) / experts.numel()
+    balance = n_experts * (share * probs.mean(0)).sum()
+    return weights / weights.sum(-1, keepdim=True), experts, balance
+
+
+class MoE(nn.Module):
+    """A mixture of experts in place of the MLP: a router (`gate`) picks each token's top-k experts and their
+    outputs are mixed by the routing weights.
+
+    The experts' weights are stacked, (E, d_ff, d) and (E, d, d_ff), and run as batched matrix products: the
+    token-expert assignments are sorted by expert into an (E, C, d) buffer, C the largest expert's count (the
+    others padded with zeros), so the work is three `bmm`s whatever E is, never a Python loop over experts, and
+    no token is dropped. The balance loss of the last training forward is left in `aux_loss` for the model to add.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, d, ff = cfg.n_experts, cfg.d_model, cfg.d_ff
+        self.k, self.swiglu, self.act = cfg.experts_top_k, cfg.mlp == "swiglu", ACTIVATIONS[cfg.mlp]
+        self.gate = Linear(d, E, bias=False)
+        if self.swiglu:
+            self.gate_proj = nn.Parameter(torch.empty(E, ff, d))
+        self.up_proj = nn.Parameter(torch.empty(E, ff, d))
+        self.down_proj = nn.Parameter(torch.empty(E, d, ff))
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x):
+        shape, d = x.shape, x.shape[-1]
+        flat = x.reshape(-1, d)
+        weights, experts, balance = route(self.gate(flat), self.k)
+        self.aux_loss = balance if self.training else None
+        # Sort the N * k assignments by expert; each gets a row (its slot) in its expert's part of the buffer.
+        expert_of = experts.flatten()
+        order = expert_of.argsort(stable=True)
+        counts = torch.bincount(expert_of, minlength=self.up_proj.shape[0])
+        sorted_expert = expert_of[order]
+        slot = torch.arange(len(order), device=x.device) - (counts.cumsum(0) - counts)[sorted_expert]
+        token = order // self.k
+        buf = flat.new_zeros(self.up_proj.shape[0], int(counts.max()), d)
+        buf[sorted_expert, slot] = flat[token]
+        gate = torch.bmm(buf, self.gate_proj.to(buf.dtype).transpose(1, 2)) if self.swiglu else None
+        hidden = self.act(gate, torch.bmm(buf, self.up_proj.to(buf.dtype).transpose(1, 2)))
+        out = torch.bmm(hidden, self.down_proj.to(buf.dtype).transpose(1, 2))[sorted_expert, slot]
+        out = out * weights.flatten()[order, None].to(out.dtype)
+        return flat.new_zeros(flat.shape).index_add_(0, token, out.to(flat.dtype)).view(shape)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = make_norm(cfg, cfg.d_model)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, cache):
@@ -313,7 +380,9 @@ class Transformer(nn.Module):
         self.apply(self._init_weights)
         # GPT-2: scale the residual output projections by 1/sqrt(2 * n_layer) so the stream's variance stays put.
         for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if name.endswith(("mlp.gate_proj", "mlp.up_proj")):  # stacked experts: what _init_weights gives a Linear
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std)
+            if name.endswith(("o_proj.weight", "down_proj.weight", "mlp.down_proj")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, module):
@@ -426,6 +495,11 @@ class Transformer(nn.Module):
             return self.lm_head(x), None
         # Training never materializes the (tokens x vocab) logits: the head and the loss run in chunks.
         loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), loss_reduction)
+        if self.cfg.n_experts and self.training and self.cfg.moe_aux_coef:
+            # The blocks' mean balance loss, per token as the loss is (a summed loss gets it once per counted token).
+            balance = torch.stack([block.mlp.aux_loss for block in self.layers]).mean().to(loss.dtype)
+            per = 1 if loss_reduction == "mean" else (targets != IGNORE_INDEX).sum()
+            loss = loss + self.cfg.moe_aux_coef * balance * per
         return None, loss
 
     def _run_prefix(self, idx, prompts, prompt_len, owner):
@@ -477,11 +551,14 @@ def count_params(model: nn.Module) -> dict[str, int]:
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM appendix.
 
-    6 * (non-embedding matmul params + head) + 12 * n_layer * d_model * seq_len for attention scores.
+    6 * (non-embedding matmul params + head) + 12 * n_layer * d_model * seq_len for attention scores; with
+    experts, the matmul parameters a token is active through (router and top-k experts, not all E).
     """
     T = seq_len or cfg.max_seq_len
     hd = cfg.head_dim
     attn = cfg.d_model * hd * (2 * cfg.n_head + 2 * cfg.n_kv_head)
     mlp = cfg.d_model * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
+    if cfg.n_experts:  # active parameters: the router and the k experts a token runs through
+        mlp = cfg.experts_top_k * mlp + cfg.d_model * cfg.n_experts
     matmul_params = cfg.n_layer * (attn + mlp) + cfg.d_model * cfg.vocab_size
     return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.d_model * T
