@@ -72,8 +72,8 @@ def nanogpt_workdir(work: Path, data: Path) -> Path:
         ds.mkdir(parents=True, exist_ok=True)
         index = load_index(data)
         for split in ("train", "val"):
-            tokens = TokenStream(data, split, index).read(0, TokenStream(data, split, index).total)
-            tokens.astype(np.uint16).tofile(ds / f"{split}.bin")
+            stream = TokenStream(data, split, index)
+            stream.read(0, stream.total).astype(np.uint16).tofile(ds / f"{split}.bin")
         with open(ds / "meta.pkl", "wb") as f:  # nanoGPT's own format: it reads vocab_size from here
             pickle.dump({"vocab_size": index["vocab_size"]}, f)
     for ours, theirs in (("nanogpt_train.py", "train.py"), ("nanogpt_model.py", "model.py"),

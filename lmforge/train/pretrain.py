@@ -358,20 +358,18 @@ def _full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    model_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) if fsdp \
-        else model.state_dict()  # fmt: skip
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True) if fsdp else StateDictOptions()
+    model_sd = get_model_state_dict(model, options=opts) if fsdp else model.state_dict()
     if not isinstance(optimizer, torch.optim.Optimizer):
         return model_sd, optimizer.state_dict()
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True) if fsdp else StateDictOptions()
     return model_sd, get_optimizer_state_dict(model, optimizer, options=opts)
 
 
 def _load_optimizer(model, optimizer, state: dict, fsdp: bool, where: Path) -> None:
     """Restore `_full_state`'s optimizer state: by parameter name (any number of processes, FSDP or not), or by
     position (checkpoints written before names, and Muon's pair)."""
-    by_name = any(isinstance(k, str) and not k[:1].isdigit() for k in state["state"]) or any(
-        isinstance(p, str) for g in state["param_groups"] for p in g.get("params", [])
-    )
+    # Groups list parameter names ("layers.0.mlp.up_proj.weight"), positions (0, 1, ...) or Muon's "i:position".
+    by_name = any(isinstance(p, str) and not p[:1].isdigit() for g in state["param_groups"] for p in g["params"])
     try:
         if by_name and isinstance(optimizer, torch.optim.Optimizer):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
