@@ -23,7 +23,7 @@ from lmforge.errors import LmforgeError
 # them: most import torch (seconds). tests/test_data_cli_imports.py checks this table against what they register.
 COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "run": (("lmforge.run",), "run a whole recipe (default: the CPU demo on Shakespeare)"),
-    "tokenizer": (("lmforge.tokenizer.cli",), "train or extend a byte-level BPE tokenizer"),
+    "tokenizer": (("lmforge.tokenizer.cli",), "train (BPE or WordPiece) or extend a tokenizer"),
     "data": (
         (
             "lmforge.data.tokenize_cmd",
@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "params": (("lmforge.params",), "parameter count by part and FLOPs per token of a model config"),
     "pretrain": (("lmforge.train.pretrain",), "pretrain a model on token shards (resumes if RUN_DIR has a checkpoint)"),
     "sft": (("lmforge.train.sft",), "instruction-tune a model on conversations (answer-only loss; --lora)"),
+    "finetune-cls": (
+        ("lmforge.train.classify",),
+        "fine-tune a classifier (encoder [CLS] or decoder last token) on labelled text: accuracy, F1 per class",
+    ),
     "distill": (("lmforge.train.distill",), "distill a teacher into a student (logit KD, or SFT on its answers)"),
     "prefs": (("lmforge.align.prefs",), "build preference pairs from real signals (chitchat ratings, tasks)"),
     "reward": (("lmforge.align.reward",), "train a reward model on preference pairs (pairwise ranking loss)"),

@@ -43,7 +43,7 @@ from lmforge.data.shards import DTYPES, VERSION, ShardWriter, dtype_for_vocab
 from lmforge.data.textsplit import TextSplit, TextSplitFields, nbytes
 from lmforge.errors import LmforgeError, warn
 from lmforge.fileio import atomic_write_json
-from lmforge.tokenizer.special import EOT, load_tokenizer, tokenizer_hash
+from lmforge.tokenizer.special import EOT, document_end_id, load_tokenizer, tokenizer_hash
 
 CHUNK_BYTES = 1_000_000  # documents go to the encoder in chunks of about this many bytes (or CHUNK_DOCS docs)
 CHUNK_DOCS = 1024
@@ -107,7 +107,7 @@ def _init_encoder(tokenizer_dir: str, single_thread: bool) -> None:
 
 def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
     """Encode a chunk of documents: per document its tokens, EOT appended."""
-    eot = _tok.token_to_id(EOT)
+    eot = document_end_id(_tok)
     tokens = []
     for enc in _tok.encode_batch_fast(texts, add_special_tokens=False):
         arr = np.empty(len(enc.ids) + 1, dtype=_dtype)
@@ -179,9 +179,11 @@ def tokenize_corpus(
         raise LmforgeError(f"--workers must be at least 1, got {workers}")
     split = split or TextSplit()
     tok = load_tokenizer(tokenizer_dir)
-    eot_id = tok.token_to_id(EOT)
+    eot_id = document_end_id(tok)
     if eot_id is None:
-        raise LmforgeError(f"{Path(tokenizer_dir) / 'tokenizer.json'}: has no {EOT} token to end documents with")
+        raise LmforgeError(
+            f"{Path(tokenizer_dir) / 'tokenizer.json'}: has no {EOT} (or [SEP]) token to end documents with"
+        )
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     list_files(inputs)  # fail on a missing input before touching `out`
     out = Path(out)

@@ -60,8 +60,14 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where) -> None:
-    """Raise a one-line LmforgeError unless `tensors` are exactly the weights `Transformer(cfg)` wants."""
-    want = expected_shapes(cfg)
+    """Raise a one-line LmforgeError unless `tensors` are exactly the weights `Transformer(cfg)` (or, for an encoder,
+    `Encoder(cfg)`) wants."""
+    if cfg.family == "encoder":
+        from lmforge.hub.bert import expected_encoder_shapes
+
+        want = expected_encoder_shapes(cfg)
+    else:
+        want = expected_shapes(cfg)
     missing = sorted(set(want) - set(tensors))
     unexpected = sorted(set(tensors) - set(want))
     if missing:

@@ -78,6 +78,8 @@ def export_hf(source: str | Path, out: str | Path, dtype: str = "auto") -> dict:
 
     ckpt, meta, cfg = open_checkpoint(source)
     check_out_dir(out, ckpt, "config.json")
+    if cfg.family == "encoder":
+        return _export_bert(ckpt, meta, cfg, out, dtype)
     bad = unsupported_for_hf(cfg)
     if bad is not None:
         raise LmforgeError(f"{ckpt}: {bad} cannot be exported to Hugging Face Llama/Qwen2")
@@ -99,6 +101,22 @@ def export_hf(source: str | Path, out: str | Path, dtype: str = "auto") -> dict:
     return {"architecture": arch, "params": n_params(tensors), "dtype": dtype_name, "from": str(ckpt), "out": str(out)}
 
 
+def _export_bert(ckpt: Path, meta: dict, cfg, out, dtype: str) -> dict:
+    """An encoder checkpoint as a transformers BERT folder (lmforge/hub/bert.py)."""
+    from lmforge.fileio import atomic_dir
+    from lmforge.hub.bert import write_hf_bert
+    from lmforge.hub.common import DTYPE_NAMES, DTYPES, cast, n_params
+    from lmforge.train.checkpoint import tokenizer_dir
+
+    tensors = checkpoint_tensors(ckpt, meta, cfg)
+    if dtype != "auto":
+        tensors = cast(tensors, DTYPES[dtype])
+    dtype_name = DTYPE_NAMES.get(tensors["embed_tokens.weight"].dtype, "float32")
+    with atomic_dir(out) as tmp:
+        arch = write_hf_bert(tmp, tensors, cfg, tokenizer_dir(ckpt, meta), dtype_name, meta.get("labels"))
+    return {"architecture": arch, "params": n_params(tensors), "dtype": dtype_name, "from": str(ckpt), "out": str(out)}
+
+
 def run(args) -> int:
     allowed = DTYPES_BY_FORMAT[args.format]
     dtype = args.dtype or allowed[0]
@@ -108,6 +126,11 @@ def run(args) -> int:
         raise LmforgeError("--modelfile goes with --format gguf (an Ollama Modelfile points at a GGUF file)")
     if args.format == "gguf":
         from lmforge.hub.gguf_export import export_gguf
+        from lmforge.model.transformer import ModelConfig
+        from lmforge.train.checkpoint import read_meta, resolve_checkpoint
+
+        if ModelConfig.from_dict(read_meta(resolve_checkpoint(args.checkpoint))["model_config"]).family == "encoder":
+            raise LmforgeError(f"{args.checkpoint}: an encoder; GGUF export writes decoders (use --format hf: BERT)")
 
         s = export_gguf(args.checkpoint, args.out, dtype, modelfile=args.modelfile)
         extra = f" (+ {s['modelfile']})" if s["modelfile"] else ""

@@ -209,6 +209,10 @@ def read_hf_folder(folder: Path) -> Imported:
             f"{folder / 'config.json'}: not found (expected a Hugging Face model folder or a .gguf file)"
         )
     hf = read_json(folder / "config.json")
+    if hf.get("model_type") == "bert":
+        from lmforge.hub.bert import read_bert_folder
+
+        return read_bert_folder(folder, hf)
     cfg, arch, notes = config_from_hf(hf, folder / "config.json")
     tokenizer_files = read_hf_tokenizer(folder, hf, cfg.vocab_size)  # first: cheap, so its errors come fast
     tensors = read_hf_tensors(folder, cfg.tie_embeddings)

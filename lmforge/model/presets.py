@@ -38,7 +38,36 @@ def smollm2_135m() -> ModelConfig:
     )  # fmt: skip
 
 
-PRESETS = {"tiny": tiny, "gpt2-124m": gpt2_124m, "llama-1b": llama_1b, "smollm2-135m": smollm2_135m}
+def _bert(**shape) -> ModelConfig:
+    """BERT's architecture (Devlin et al. 2019): post-norm LayerNorm blocks with biases, exact GELU, learned
+    positions, two token types, dropout 0.1, the MLM head tied to the embedding; vocabulary from the data."""
+    return ModelConfig(
+        family="encoder", vocab_size=30522, max_seq_len=512, pos_encoding="learned", norm="layernorm", norm_eps=1e-12,
+        mlp="gelu_erf", bias=True, prenorm=False, type_vocab_size=2, dropout=0.1, tie_embeddings=True, **shape,
+    )  # fmt: skip
+
+
+def bert_mini() -> ModelConfig:
+    """BERT-mini (Turc et al. 2019, "Well-Read Students Learn Better"): 4 layers, 256 wide, 4 heads; ~11M params
+    with BERT's 30k vocabulary. Pretrains on a CPU in minutes."""
+    return _bert(n_layer=4, d_model=256, n_head=4)
+
+
+def bert_base() -> ModelConfig:
+    """BERT-base: 12 layers, 768 wide, 12 heads (110M parameters with the 30k vocabulary)."""
+    return _bert(n_layer=12, d_model=768, n_head=12)
+
+
+def albert_base() -> ModelConfig:
+    """ALBERT-base (Lan et al. 2020): BERT-base's shape with a 128-wide factorized embedding and one block's weights
+    shared by all 12 layers (12M parameters instead of 110M)."""
+    return _bert(n_layer=12, d_model=768, n_head=12, embedding_size=128, share_layers=True)
+
+
+PRESETS = {
+    "tiny": tiny, "gpt2-124m": gpt2_124m, "llama-1b": llama_1b, "smollm2-135m": smollm2_135m,
+    "bert-mini": bert_mini, "bert-base": bert_base, "albert-base": albert_base,
+}  # fmt: skip
 
 
 def preset(name: str) -> ModelConfig:

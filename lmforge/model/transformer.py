@@ -39,8 +39,10 @@ NORMS = ("rmsnorm", "layernorm")
 # The training forward and generation's fused decode step (lmforge/serve/generate.py) both read it from here.
 ACTIVATIONS = {
     "swiglu": lambda gate, up: F.silu(gate) * up,
-    "gelu": lambda gate, up: F.gelu(up, approximate="tanh"),
+    "gelu": lambda gate, up: F.gelu(up, approximate="tanh"),  # GPT-2's tanh approximation
+    "gelu_erf": lambda gate, up: F.gelu(up),  # the exact GELU (BERT, T5 v1.1's gated form aside)
 }
+FAMILIES = ("decoder", "encoder")
 MLPS = tuple(ACTIVATIONS)
 
 
@@ -69,6 +71,14 @@ class ModelConfig:
     n_experts: int = 0
     experts_top_k: int = 2  # experts each token runs through (with n_experts > 0)
     moe_aux_coef: float = 0.01  # Switch Transformer's balance loss E * sum_e f_e * P_e; its minimum 1 is at balance
+    # The family: decoder (causal attention, next-token loss: this file's Transformer) or encoder (bidirectional
+    # attention, masked-token loss: lmforge/model/encoder.py, BERT/RoBERTa/ALBERT). The fields below are the encoder's.
+    family: str = "decoder"
+    prenorm: bool = True  # norm before each sublayer (GPT-2, Llama); false: after the residual sum (BERT; encoders)
+    type_vocab_size: int = 0  # encoder: token-type (segment A/B) embeddings, 2 in BERT; 0 = none
+    embedding_size: int = 0  # encoder: ALBERT's factorized embedding width E < d_model, projected up; 0 = d_model
+    share_layers: bool = False  # encoder: every layer runs one block's weights (ALBERT's cross-layer sharing)
+    n_classes: int = 0  # encoder: a classifier on the pooled first ([CLS]) vector: 2 for NSP/SOP, finetune-cls's labels
 
     def __post_init__(self):  # frozen: the derived widths are filled in once, here
         if self.n_kv_head is None:
@@ -86,7 +96,7 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "max_seq_len"):
             if int(getattr(self, name)) < 1:
                 raise LmforgeError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
-        choices = {"pos_encoding": POS_ENCODINGS, "norm": NORMS, "mlp": MLPS}
+        choices = {"pos_encoding": POS_ENCODINGS, "norm": NORMS, "mlp": MLPS, "family": FAMILIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise LmforgeError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -105,6 +115,18 @@ class ModelConfig:
                                f"got n_experts={self.n_experts}, experts_top_k={self.experts_top_k}")  # fmt: skip
         if self.moe_aux_coef < 0:
             raise LmforgeError(f"model.moe_aux_coef must be >= 0, got {self.moe_aux_coef}")
+        for name in ("type_vocab_size", "embedding_size", "n_classes"):
+            if getattr(self, name) < 0:
+                raise LmforgeError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if self.family == "decoder":  # what only lmforge/model/encoder.py builds
+            unsupported = [
+                f"{name}={getattr(self, name)}" for name, off in ENCODER_ONLY.items() if getattr(self, name) != off
+            ]
+            if unsupported:
+                raise LmforgeError(f"model.{unsupported[0]} is an encoder field (model.family=encoder); "
+                                   "the decoder has none of them")  # fmt: skip
+        elif self.n_experts or self.pos_encoding == "alibi":
+            raise LmforgeError("model.family=encoder supports neither n_experts nor pos_encoding=alibi")
         return self
 
     def to_dict(self) -> dict:
@@ -117,6 +139,10 @@ class ModelConfig:
         if unknown:
             raise LmforgeError(f"unknown model config field(s): {', '.join(unknown)}")
         return cls(**d).validate()
+
+
+# Encoder-only fields and the value that leaves them off (what a decoder config must hold).
+ENCODER_ONLY = {"prenorm": True, "type_vocab_size": 0, "embedding_size": 0, "share_layers": False, "n_classes": 0}
 
 
 # ----------------------------------------------------------------------------- small functions
@@ -220,6 +246,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
+        self.causal = cfg.family == "decoder"  # an encoder's tokens see both ways
         hd = cfg.head_dim
         qkv_bias = cfg.bias or cfg.qkv_bias
         self.q_proj = Linear(cfg.d_model, cfg.n_head * hd, bias=qkv_bias)
@@ -248,7 +275,7 @@ class Attention(nn.Module):
             # Training or a fresh prefill: plain causal attention (flash kernels on GPU). A one-token
             # decode step sees every cached key, so it needs no mask at all (is_causal would align
             # the mask top-left and hide them).
-            causal = q.shape[2] > 1
+            causal = self.causal and q.shape[2] > 1
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
@@ -346,8 +373,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
         self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.prenorm = cfg.prenorm
 
     def forward(self, x, rope, mask, cache):
+        if not self.prenorm:  # post-norm (BERT, "Attention Is All You Need"): each norm after its residual sum
+            x = self.input_layernorm(x + self.drop(self.self_attn(x, rope, mask, cache)))
+            return self.post_attention_layernorm(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.self_attn(self.input_layernorm(x), rope, mask, cache))
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
@@ -356,6 +387,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
+        if cfg.family != "decoder":
+            raise LmforgeError(f"this model is an {cfg.family} (model.family={cfg.family}): it does not generate text; "
+                               "fine-tune it with `lmforge finetune-cls`, export it with `lmforge export --format hf`")  # fmt: skip
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos_encoding == "learned":
             self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)

@@ -1,6 +1,7 @@
 """`lmforge tokenizer train` and `lmforge tokenizer extend`.
 
     lmforge tokenizer train --input corpus/ --vocab-size 8192 --out runs/tok
+    lmforge tokenizer train --model wordpiece --input corpus/ --vocab-size 8000 --out runs/wp   # BERT's
     lmforge tokenizer extend --base runs/tok --input zh/ --add 2000 --out runs/tok-zh
 
 Inputs are any format lmforge reads (lmforge/data/readers.py), strictly: the first unreadable record is a
@@ -44,9 +45,14 @@ class TokenizerTrainConfig(TokenizerInputs):
 
     vocab_size: int = 0  # vocabulary size, special tokens included (required)
     model_max_length: int = 2048  # model_max_length written to tokenizer_config.json for transformers
+    # bpe: byte-level BPE, the decoder's (GPT-2, Llama); wordpiece: BERT's, for encoders ([CLS] [SEP] [MASK] [PAD]
+    # [UNK]; Chinese split per character; loads as transformers' BertTokenizerFast)
+    model: str = "bpe"
+    lowercase: bool = True  # wordpiece: lowercase and strip accents (bert-base-uncased); --no-lowercase keeps case
 
     def validate(self) -> TokenizerTrainConfig:
-        require([*self.input_checks(), (self.vocab_size > 0, "needs --vocab-size (e.g. 8192)")])
+        require([*self.input_checks(), (self.vocab_size > 0, "needs --vocab-size (e.g. 8192)"),
+                 (self.model in ("bpe", "wordpiece"), f"model must be bpe or wordpiece, got {self.model!r}")])  # fmt: skip
         return self
 
 
@@ -64,9 +70,9 @@ class TokenizerExtendConfig(TokenizerInputs):
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("tokenizer", help="train or extend a byte-level BPE tokenizer")
+    parser = subparsers.add_parser("tokenizer", help="train (BPE or WordPiece) or extend a tokenizer")
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
-    add_config_command(sub, "train", "train a byte-level BPE tokenizer on a corpus", TokenizerTrainConfig, train,
+    add_config_command(sub, "train", "train a tokenizer (byte-level BPE or WordPiece) on a corpus", TokenizerTrainConfig, train,
                        description=__doc__)  # fmt: skip
     add_config_command(sub, "extend", "add tokens learned on new text, keeping every existing id",
                        TokenizerExtendConfig, extend, description=__doc__)  # fmt: skip
@@ -78,6 +84,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     report = train_tokenizer(
         cfg.input, cfg.vocab_size, cfg.out, min_frequency=cfg.min_frequency, heldout_fraction=cfg.heldout_fraction,
         text_field=cfg.text_field, split=cfg.text_split(), model_max_length=cfg.model_max_length, show_progress=True,
+        model=cfg.model, lowercase=cfg.lowercase,
     )  # fmt: skip
     print(format_report(report, cfg.out))
     return report

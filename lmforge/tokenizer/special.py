@@ -57,6 +57,13 @@ def tokenizer_hash(tokenizer_dir: str | Path) -> str:
         raise LmforgeError(f"{path}: cannot read tokenizer ({e.strerror or e})") from None
 
 
+def document_end_id(tok) -> int | None:
+    """The id that ends each document in token shards: <|endoftext|>, or a WordPiece tokenizer's [SEP] (BERT's
+    corpora separate documents and sentences with it)."""
+    eot = tok.token_to_id(EOT)
+    return eot if eot is not None else tok.token_to_id("[SEP]")
+
+
 def load_tokenizer(tokenizer_dir: str | Path):
     """Load `DIR/tokenizer.json` as a `tokenizers.Tokenizer`, with a one-line error if it is missing or corrupt."""
     from tokenizers import Tokenizer

@@ -188,13 +188,18 @@ def script_of(text: str) -> str:
 def vocab_scripts(tok) -> dict[str, int]:
     """How many tokens of the vocabulary belong to each script (`script_of`); byte sequences that are not whole
     UTF-8 characters (pieces of a multi-byte character, which BPE learns on the way to CJK tokens) count as
-    "partial UTF-8", special tokens as "special"."""
+    "partial UTF-8", special tokens as "special". WordPiece tokens are plain text (a `##` prefix aside)."""
+    from lmforge.tokenizer.wordpiece import PREFIX, WORDPIECE_SPECIAL_TOKENS, is_wordpiece
+
     decode = _byte_decoder()
-    specials = set(SPECIAL_TOKENS)
+    wordpiece = is_wordpiece(tok)
+    specials = set(WORDPIECE_SPECIAL_TOKENS if wordpiece else SPECIAL_TOKENS)
     counts: dict[str, int] = {}
     for token in tok.get_vocab(with_added_tokens=True):
         if token in specials:
             key = "special"
+        elif wordpiece:
+            key = script_of(token.removeprefix(PREFIX))
         else:
             try:
                 key = script_of(bytes(decode[c] for c in token).decode("utf-8"))
@@ -232,8 +237,8 @@ def write_tokenizer_files(tok, folder: Path, report: dict, config: dict) -> None
     (folder / "train_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
-def check_special_ids(tok) -> None:
-    for i, t in enumerate(SPECIAL_TOKENS):
+def check_special_ids(tok, specials=SPECIAL_TOKENS) -> None:
+    for i, t in enumerate(specials):
         if tok.token_to_id(t) != i:  # an lmforge invariant, not a user error
             raise RuntimeError(f"special token {t} has id {tok.token_to_id(t)}, expected {i}")
 
@@ -249,9 +254,19 @@ def train_tokenizer(
     split: TextSplit | None = None,
     model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
     show_progress: bool = False,
+    model: str = "bpe",
+    lowercase: bool = True,
 ) -> dict:
-    """Train a tokenizer on the documents under `inputs` and write the folder `out` atomically; return the report."""
-    if vocab_size < MIN_VOCAB:
+    """Train a tokenizer on the documents under `inputs` and write the folder `out` atomically; return the report.
+    model: bpe (byte-level, the decoder's) or wordpiece (BERT's, lmforge/tokenizer/wordpiece.py; `lowercase` as
+    bert-base-uncased)."""
+    from lmforge.tokenizer import wordpiece as wp
+
+    if model not in ("bpe", "wordpiece"):
+        raise LmforgeError(f"--model must be bpe or wordpiece, got {model!r}")
+    if model == "wordpiece" and vocab_size <= len(wp.WORDPIECE_SPECIAL_TOKENS):
+        raise LmforgeError(f"--vocab-size {vocab_size} is too small for WordPiece (its 5 special tokens and more)")
+    if model == "bpe" and vocab_size < MIN_VOCAB:
         raise LmforgeError(
             f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB} "
             f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
@@ -260,21 +275,29 @@ def train_tokenizer(
         raise LmforgeError(f"--min-frequency must be at least 1, got {min_frequency}")
     split = split or TextSplit()
     held = HeldOut(heldout_fraction)
-    tok = new_tokenizer()
+    if model == "wordpiece":
+        tok, trainer = (
+            wp.new_wordpiece_tokenizer(lowercase),
+            wp.wordpiece_trainer(vocab_size, min_frequency, show_progress),
+        )
+    else:
+        tok, trainer = new_tokenizer(), bpe_trainer(vocab_size, min_frequency, show_progress)
     t0 = time.perf_counter()
-    tok.train_from_iterator(
-        held.train_batches(iter_docs(inputs, text_field, split)), bpe_trainer(vocab_size, min_frequency, show_progress)
-    )
+    tok.train_from_iterator(held.train_batches(iter_docs(inputs, text_field, split)), trainer)
     seconds = time.perf_counter() - t0
     counts = held.counts()
     if counts["train_docs"] == 0:
         raise LmforgeError(f"{', '.join(map(str, inputs))}: no documents to train on")
-    check_special_ids(tok)
+    check_special_ids(tok, wp.WORDPIECE_SPECIAL_TOKENS if model == "wordpiece" else SPECIAL_TOKENS)
+    if model == "wordpiece":
+        wp.add_post_processor(tok)
     if heldout_fraction > 0 and not held.texts:
         warn(f"no held-out documents: the corpus has {counts['train_docs']} document(s) and no file has two to spare; "
              "bytes per token are not measured (add text, or lower --doc-bytes)")  # fmt: skip
     report = {
         "kind": "train",
+        "model": model,
+        **({"lowercase": lowercase} if model == "wordpiece" else {}),
         "inputs": [str(Path(p).resolve()) for p in inputs],
         "text_split": split.to_dict(),
         "requested_vocab_size": vocab_size,
@@ -291,7 +314,11 @@ def train_tokenizer(
         "train_seconds": round(seconds, 3),
     }
     with atomic_dir(out) as tmp:
-        write_tokenizer_files(tok, tmp, report, tokenizer_config(model_max_length))
+        if model == "wordpiece":
+            write_tokenizer_files(tok, tmp, report, wp.wordpiece_config(model_max_length, lowercase))
+            (tmp / "vocab.txt").write_text(wp.vocab_txt(tok), encoding="utf-8")
+        else:
+            write_tokenizer_files(tok, tmp, report, tokenizer_config(model_max_length))
     return report
 
 

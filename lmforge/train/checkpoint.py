@@ -187,13 +187,16 @@ def check_trainable(ckpt: Path, meta: dict) -> None:
         raise LmforgeError(f"{ckpt} is quantized ({q['method']}): it is for inference; train from {source}")
 
 
-def load_model(path: str | Path, *, for_training: bool = False) -> tuple[Transformer, Path, dict]:
+def load_model(
+    path: str | Path, *, for_training: bool = False, encoder_ok: bool = False
+) -> tuple[Transformer, Path, dict]:
     """(model on CPU, checkpoint folder, meta) from a run, checkpoint or imported-model folder.
 
     A LoRA checkpoint is rebuilt as its base with the adapter merged in; the base must be
     the very weights the adapter was trained on (checked by fingerprint). A quantized checkpoint
     (`lmforge quantize`) comes back with its quantized modules (lmforge/model/quant.py); with
-    `for_training` it is refused.
+    `for_training` it is refused. An encoder (model.family=encoder) loads only with `encoder_ok` (the stages
+    that can use one); elsewhere it is a one-line error saying what it is for.
     """
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
@@ -207,13 +210,19 @@ def load_model(path: str | Path, *, for_training: bool = False) -> tuple[Transfo
         load_quantized(model, load_tensors(ckpt / "model.safetensors"), ckpt / "model.safetensors")
         return model, ckpt, meta
     if "adapter" not in meta:
-        model = Transformer(ModelConfig.from_dict(meta["model_config"]))
+        cfg = ModelConfig.from_dict(meta["model_config"])
+        if encoder_ok and cfg.family == "encoder":
+            from lmforge.model.encoder import Encoder
+
+            model = Encoder(cfg)
+        else:
+            model = Transformer(cfg)
         load_model_weights(model, ckpt)
         return model, ckpt, meta
     from lmforge.model.lora import LoraConfig, apply_lora, load_lora_tensors, merge_lora
 
     base = meta["base"]
-    model, base_ckpt, base_meta = load_model(base["path"], for_training=for_training)
+    model, base_ckpt, base_meta = load_model(base["path"], for_training=for_training, encoder_ok=encoder_ok)
     if file_fingerprint(weights_path(base_ckpt, base_meta)) != base["fingerprint"]:
         raise LmforgeError(
             f"{ckpt}: this LoRA adapter was trained on base weights {base['fingerprint']}, "

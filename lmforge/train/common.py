@@ -238,11 +238,12 @@ def checkpointing_on(setting: str, params: int) -> bool:
 
 
 def set_activation_checkpointing(model: torch.nn.Module, setting: str) -> tuple[bool, int]:
-    """Apply `activation_checkpointing` (auto, on, off) to every lmforge Transformer inside `model` (a DDP/FSDP
+    """Apply `activation_checkpointing` (auto, on, off) to every lmforge Transformer or Encoder inside `model` (a DDP/FSDP
     wrapper, a policy with a value head); returns (on, parameters of the largest). auto: on from 50M parameters."""
+    from lmforge.model.encoder import Encoder
     from lmforge.model.transformer import Transformer
 
-    found = [m for m in model.modules() if isinstance(m, Transformer)]
+    found = [m for m in model.modules() if isinstance(m, (Transformer, Encoder))]
     size = max((sum(p.numel() for p in m.parameters()) for m in found), default=0)
     on = checkpointing_on(setting, size)
     for m in found:

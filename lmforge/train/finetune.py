@@ -107,12 +107,13 @@ def freeze(model, parts: list[str]) -> None:
 class FinetuneRun:
     """The run folder of one fine-tuning stage: base model, tokenizer copy, resume, saving."""
 
-    def __init__(self, cfg: FinetuneConfig, stage: str, resume_fields: tuple[str, ...] = ()):
-        """Load the base and check a resume; `self.cfg` is `cfg` resolved (what the stage runs with)."""
+    def __init__(self, cfg: FinetuneConfig, stage: str, resume_fields: tuple[str, ...] = (), encoder_ok: bool = False):
+        """Load the base and check a resume; `self.cfg` is `cfg` resolved (what the stage runs with). `encoder_ok`:
+        the stage takes an encoder base too (finetune-cls); the others refuse one in a line."""
         self.stage = stage
         self.run_dir = Path(cfg.out)
         self.device = pick_device(cfg.device)
-        self.model, self.base_ckpt, base_meta = ckpt.load_model(cfg.base, for_training=True)
+        self.model, self.base_ckpt, base_meta = ckpt.load_model(cfg.base, for_training=True, encoder_ok=encoder_ok)
         if cfg.seq_len == 0:
             cfg = dataclasses.replace(cfg, seq_len=min(self.model.cfg.max_seq_len, 1024))
         if cfg.seq_len > self.model.cfg.max_seq_len:

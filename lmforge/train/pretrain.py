@@ -1,6 +1,7 @@
-"""Stage 1: pretrain a decoder-only Transformer on token shards (next-token prediction).
+"""Stage 1: pretrain a model on token shards: a decoder on next-token prediction, an encoder on masked tokens.
 
     lmforge pretrain --data shards/ --out runs/tiny --preset tiny --max-steps 500
+    lmforge pretrain --data shards-wp/ --out runs/bert --preset bert-mini --sentence-task sop   # lmforge/train/mlm.py
     lmforge pretrain --data shards/ --out runs/tiny            # again: resumes from the last checkpoint
     torchrun --nproc_per_node 8 -m lmforge pretrain --data shards/ --out runs/big --preset gpt2-124m
 
@@ -30,7 +31,8 @@ from lmforge.data.loader import TokenLoader
 from lmforge.data.shards import load_index
 from lmforge.errors import LmforgeError, warn
 from lmforge.eval.loss import bits_per_byte, evaluate_loss
-from lmforge.model.transformer import ModelConfig, Transformer, flops_per_token
+from lmforge.model.encoder import build_model
+from lmforge.model.transformer import ModelConfig, flops_per_token
 from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.common import (
@@ -43,10 +45,14 @@ from lmforge.train.common import (
 )
 from lmforge.train.loop import Hooks, next_token_step, refit_loader, train_loop
 from lmforge.train.metrics import MetricsLogger
+from lmforge.train.mlm import MASKINGS, SENTENCE_TASKS, MlmBatches, MlmVocab, evaluate_mlm, mlm_step
 from lmforge.train.optim import make_optimizer
 
+OBJECTIVES = ("clm", "mlm")
+OBJECTIVE_OF = {"decoder": "clm", "encoder": "mlm"}  # what each model family trains on
+
 # Settings that must match for a resume to continue the same run (and sequences per step: adopt_saved_batch_split).
-RESUME_FIELDS = ("seq_len",)
+RESUME_FIELDS = ("seq_len", "objective", "sentence_task", "masking", "mask_rate", "whole_word")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,12 @@ class TrainConfig(LoopConfig):
     seq_len: int = 256  # tokens per sequence (at most model.max_seq_len)
     compile: bool = False  # torch.compile the model
     parallel: str = "ddp"  # under torchrun: ddp (replicate) or fsdp (FSDP2 fully_shard)
+    # auto: clm (next token) for a decoder, mlm (masked tokens, BERT) for an encoder (model.family=encoder)
+    objective: str = "auto"
+    mask_rate: float = 0.15  # mlm: share of tokens predicted (80% [MASK], 10% random, 10% kept)
+    masking: str = "dynamic"  # mlm: dynamic (new masks each epoch, RoBERTa) or static (the same each epoch, BERT)
+    whole_word: bool = False  # mlm: mask whole words (## pieces together; Chinese words by jieba), BERT-wwm
+    sentence_task: str = "none"  # mlm: none, nsp (BERT: is B the next segment?) or sop (ALBERT: are A, B in order?)
 
     # Not a field: the model fields the user set (recipe, flags or --set) rather than took from the preset, filled
     # by resolve_train_config; it says where values came from (see pretrain_vocab_size), not what runs.
@@ -77,10 +89,27 @@ class TrainConfig(LoopConfig):
              "optimizer=muon needs whole matrices: use parallel=ddp (FSDP shards them)"),
             (self.seq_len <= self.model.max_seq_len,
              f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"),
+            (self.objective in ("auto", *OBJECTIVES), f"objective must be auto, {' or '.join(OBJECTIVES)}"),
+            (self.resolved_objective == OBJECTIVE_OF[self.model.family],
+             (f"objective={self.objective} does not fit model.family={self.model.family} "
+              f"({' / '.join(f'{k} for {v}' for k, v in OBJECTIVE_OF.items())}; use --preset bert-mini for mlm)")),
+            (0 < self.mask_rate < 1, f"mask_rate must be in (0, 1), got {self.mask_rate}"),
+            (self.masking in MASKINGS, f"masking must be one of {', '.join(MASKINGS)}"),
+            (self.sentence_task in SENTENCE_TASKS, f"sentence_task must be one of {', '.join(SENTENCE_TASKS)}"),
+            (self.sentence_task == "none" or self.model.n_classes in (0, 2),
+             f"sentence_task={self.sentence_task} needs model.n_classes=2 (its classifier), got {self.model.n_classes}"),
+            (self.resolved_objective == "mlm" or (self.sentence_task == "none" and not self.whole_word),
+             "sentence_task and whole_word are masked-LM options (an encoder: --preset bert-mini)"),
+            (self.resolved_objective == "clm" or self.seq_len >= 4 + MlmBatches.specials(self.sentence_task),
+             "seq_len is too short for [CLS]/[SEP] and a few tokens"),
         ]  # fmt: skip
         require(checks)
         self.model.validate()
         return self
+
+    @property
+    def resolved_objective(self) -> str:
+        return OBJECTIVE_OF[self.model.family] if self.objective == "auto" else self.objective
 
 
 def resolve_train_config(recipe: dict | None, flags: dict, sets: dict, prefix: str = "") -> TrainConfig:
@@ -102,6 +131,8 @@ def resolve_train_config(recipe: dict | None, flags: dict, sets: dict, prefix: s
         derived["d_ff"] = None  # recomputed by ModelConfig.__post_init__
     if "n_head" in touched and "n_kv_head" not in touched and mha:
         derived["n_kv_head"] = None
+    if cfg.sentence_task != "none" and "n_classes" not in touched:
+        derived["n_classes"] = 2  # the NSP/SOP classifier on [CLS]
     if derived:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **derived))
     object.__setattr__(cfg, "model_fields_set", frozenset(touched))  # provenance, not a field (see above)
@@ -140,8 +171,8 @@ def _check_resume(meta: dict, cfg, path: Path, world: int) -> TrainConfig:
                 f"{path}: cannot resume: model.{key} is {saved_model.get(key)!r} in the checkpoint "
                 f"but {value!r} now (use a new --out, or the same config)"
             )
-    for key in RESUME_FIELDS:
-        if saved_train.get(key) != getattr(cfg, key):
+    for key in RESUME_FIELDS:  # a field newer than the checkpoint was at its default then
+        if saved_train.get(key, TrainConfig.__dataclass_fields__[key].default) != getattr(cfg, key):
             raise LmforgeError(
                 f"{path}: cannot resume: {key} is {saved_train.get(key)!r} in the checkpoint but {getattr(cfg, key)!r} now"
             )
@@ -189,6 +220,8 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
     # Tokenizer: copied into the run so checkpoints stand alone.
     tok_src = Path(index.get("tokenizer_dir", ""))
     tok_dst = run_dir / "tokenizer"
+    mlm = cfg.resolved_objective == "mlm"  # the data's tokenizer must fit the objective before the run folder is made
+    vocab = _check_tokenizer(tok_src if (tok_src / "tokenizer.json").is_file() else tok_dst, mlm)
     if dd.main and not tok_dst.exists():
         if not (tok_src / "tokenizer.json").is_file():
             raise LmforgeError(f"{cfg.data}/index.json: tokenizer folder {tok_src} not found")
@@ -202,7 +235,7 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
         save_config(cfg, run_dir / "config.yaml")
 
     torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     if init is not None and meta is None:
         _load_resized(model, init)
     start_step, tokens_seen = 0, 0
@@ -228,20 +261,26 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
+    # An encoder's rows are windows of the stream wrapped in [CLS] ... [SEP] (lmforge/train/mlm.py).
+    window = cfg.seq_len - (MlmBatches.specials(cfg.sentence_task) if mlm else 0)
     loader = TokenLoader(
-        cfg.data, "train", cfg.batch_size, cfg.seq_len, dd.rank, dd.world_size, index["tokenizer_hash"], device
+        cfg.data, "train", cfg.batch_size, window, dd.rank, dd.world_size, index["tokenizer_hash"], device
     )
     if meta is not None:
         loader.load_state_dict(meta["loader"])
+    mlm_options = {"rate": cfg.mask_rate, "whole_word": cfg.whole_word, "sentence_task": cfg.sentence_task,
+                   "seed": cfg.seed, "rank": dd.rank}  # fmt: skip
+    batches = MlmBatches(loader, vocab, masking=cfg.masking, **mlm_options) if mlm else loader
     val_tokens = sum(s["num_tokens"] for s in index["splits"].get("val", []))
     val_bytes = sum(s["num_bytes"] for s in index["splits"].get("val", []))
     val_batches = None
     # A small val split is read with fewer rows per batch rather than not at all.
     val_rows = min(cfg.batch_size, (val_tokens - 1) // (cfg.seq_len * dd.world_size)) if val_tokens else 0
     if val_rows >= 1 and cfg.eval_batches > 0:
-        vl = TokenLoader(cfg.data, "val", val_rows, cfg.seq_len, dd.rank, dd.world_size, device=device)
-        n = max(1, min(cfg.eval_batches, val_tokens // (val_rows * cfg.seq_len * dd.world_size)))
-        val_batches = [vl.next_batch() for _ in range(n)]
+        vl = TokenLoader(cfg.data, "val", val_rows, window, dd.rank, dd.world_size, device=device)
+        n = max(1, min(cfg.eval_batches, val_tokens // (val_rows * window * dd.world_size)))
+        source = MlmBatches(vl, vocab, masking="static", **mlm_options) if mlm else vl  # the same masks every time
+        val_batches = [source.next_batch() for _ in range(n)]
     elif dd.main:
         why = (
             "eval_batches is 0" if cfg.eval_batches <= 0
@@ -270,6 +309,14 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
     def evaluate(step: int) -> dict | None:
         if val_batches is None:
             return None
+        if mlm:  # no bits per byte: a masked token's loss is not a code length of the text
+            record = evaluate_mlm(model, val_batches, autocast())
+            if dd.enabled:
+                t = torch.tensor(list(record.values()), device=device)
+                dist.all_reduce(t, op=dist.ReduceOp.AVG)
+                record = dict(zip(record, t.tolist(), strict=True))
+            record["val_ppl"] = math.exp(min(record["val_loss"], 50))
+            return record
         loss = evaluate_loss(model, val_batches, autocast())
         if dd.enabled:
             t = torch.tensor(loss, device=device)
@@ -297,9 +344,25 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
         flops_per_token=flops_per_token(cfg.model, cfg.seq_len),
         evaluate_first=False,  # a fresh model's loss is ln(V), said above
     )
-    step_fn = next_token_step(autocast)
-    return train_loop(cfg, model, optimizer, step_fn, loader, hooks, start_step=start_step, tokens_seen=tokens_seen,
+    step_fn = mlm_step(autocast) if mlm else next_token_step(autocast)
+    return train_loop(cfg, model, optimizer, step_fn, batches, hooks, start_step=start_step, tokens_seen=tokens_seen,
                       desc="pretrain")  # fmt: skip
+
+
+def _check_tokenizer(tok_dir: Path, mlm: bool) -> MlmVocab | None:
+    """The masking vocabulary of an encoder's WordPiece tokenizer; a WordPiece tokenizer under a decoder (or a BPE
+    one under an encoder, in MlmVocab) is a one-line error."""
+    from lmforge.tokenizer.special import load_tokenizer
+    from lmforge.tokenizer.wordpiece import is_wordpiece
+
+    tok = load_tokenizer(tok_dir)
+    if mlm:
+        return MlmVocab(tok, tok_dir / "tokenizer.json")
+    if is_wordpiece(tok):
+        raise LmforgeError(f"{tok_dir / 'tokenizer.json'}: a WordPiece (BERT) tokenizer; a decoder trains on a "
+                           "byte-level BPE (`lmforge tokenizer train` without --model wordpiece), or use an "
+                           "encoder preset (--preset bert-mini)")  # fmt: skip
+    return None
 
 
 def _init_source(cfg: TrainConfig, index: dict) -> tuple[Path, ModelConfig]:
@@ -322,7 +385,7 @@ def _init_source(cfg: TrainConfig, index: dict) -> tuple[Path, ModelConfig]:
     return src, ModelConfig.from_dict(meta["model_config"])
 
 
-def _load_resized(model: Transformer, src: Path) -> None:
+def _load_resized(model: torch.nn.Module, src: Path) -> None:
     """Load weights from `src`; a grown vocabulary keeps the old rows and starts new ones at their mean.
 
     Mean initialization of new rows follows Hewitt (2021), "Initializing new word embeddings
