@@ -18,7 +18,8 @@ import torch
 
 from lmforge.config import load_yaml, parse_set, recipe_path
 from lmforge.errors import LmforgeError
-from lmforge.model.transformer import Transformer, count_params, flops_per_token
+from lmforge.model.encoder import build_model
+from lmforge.model.transformer import count_params, flops_per_token
 from lmforge.train.common import checkpointing_on
 from lmforge.train.memory import describe_memory, train_memory
 from lmforge.train.pretrain import resolve_train_config
@@ -37,7 +38,7 @@ def register(subparsers) -> None:
 def describe(cfg) -> dict:
     """Counts by part from a real (meta-device, so free) model, next to V*H + 12*H^2*L."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     parts = count_params(model)
     estimate = cfg.vocab_size * cfg.d_model + 12 * cfg.d_model**2 * cfg.n_layer
     return {**parts, "estimate_VH_12H2L": estimate, "flops_per_token": flops_per_token(cfg)}
@@ -51,11 +52,14 @@ def _main(args: argparse.Namespace) -> int:
     cfg = train.model
     info = describe(cfg)
     on = checkpointing_on(train.activation_checkpointing, info["total"])
-    mem = train_memory(cfg, batch_size=train.batch_size, seq_len=train.seq_len, world_size=args.gpus,
-                       parallel=train.parallel, optimizer=train.optimizer, bf16=train.dtype != "float32",
-                       checkpointing=on)  # fmt: skip
-    info["memory"] = {**mem, "batch_size": train.batch_size, "seq_len": train.seq_len, "gpus": args.gpus,
-                      "parallel": train.parallel, "activation_checkpointing": on}  # fmt: skip
+    if cfg.family != "decoder":  # lmforge/train/memory.py measures the decoder's blocks
+        mem = None
+    else:
+        mem = train_memory(cfg, batch_size=train.batch_size, seq_len=train.seq_len, world_size=args.gpus,
+                           parallel=train.parallel, optimizer=train.optimizer, bf16=train.dtype != "float32",
+                           checkpointing=on)  # fmt: skip
+    info["memory"] = mem and {**mem, "batch_size": train.batch_size, "seq_len": train.seq_len, "gpus": args.gpus,
+                              "parallel": train.parallel, "activation_checkpointing": on}  # fmt: skip
     if args.json:
         print(json.dumps(info))
         return 0
@@ -68,5 +72,5 @@ def _main(args: argparse.Namespace) -> int:
         f"  micro-batch {train.batch_size} x {train.seq_len} tokens, {train.optimizer}, "
         f"{'bf16 autocast' if train.dtype != 'float32' else 'fp32'}, activation checkpointing {'on' if on else 'off'}"
     )
-    print(describe_memory(mem, args.gpus, train.parallel))
+    print(describe_memory(mem, args.gpus, train.parallel) if mem else "  training memory: not predicted for encoders")
     return 0

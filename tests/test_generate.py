@@ -169,8 +169,18 @@ SHAPE_FIELDS = {"vocab_size", "n_layer", "d_model", "n_head", "max_seq_len"}  # 
 NOT_IN_DECODE = {"dropout", "init_std"}  # generation runs in eval mode; the init only draws the weights
 # A mixture of experts decodes with the model's own forward (FusedDecoder.supports says no; tests/test_moe.py).
 NOT_FUSED = {"n_experts", "experts_top_k", "moe_aux_coef"}
-# The encoder's fields (lmforge/model/encoder.py): a decoder config refuses any value but the default.
-ENCODER_FIELDS = {"family", "prenorm", "type_vocab_size", "embedding_size", "share_layers", "n_classes"}
+# The encoder and encoder-decoder fields (encoder.py, t5.py): a decoder config refuses any value but the default.
+ENCODER_FIELDS = {
+    "family",
+    "prenorm",
+    "type_vocab_size",
+    "embedding_size",
+    "share_layers",
+    "n_classes",
+    "n_decoder_layer",
+    "rel_buckets",
+    "rel_max_distance",
+}
 
 
 def all_pairs(values: dict[str, list]) -> list[dict]:
@@ -202,7 +212,7 @@ def test_every_model_field_is_checked_by_the_fused_decode_test():
     seen = {(a, str(r[a]), b, str(r[b])) for r in rows for a in FIELD_VALUES for b in FIELD_VALUES}
     wanted = {(a, str(x), b, str(y)) for a in FIELD_VALUES for b in FIELD_VALUES if a != b
               for x in FIELD_VALUES[a] for y in FIELD_VALUES[b]}  # fmt: skip
-    assert wanted <= seen and len(rows) < 20
+    assert wanted <= seen and len(rows) < 30  # 6 MLPs x 4 position encodings need at least 24
 
 
 @pytest.mark.parametrize("overrides", all_pairs(FIELD_VALUES), ids=lambda r: "-".join(f"{v}" for v in r.values()))

@@ -17,7 +17,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.hub.common import Imported
-from lmforge.model.transformer import ModelConfig
+from lmforge.model.transformer import GATED, ModelConfig
 
 # lmforge name -> HF name, per layer ({i}) and for the rest. The MLM decoder's weight is the tied embedding.
 LAYER_NAMES = {
@@ -94,7 +94,7 @@ def expected_encoder_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 shapes[f"{p}self_attn.{name}.bias"] = (n,)
         shapes[f"{p}self_attn.o_proj.weight"] = (d, cfg.n_head * hd)
         linears = {"mlp.up_proj": (ff, d), "mlp.down_proj": (d, ff)}
-        if cfg.mlp == "swiglu":
+        if cfg.mlp in GATED:
             linears["mlp.gate_proj"] = (ff, d)
         for name, shape in linears.items():
             shapes[f"{p}{name}.weight"] = shape

@@ -66,6 +66,12 @@ def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where) -> 
         from lmforge.hub.bert import expected_encoder_shapes
 
         want = expected_encoder_shapes(cfg)
+    elif cfg.family == "encoder-decoder":
+        from lmforge.model.t5 import T5
+
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in T5(cfg).state_dict().items()
+                    if not (cfg.tie_embeddings and k == "lm_head.weight")}  # fmt: skip
     else:
         want = expected_shapes(cfg)
     missing = sorted(set(want) - set(tensors))

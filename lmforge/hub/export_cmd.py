@@ -80,6 +80,8 @@ def export_hf(source: str | Path, out: str | Path, dtype: str = "auto") -> dict:
     check_out_dir(out, ckpt, "config.json")
     if cfg.family == "encoder":
         return _export_bert(ckpt, meta, cfg, out, dtype)
+    if cfg.family == "encoder-decoder":
+        raise LmforgeError(f"{ckpt}: an encoder-decoder (T5); exporting it to transformers is not written yet")
     bad = unsupported_for_hf(cfg)
     if bad is not None:
         raise LmforgeError(f"{ckpt}: {bad} cannot be exported to Hugging Face Llama/Qwen2")

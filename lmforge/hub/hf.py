@@ -213,6 +213,10 @@ def read_hf_folder(folder: Path) -> Imported:
         from lmforge.hub.bert import read_bert_folder
 
         return read_bert_folder(folder, hf)
+    if hf.get("model_type") == "t5":
+        from lmforge.hub.t5 import read_t5_folder
+
+        return read_t5_folder(folder, hf)
     cfg, arch, notes = config_from_hf(hf, folder / "config.json")
     tokenizer_files = read_hf_tokenizer(folder, hf, cfg.vocab_size)  # first: cheap, so its errors come fast
     tensors = read_hf_tensors(folder, cfg.tie_embeddings)

@@ -148,7 +148,8 @@ class Encoder(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model class a config's family names: Encoder or the decoder Transformer."""
+    """The model class a config's family names: Encoder, T5 (encoder-decoder) or the decoder Transformer."""
+    from lmforge.model.t5 import T5
     from lmforge.model.transformer import Transformer
 
-    return Encoder(cfg) if cfg.family == "encoder" else Transformer(cfg)
+    return {"encoder": Encoder, "encoder-decoder": T5}.get(cfg.family, Transformer)(cfg)

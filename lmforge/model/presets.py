@@ -64,9 +64,29 @@ def albert_base() -> ModelConfig:
     return _bert(n_layer=12, d_model=768, n_head=12, embedding_size=128, share_layers=True)
 
 
+def _t5(**shape) -> ModelConfig:
+    """T5 v1.0's architecture (Raffel et al. 2020): pre-norm RMSNorm blocks without biases, ReLU MLP, relative
+    position bias (32 buckets up to 128), no attention scaling, shared embedding and tied head, dropout 0.1."""
+    return ModelConfig(
+        family="encoder-decoder", vocab_size=32128, max_seq_len=512, pos_encoding="relative", norm="rmsnorm",
+        norm_eps=1e-6, mlp="relu", dropout=0.1, tie_embeddings=True, **shape,
+    )  # fmt: skip
+
+
+def t5_mini() -> ModelConfig:
+    """A small T5 for CPU runs: 4 encoder and 4 decoder layers, 256 wide, 4 heads, MLP 1024."""
+    return _t5(n_layer=4, d_model=256, n_head=4, d_ff=1024)
+
+
+def t5_small() -> ModelConfig:
+    """T5-small (t5-small on the Hub): 6 + 6 layers, 512 wide, 8 heads, MLP 2048 (60M parameters)."""
+    return _t5(n_layer=6, d_model=512, n_head=8, d_ff=2048)
+
+
 PRESETS = {
     "tiny": tiny, "gpt2-124m": gpt2_124m, "llama-1b": llama_1b, "smollm2-135m": smollm2_135m,
-    "bert-mini": bert_mini, "bert-base": bert_base, "albert-base": albert_base,
+    "bert-mini": bert_mini, "bert-base": bert_base, "albert-base": albert_base, "t5-mini": t5_mini,
+    "t5-small": t5_small,
 }  # fmt: skip
 
 

@@ -40,9 +40,13 @@ NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = {
     "swiglu": lambda gate, up: F.silu(gate) * up,
     "gelu": lambda gate, up: F.gelu(up, approximate="tanh"),  # GPT-2's tanh approximation
-    "gelu_erf": lambda gate, up: F.gelu(up),  # the exact GELU (BERT, T5 v1.1's gated form aside)
+    "gelu_erf": lambda gate, up: F.gelu(up),  # the exact GELU (BERT)
+    "relu": lambda gate, up: F.relu(up),  # T5 v1.0
+    "geglu": lambda gate, up: F.gelu(gate, approximate="tanh") * up,  # T5 v1.1's gated GELU
 }
-FAMILIES = ("decoder", "encoder")
+GATED = ("swiglu", "geglu")  # activations that read a gate projection besides the up projection
+FAMILIES = ("decoder", "encoder", "encoder-decoder")
+RELATIVE = "relative"  # T5's bucketed relative position bias: an encoder-decoder's position encoding
 MLPS = tuple(ACTIVATIONS)
 
 
@@ -59,7 +63,7 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base frequency
     norm: str = "rmsnorm"  # rmsnorm or layernorm
     norm_eps: float = 1e-5  # epsilon of the norms (and QK-norm)
-    mlp: str = "swiglu"  # swiglu or gelu
+    mlp: str = "swiglu"  # swiglu or geglu (gated), gelu (tanh approximation), gelu_erf (exact), relu
     tie_embeddings: bool = True  # share the input embedding with the output head
     qk_norm: bool = False  # RMS-normalize queries and keys per head before attention
     bias: bool = False  # biases in linear layers (GPT-2 style)
@@ -79,12 +83,16 @@ class ModelConfig:
     embedding_size: int = 0  # encoder: ALBERT's factorized embedding width E < d_model, projected up; 0 = d_model
     share_layers: bool = False  # encoder: every layer runs one block's weights (ALBERT's cross-layer sharing)
     n_classes: int = 0  # encoder: a classifier on the pooled first ([CLS]) vector: 2 for NSP/SOP, finetune-cls's labels
+    # encoder-decoder (T5, lmforge/model/t5.py): decoder blocks (0 = n_layer) and the relative position buckets
+    n_decoder_layer: int = 0
+    rel_buckets: int = 32  # encoder-decoder: buckets of T5's relative position bias (half exact, half log-spaced)
+    rel_max_distance: int = 128  # encoder-decoder: distances from here on share the last bucket
 
     def __post_init__(self):  # frozen: the derived widths are filled in once, here
         if self.n_kv_head is None:
             object.__setattr__(self, "n_kv_head", self.n_head)
         if self.d_ff is None:
-            d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64) if self.mlp == "swiglu" else 4 * self.d_model
+            d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64) if self.mlp in GATED else 4 * self.d_model
             object.__setattr__(self, "d_ff", d_ff)
 
     @property
@@ -96,7 +104,8 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "max_seq_len"):
             if int(getattr(self, name)) < 1:
                 raise LmforgeError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
-        choices = {"pos_encoding": POS_ENCODINGS, "norm": NORMS, "mlp": MLPS, "family": FAMILIES}
+        positions = (RELATIVE,) if self.family == "encoder-decoder" else POS_ENCODINGS
+        choices = {"pos_encoding": positions, "norm": NORMS, "mlp": MLPS, "family": FAMILIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise LmforgeError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -126,7 +135,17 @@ class ModelConfig:
                 raise LmforgeError(f"model.{unsupported[0]} is an encoder field (model.family=encoder); "
                                    "the decoder has none of them")  # fmt: skip
         elif self.n_experts or self.pos_encoding == "alibi":
-            raise LmforgeError("model.family=encoder supports neither n_experts nor pos_encoding=alibi")
+            raise LmforgeError(f"model.family={self.family} supports neither n_experts nor pos_encoding=alibi")
+        if self.family != "encoder-decoder" and (
+            self.n_decoder_layer or (self.rel_buckets, self.rel_max_distance) != (32, 128)
+        ):
+            raise LmforgeError(
+                "model.n_decoder_layer, rel_buckets and rel_max_distance are encoder-decoder (T5) fields"
+            )
+        if self.rel_buckets < 2 or self.rel_max_distance < self.rel_buckets // 2 or self.n_decoder_layer < 0:
+            raise LmforgeError(
+                "model.rel_buckets must be >= 2, rel_max_distance >= rel_buckets / 2, n_decoder_layer >= 0"
+            )
         return self
 
     def to_dict(self) -> dict:
@@ -142,7 +161,14 @@ class ModelConfig:
 
 
 # Encoder-only fields and the value that leaves them off (what a decoder config must hold).
-ENCODER_ONLY = {"prenorm": True, "type_vocab_size": 0, "embedding_size": 0, "share_layers": False, "n_classes": 0}
+ENCODER_ONLY = {
+    "prenorm": True,
+    "type_vocab_size": 0,
+    "embedding_size": 0,
+    "share_layers": False,
+    "n_classes": 0,
+    "n_decoder_layer": 0,
+}
 
 
 # ----------------------------------------------------------------------------- small functions
@@ -247,6 +273,8 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         self.causal = cfg.family == "decoder"  # an encoder's tokens see both ways
+        # T5 does not scale its scores by 1/sqrt(head_dim) (its init absorbs it; Raffel et al. 2020, Mesh TF)
+        self.scale = 1.0 if cfg.family == "encoder-decoder" else None
         hd = cfg.head_dim
         qkv_bias = cfg.bias or cfg.qkv_bias
         self.q_proj = Linear(cfg.d_model, cfg.n_head * hd, bias=qkv_bias)
@@ -278,7 +306,8 @@ class Attention(nn.Module):
             causal = self.causal and q.shape[2] > 1
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa,
+                                               scale=self.scale)  # fmt: skip
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,7 +322,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu = cfg.mlp in GATED  # a gate projection (SwiGLU, GeGLU)
         self.act = ACTIVATIONS[cfg.mlp]
         if self.swiglu:
             self.gate_proj = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
@@ -336,7 +365,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, d, ff = cfg.n_experts, cfg.d_model, cfg.d_ff
-        self.k, self.swiglu, self.act = cfg.experts_top_k, cfg.mlp == "swiglu", ACTIVATIONS[cfg.mlp]
+        self.k, self.swiglu, self.act = cfg.experts_top_k, cfg.mlp in GATED, ACTIVATIONS[cfg.mlp]
         self.gate = Linear(d, E, bias=False)
         if self.swiglu:
             self.gate_proj = nn.Parameter(torch.empty(E, ff, d))
@@ -388,8 +417,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         if cfg.family != "decoder":
-            raise LmforgeError(f"this model is an {cfg.family} (model.family={cfg.family}): it does not generate text; "
-                               "fine-tune it with `lmforge finetune-cls`, export it with `lmforge export --format hf`")  # fmt: skip
+            raise LmforgeError(f"this model is an {cfg.family} (model.family={cfg.family}): it does not generate text "
+                               "here; fine-tune an encoder with `lmforge finetune-cls`, export it with `lmforge export "
+                               "--format hf`")  # fmt: skip
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos_encoding == "learned":
             self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
@@ -559,13 +589,13 @@ class Transformer(nn.Module):
 
 def param_part(name: str) -> str:
     """Which part a parameter belongs to: embedding, attention, mlp, norms or head."""
-    if name.startswith(("embed_tokens", "embed_positions")):
+    if name.startswith(("embed_tokens", "embed_positions", "embed_types", "embed_proj")):  # the last two: encoders
         return "embedding"
     if ".self_attn." in name and "_norm" not in name:
         return "attention"
     if ".mlp." in name:
         return "mlp"
-    if name.startswith("lm_head"):
+    if name.startswith(("lm_head", "head_", "pooler", "classifier")):  # an encoder's MLM head, pooler, classifier
         return "head"
     return "norms"
 
@@ -591,7 +621,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     T = seq_len or cfg.max_seq_len
     hd = cfg.head_dim
     attn = cfg.d_model * hd * (2 * cfg.n_head + 2 * cfg.n_kv_head)
-    mlp = cfg.d_model * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
+    mlp = cfg.d_model * cfg.d_ff * (3 if cfg.mlp in GATED else 2)
     if cfg.n_experts:  # active parameters: the router and the k experts a token runs through
         mlp = cfg.experts_top_k * mlp + cfg.d_model * cfg.n_experts
     matmul_params = cfg.n_layer * (attn + mlp) + cfg.d_model * cfg.vocab_size

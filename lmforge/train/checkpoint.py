@@ -195,8 +195,8 @@ def load_model(
     A LoRA checkpoint is rebuilt as its base with the adapter merged in; the base must be
     the very weights the adapter was trained on (checked by fingerprint). A quantized checkpoint
     (`lmforge quantize`) comes back with its quantized modules (lmforge/model/quant.py); with
-    `for_training` it is refused. An encoder (model.family=encoder) loads only with `encoder_ok` (the stages
-    that can use one); elsewhere it is a one-line error saying what it is for.
+    `for_training` it is refused. An encoder or encoder-decoder (model.family) loads only with `encoder_ok` (the
+    stages that can use one); elsewhere it is a one-line error saying what it is for.
     """
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
@@ -211,10 +211,10 @@ def load_model(
         return model, ckpt, meta
     if "adapter" not in meta:
         cfg = ModelConfig.from_dict(meta["model_config"])
-        if encoder_ok and cfg.family == "encoder":
-            from lmforge.model.encoder import Encoder
+        if encoder_ok and cfg.family != "decoder":
+            from lmforge.model.encoder import build_model
 
-            model = Encoder(cfg)
+            model = build_model(cfg)
         else:
             model = Transformer(cfg)
         load_model_weights(model, ckpt)

@@ -275,6 +275,8 @@ def _train(cfg: ClassifyConfig, run: FinetuneRun, dd) -> dict:
     if len(labels) < 2:
         raise LmforgeError(f"{', '.join(cfg.data)}: field {cfg.label_field!r} has {len(labels)} distinct value(s); "
                            "a classifier needs at least 2")  # fmt: skip
+    if run.model.cfg.family == "encoder-decoder":
+        raise LmforgeError(f"{cfg.base}: an encoder-decoder (T5); finetune-cls takes an encoder or a decoder")
     encoder = run.model.cfg.family == "encoder"
     head = None
     if encoder:

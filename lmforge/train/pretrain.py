@@ -47,9 +47,10 @@ from lmforge.train.loop import Hooks, next_token_step, refit_loader, train_loop
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.mlm import MASKINGS, SENTENCE_TASKS, MlmBatches, MlmVocab, evaluate_mlm, mlm_step
 from lmforge.train.optim import make_optimizer
+from lmforge.train.span import N_SENTINELS, SpanBatches, window_length
 
-OBJECTIVES = ("clm", "mlm")
-OBJECTIVE_OF = {"decoder": "clm", "encoder": "mlm"}  # what each model family trains on
+OBJECTIVES = ("clm", "mlm", "span")
+OBJECTIVE_OF = {"decoder": "clm", "encoder": "mlm", "encoder-decoder": "span"}  # what each model family trains on
 
 # Settings that must match for a resume to continue the same run (and sequences per step: adopt_saved_batch_split).
 RESUME_FIELDS = ("seq_len", "objective", "sentence_task", "masking", "mask_rate", "whole_word")
@@ -69,7 +70,8 @@ class TrainConfig(LoopConfig):
     seq_len: int = 256  # tokens per sequence (at most model.max_seq_len)
     compile: bool = False  # torch.compile the model
     parallel: str = "ddp"  # under torchrun: ddp (replicate) or fsdp (FSDP2 fully_shard)
-    # auto: clm (next token) for a decoder, mlm (masked tokens, BERT) for an encoder (model.family=encoder)
+    # auto: clm (next token) for a decoder, mlm (masked tokens, BERT) for an encoder, span (span corruption, T5:
+    # lmforge/train/span.py) for an encoder-decoder; each family trains on its own
     objective: str = "auto"
     mask_rate: float = 0.15  # mlm: share of tokens predicted (80% [MASK], 10% random, 10% kept)
     masking: str = "dynamic"  # mlm: dynamic (new masks each epoch, RoBERTa) or static (the same each epoch, BERT)
@@ -205,6 +207,8 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
         cfg = dataclasses.replace(cfg, model=model_cfg)
     # The data decides the vocabulary: the tokenizer's size rounded up to 64, or an explicit model.vocab_size >= it.
     vocab_size = pretrain_vocab_size(cfg, index["vocab_size"], cfg.data)
+    if cfg.resolved_objective == "span":  # T5's sentinels take the top rows, above every token of the tokenizer
+        vocab_size = max(vocab_size, 64 * math.ceil((index["vocab_size"] + N_SENTINELS) / 64))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size)).validate()
 
     existing = ckpt.list_checkpoints(run_dir)
@@ -221,7 +225,8 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
     tok_src = Path(index.get("tokenizer_dir", ""))
     tok_dst = run_dir / "tokenizer"
     mlm = cfg.resolved_objective == "mlm"  # the data's tokenizer must fit the objective before the run folder is made
-    vocab = _check_tokenizer(tok_src if (tok_src / "tokenizer.json").is_file() else tok_dst, mlm)
+    vocab = _check_tokenizer(tok_src if (tok_src / "tokenizer.json").is_file() else tok_dst, mlm,
+                             cfg.resolved_objective == "span")  # fmt: skip
     if dd.main and not tok_dst.exists():
         if not (tok_src / "tokenizer.json").is_file():
             raise LmforgeError(f"{cfg.data}/index.json: tokenizer folder {tok_src} not found")
@@ -261,8 +266,11 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    # An encoder's rows are windows of the stream wrapped in [CLS] ... [SEP] (lmforge/train/mlm.py).
+    # An encoder's rows are windows of the stream wrapped in [CLS] ... [SEP] (lmforge/train/mlm.py); T5's windows are
+    # longer than its input by what span corruption takes out (lmforge/train/span.py).
+    span = cfg.resolved_objective == "span"
     window = cfg.seq_len - (MlmBatches.specials(cfg.sentence_task) if mlm else 0)
+    window = window_length(cfg.seq_len, 0.15, 3.0) if span else window
     loader = TokenLoader(
         cfg.data, "train", cfg.batch_size, window, dd.rank, dd.world_size, index["tokenizer_hash"], device
     )
@@ -271,6 +279,9 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
     mlm_options = {"rate": cfg.mask_rate, "whole_word": cfg.whole_word, "sentence_task": cfg.sentence_task,
                    "seed": cfg.seed, "rank": dd.rank}  # fmt: skip
     batches = MlmBatches(loader, vocab, masking=cfg.masking, **mlm_options) if mlm else loader
+    if span:
+        span_options = {"vocab_rows": cfg.model.vocab_size, "eos": index["eot_id"], "start": _pad_id(tok_src, tok_dst)}
+        batches = SpanBatches(loader, **span_options, seed=cfg.seed, rank=dd.rank)
     val_tokens = sum(s["num_tokens"] for s in index["splits"].get("val", []))
     val_bytes = sum(s["num_bytes"] for s in index["splits"].get("val", []))
     val_batches = None
@@ -280,6 +291,7 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
         vl = TokenLoader(cfg.data, "val", val_rows, window, dd.rank, dd.world_size, device=device)
         n = max(1, min(cfg.eval_batches, val_tokens // (val_rows * window * dd.world_size)))
         source = MlmBatches(vl, vocab, masking="static", **mlm_options) if mlm else vl  # the same masks every time
+        source = SpanBatches(vl, **span_options, seed=cfg.seed) if span else source
         val_batches = [source.next_batch() for _ in range(n)]
     elif dd.main:
         why = (
@@ -322,6 +334,8 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
             t = torch.tensor(loss, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.AVG)
             loss = float(t)
+        if span:  # a target token's loss, not a code length of the text: no bits per byte
+            return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
         return {
             "val_loss": loss,
             "val_ppl": math.exp(min(loss, 50)),
@@ -349,16 +363,25 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
                       desc="pretrain")  # fmt: skip
 
 
-def _check_tokenizer(tok_dir: Path, mlm: bool) -> MlmVocab | None:
+def _pad_id(*tok_dirs: Path) -> int:
+    """The padding id of the first tokenizer folder that exists (T5's decoder starts from it)."""
+    from lmforge.tokenizer.special import PAD, load_tokenizer
+
+    tok = load_tokenizer(next(d for d in tok_dirs if (d / "tokenizer.json").is_file()))
+    pad = tok.token_to_id(PAD)
+    return pad if pad is not None else (tok.token_to_id("[PAD]") or 0)
+
+
+def _check_tokenizer(tok_dir: Path, mlm: bool, span: bool = False) -> MlmVocab | None:
     """The masking vocabulary of an encoder's WordPiece tokenizer; a WordPiece tokenizer under a decoder (or a BPE
-    one under an encoder, in MlmVocab) is a one-line error."""
+    one under an encoder, in MlmVocab) is a one-line error. T5 (span) takes either."""
     from lmforge.tokenizer.special import load_tokenizer
     from lmforge.tokenizer.wordpiece import is_wordpiece
 
     tok = load_tokenizer(tok_dir)
     if mlm:
         return MlmVocab(tok, tok_dir / "tokenizer.json")
-    if is_wordpiece(tok):
+    if is_wordpiece(tok) and not span:
         raise LmforgeError(f"{tok_dir / 'tokenizer.json'}: a WordPiece (BERT) tokenizer; a decoder trains on a "
                            "byte-level BPE (`lmforge tokenizer train` without --model wordpiece), or use an "
                            "encoder preset (--preset bert-mini)")  # fmt: skip
@@ -407,7 +430,7 @@ def _fully_shard(model) -> None:
     from torch.distributed.fsdp import fully_shard
 
     # FSDP2: shard each block, then the root (embeddings, final norm, head).
-    for block in model.layers:
+    for block in model.layers if hasattr(model, "layers") else [*model.encoder, *model.decoder]:
         fully_shard(block)
     fully_shard(model)
 
