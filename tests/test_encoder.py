@@ -387,3 +387,5 @@ def test_bert_export_and_import_round_trip_through_transformers(bert_run, tmp_pa
     assert torch.allclose(again, got, atol=1e-5)
     proc = cli("generate", tmp_path / "back", "--prompt", "hi", check=False)
     assert proc.returncode == 2 and "does not generate text" in proc.stderr
+    proc = cli("sft", "--model", bert_run, "--data", "chatterbot", "--out", tmp_path / "sft", check=False)
+    assert proc.returncode == 2 and "does not write answers" in proc.stderr

@@ -89,11 +89,10 @@ def test_span_corruption_keeps_every_token_once():
     assert len(src) <= 128 and window_length(128, 0.15, 3.0) > 128  # the window is longer than the input
 
 
-def test_t5_pretrains_on_span_corruption_and_imports_from_transformers(small_shards, tmp_path):
-    from lmforge.train.checkpoint import load_model
-    from lmforge.train.metrics import read_metrics
-
-    run = tmp_path / "t5"
+@pytest.fixture(scope="module")
+def t5_run(small_shards, tmp_path_factory):
+    """A tiny T5 pretrained for 40 steps on span corruption."""
+    run = tmp_path_factory.mktemp("t5") / "run"
     args = ["--preset", "t5-mini", "--data", small_shards, "--out", run, "--max-steps", 40, "--batch-size", 8,
             "--seq-len", 64, "--lr", 3e-3, "--warmup-steps", 5, "--eval-every", 20, "--log-every", 5,
             "--set", "model.n_layer=2", "--set", "model.d_model=64", "--set", "model.d_ff=128", "--set",
@@ -101,6 +100,14 @@ def test_t5_pretrains_on_span_corruption_and_imports_from_transformers(small_sha
     proc = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", *map(str, args)], capture_output=True,
                           text=True, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return run
+
+
+def test_t5_pretrains_on_span_corruption_and_imports_from_transformers(t5_run, small_shards, tmp_path):
+    from lmforge.train.checkpoint import load_model
+    from lmforge.train.metrics import read_metrics
+
+    run = t5_run
     records = read_metrics(run)
     losses = [r["loss"] for r in records if "loss" in r]
     assert sum(losses[-3:]) / 3 < losses[0] - 0.8
@@ -123,3 +130,26 @@ def test_t5_pretrains_on_span_corruption_and_imports_from_transformers(small_sha
     back, _, _ = load_model(tmp_path / "imported", encoder_ok=True)
     src = torch.randint(2, 100, (1, 12))
     assert torch.equal(back.eval().generate(src, 6), ours.generate(src, 6))
+
+
+def test_sft_on_t5_trains_input_to_target_pairs(t5_run, tmp_path):
+    from lmforge.train.metrics import read_metrics
+    from lmforge.train.sft import SftConfig, sft
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"instruction": f"repeat {w}", "output": w}) + "\n"
+                             for w in ["sea", "fire", "tree", "stone", "wind"] * 12))  # fmt: skip
+    cfg = SftConfig(base=str(t5_run), data=str(pairs), out=str(tmp_path / "sft"), max_steps=30, batch_size=8,
+                    lr=3e-3, warmup_steps=3, eval_every=15, val_fraction=0.1).validate()  # fmt: skip
+    result = sft(cfg)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "sft") if "loss" in r]
+    assert losses[-1] < losses[0] - 1.0 and result["exact_match_n"] == 6
+    assert "exact match:" in (tmp_path / "sft" / "samples.txt").read_text()
+    report = json.loads((tmp_path / "sft" / "data_report.json").read_text())
+    assert report["train_pairs"] == 54 and report["inputs_cut"] == 0
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"instruction": "x", "output": "word " * 300}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "sft", "--model", str(t5_run), "--data", str(long),
+                           "--out", str(tmp_path / "long"), "--target-len", "32"], capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 2 and "more than target_len=32" in proc.stderr and not (tmp_path / "long").exists()

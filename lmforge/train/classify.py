@@ -170,13 +170,14 @@ def collate(rows, pad_id: int, device) -> dict:
 
 
 class RecordLoader:
-    """Resumable shuffled batches of encoded records (reshuffled each epoch by seed; rank r of W takes its share)."""
+    """Resumable shuffled batches of encoded records, `collate(rows)` each (reshuffled each epoch by seed; rank r of
+    W takes its share). Also seq2seq's (lmforge/train/seq2seq.py)."""
 
-    def __init__(self, rows, batch_size, pad_id, seed=0, rank=0, world_size=1, device="cpu"):
+    def __init__(self, rows, batch_size, collate, seed=0, rank=0, world_size=1):
         if len(rows) < batch_size * world_size:
             batch_size = max(1, len(rows) // world_size)  # a small task: a smaller batch rather than none
-        self.rows, self.B, self.pad_id, self.seed = rows, batch_size, pad_id, seed
-        self.rank, self.world, self.device = rank, world_size, device
+        self.rows, self.B, self.collate, self.seed = rows, batch_size, collate, seed
+        self.rank, self.world = rank, world_size
         self.epoch, self.cursor = 0, 0
 
     def next_batch(self) -> dict:
@@ -187,7 +188,7 @@ class RecordLoader:
         random.Random(self.seed + self.epoch).shuffle(order)
         start = self.cursor + self.rank * self.B
         self.cursor += per_step
-        return collate([self.rows[i] for i in order[start : start + self.B]], self.pad_id, self.device)
+        return self.collate([self.rows[i] for i in order[start : start + self.B]])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
@@ -304,7 +305,8 @@ def _train(cfg: ClassifyConfig, run: FinetuneRun, dd) -> dict:
         run.say(f"{len(train_rows)} train / {len(val_rows)} held-out records, {len(labels)} labels{cut}; "
                 f"training {trainable:,} of {total:,} parameters ({'encoder [CLS]' if encoder else 'decoder last token'})")  # fmt: skip
     pad_id = 0 if encoder else (tok.token_to_id("<|pad|>") or 0)
-    loader = RecordLoader(train_rows, cfg.batch_size, pad_id, cfg.seed, dd.rank, dd.world_size, run.device)
+    loader = RecordLoader(train_rows, cfg.batch_size, lambda rows: collate(rows, pad_id, run.device), cfg.seed, dd.rank,
+                          dd.world_size)  # fmt: skip
     if run.meta is not None:
         loader.load_state_dict(run.meta["loader"])
     val_batches = [collate(val_rows[i : i + cfg.batch_size], pad_id, run.device)

@@ -3,6 +3,7 @@
     lmforge sft --model runs/demo --data chatterbot --out runs/demo-sft --max-steps 300
     lmforge sft --model models/smollm2 --data chitchat --out runs/smol-lora --lora --set lora_rank=16
     lmforge sft --model runs/demo --data my_chats.jsonl --out runs/x --set freeze=embeddings
+    lmforge sft --model runs/t5 --data pairs.jsonl --out runs/t5-sft     # an encoder-decoder: lmforge/train/seq2seq.py
 
 --model is a pretraining run, a checkpoint, an `lmforge import` folder or another SFT run;
 --data a JSONL file/folder (Alpaca, ShareGPT or OpenAI `messages` records) or a packaged
@@ -47,6 +48,9 @@ class SftConfig(FinetuneConfig):
     system: str = ""  # system prompt added to conversations that have none ("" = none)
     val_fraction: float = 0.05  # held-out conversations for the validation loss
     samples: int = 8  # held-out prompts answered greedily into samples.txt at the end
+    target_len: int = (
+        0  # encoder-decoder (T5) only: the longest target in tokens (0 = seq_len); a longer one is an error
+    )
 
     def validate(self) -> SftConfig:
         if not self.data:
@@ -63,9 +67,15 @@ def register(subparsers) -> None:
 
 def sft(cfg: SftConfig) -> dict:
     """Run (or resume) supervised fine-tuning; returns {"val_loss_before", "val_loss_after", ...}."""
-    run = FinetuneRun(cfg, "sft", resume_fields=("data", "data_format", "system", "val_fraction"))
+    run = FinetuneRun(cfg, "sft", resume_fields=("data", "data_format", "system", "val_fraction"), encoder_ok=True)
+    if run.model.cfg.family == "encoder":
+        raise LmforgeError(f"{cfg.base}: an encoder (BERT) does not write answers; fine-tune it with finetune-cls")
     dd = setup_distributed(run.device, run.cfg.dist_timeout_s)
     try:
+        if run.model.cfg.family == "encoder-decoder":  # T5: input -> target pairs (lmforge/train/seq2seq.py)
+            from lmforge.train.seq2seq import seq2seq
+
+            return seq2seq(run.cfg, run, dd)
         return _sft(run.cfg, run, dd)
     finally:
         teardown_distributed()
