@@ -131,6 +131,20 @@ def test_t5_pretrains_on_span_corruption_and_imports_from_transformers(t5_run, s
     src = torch.randint(2, 100, (1, 12))
     assert torch.equal(back.eval().generate(src, 6), ours.generate(src, 6))
 
+    # Our own run out to transformers: the same logits.
+    from transformers import T5ForConditionalGeneration
+
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "export", str(run), "--format", "hf", "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    theirs = T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    mine, _, _ = load_model(run, encoder_ok=True)
+    src, tgt = torch.randint(5, 500, (2, 20)), torch.randint(5, 500, (2, 9))
+    with torch.no_grad():
+        ref = theirs(input_ids=src, decoder_input_ids=tgt).logits
+        got, _ = mine.eval()(src, tgt)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
+
 
 def test_sft_on_t5_trains_input_to_target_pairs(t5_run, tmp_path):
     from lmforge.train.metrics import read_metrics

@@ -75,3 +75,18 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+class LoaderView:
+    """A batch source built on a TokenLoader (`self.loader`) whose state is the loader's: masked-LM and span
+    batches (lmforge/train/mlm.py, span.py) draw their randomness from its position, so they save nothing else."""
+
+    @property
+    def epoch(self) -> int:
+        return self.loader.epoch
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)

@@ -78,10 +78,8 @@ def export_hf(source: str | Path, out: str | Path, dtype: str = "auto") -> dict:
 
     ckpt, meta, cfg = open_checkpoint(source)
     check_out_dir(out, ckpt, "config.json")
-    if cfg.family == "encoder":
-        return _export_bert(ckpt, meta, cfg, out, dtype)
-    if cfg.family == "encoder-decoder":
-        raise LmforgeError(f"{ckpt}: an encoder-decoder (T5); exporting it to transformers is not written yet")
+    if cfg.family != "decoder":
+        return _export_family(ckpt, meta, cfg, out, dtype)
     bad = unsupported_for_hf(cfg)
     if bad is not None:
         raise LmforgeError(f"{ckpt}: {bad} cannot be exported to Hugging Face Llama/Qwen2")
@@ -103,11 +101,12 @@ def export_hf(source: str | Path, out: str | Path, dtype: str = "auto") -> dict:
     return {"architecture": arch, "params": n_params(tensors), "dtype": dtype_name, "from": str(ckpt), "out": str(out)}
 
 
-def _export_bert(ckpt: Path, meta: dict, cfg, out, dtype: str) -> dict:
-    """An encoder checkpoint as a transformers BERT folder (lmforge/hub/bert.py)."""
+def _export_family(ckpt: Path, meta: dict, cfg, out, dtype: str) -> dict:
+    """An encoder (BERT, lmforge/hub/bert.py) or encoder-decoder (T5, lmforge/hub/t5.py) as a transformers folder."""
     from lmforge.fileio import atomic_dir
     from lmforge.hub.bert import write_hf_bert
     from lmforge.hub.common import DTYPE_NAMES, DTYPES, cast, n_params
+    from lmforge.hub.t5 import write_hf_t5
     from lmforge.train.checkpoint import tokenizer_dir
 
     tensors = checkpoint_tensors(ckpt, meta, cfg)
@@ -115,7 +114,10 @@ def _export_bert(ckpt: Path, meta: dict, cfg, out, dtype: str) -> dict:
         tensors = cast(tensors, DTYPES[dtype])
     dtype_name = DTYPE_NAMES.get(tensors["embed_tokens.weight"].dtype, "float32")
     with atomic_dir(out) as tmp:
-        arch = write_hf_bert(tmp, tensors, cfg, tokenizer_dir(ckpt, meta), dtype_name, meta.get("labels"))
+        if cfg.family == "encoder":
+            arch = write_hf_bert(tmp, tensors, cfg, tokenizer_dir(ckpt, meta), dtype_name, meta.get("labels"))
+        else:
+            arch = write_hf_t5(tmp, tensors, cfg, tokenizer_dir(ckpt, meta), dtype_name)
     return {"architecture": arch, "params": n_params(tensors), "dtype": dtype_name, "from": str(ckpt), "out": str(out)}
 
 
@@ -131,8 +133,8 @@ def run(args) -> int:
         from lmforge.model.transformer import ModelConfig
         from lmforge.train.checkpoint import read_meta, resolve_checkpoint
 
-        if ModelConfig.from_dict(read_meta(resolve_checkpoint(args.checkpoint))["model_config"]).family == "encoder":
-            raise LmforgeError(f"{args.checkpoint}: an encoder; GGUF export writes decoders (use --format hf: BERT)")
+        if ModelConfig.from_dict(read_meta(resolve_checkpoint(args.checkpoint))["model_config"]).family != "decoder":
+            raise LmforgeError(f"{args.checkpoint}: not a decoder; GGUF export writes decoders (use --format hf)")
 
         s = export_gguf(args.checkpoint, args.out, dtype, modelfile=args.modelfile)
         extra = f" (+ {s['modelfile']})" if s["modelfile"] else ""

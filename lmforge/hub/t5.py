@@ -1,8 +1,9 @@
-"""T5 with Hugging Face: lmforge's encoder-decoder names <-> transformers' T5ForConditionalGeneration.
+"""T5 with Hugging Face: lmforge's encoder-decoder names <-> transformers' T5ForConditionalGeneration, both ways.
 
     lmforge import hf/t5-folder --out models/t5        # config.json model_type "t5" (v1.0 relu or v1.1 gated-gelu)
+    lmforge export runs/t5-sft --format hf --out hf/t5
 
-Used by lmforge/hub/hf.py (import). The T5 block's layers are numbered in HF (layer.0 self-attention, layer.1
+Used by lmforge/hub/hf.py (import) and lmforge/hub/export_cmd.py. The T5 block's layers are numbered in HF (layer.0 self-attention, layer.1
 cross-attention or MLP, layer.2 the decoder's MLP); lmforge names them.
 """
 
@@ -76,3 +77,37 @@ def read_t5_folder(folder: Path, hf: dict) -> Imported:
     tensors = {ours: raw[theirs] for ours, theirs in t5_name_map(cfg).items() if theirs in raw}
     source = {"kind": "hf", "path": str(folder.resolve()), "architecture": "T5ForConditionalGeneration"}
     return Imported(cfg, tensors, read_bert_tokenizer(folder), source, [])
+
+
+def write_hf_t5(folder: Path, tensors: dict, cfg: ModelConfig, tok_dir: Path, dtype_name: str) -> str:
+    """Write model.safetensors, config.json (T5ForConditionalGeneration) and the tokenizer's files into `folder`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lmforge.tokenizer.special import PAD, document_end_id, load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    pad = tok.token_to_id(PAD) if tok.token_to_id(PAD) is not None else (tok.token_to_id("[PAD]") or 0)
+    out = {theirs: tensors[ours].contiguous() for ours, theirs in t5_name_map(cfg).items()}
+    for stack in ("encoder", "decoder"):  # transformers keeps a reference to the shared table in each stack
+        out[f"{stack}.embed_tokens.weight"] = out["shared.weight"]
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["shared.weight"]
+    save_file({k: v.clone() for k, v in out.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "model.safetensors").chmod(0o644)
+    config = {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": cfg.vocab_size,
+        "d_model": cfg.d_model, "d_kv": cfg.head_dim, "d_ff": cfg.d_ff, "num_layers": cfg.n_layer,
+        "num_decoder_layers": cfg.n_decoder_layer or cfg.n_layer, "num_heads": cfg.n_head,
+        "relative_attention_num_buckets": cfg.rel_buckets, "relative_attention_max_distance": cfg.rel_max_distance,
+        "dropout_rate": cfg.dropout, "layer_norm_epsilon": cfg.norm_eps, "initializer_factor": 1.0,
+        "feed_forward_proj": "gated-gelu" if cfg.mlp == "geglu" else "relu", "is_encoder_decoder": True,
+        "tie_word_embeddings": cfg.tie_embeddings, "pad_token_id": pad, "decoder_start_token_id": pad,
+        "eos_token_id": document_end_id(tok), "torch_dtype": dtype_name,
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tok_dir / name).is_file():
+            (folder / name).write_bytes((tok_dir / name).read_bytes())
+    return "T5ForConditionalGeneration"

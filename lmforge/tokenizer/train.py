@@ -209,13 +209,15 @@ def vocab_scripts(tok) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def added_tokens_decoder(tokens: list[str]) -> dict:
+    """tokenizer_config.json's `added_tokens_decoder`: the special tokens at ids 0, 1, ..."""
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    return {str(i): {"content": t, **flags} for i, t in enumerate(tokens)}
+
+
 def tokenizer_config(model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> dict:
     """`tokenizer_config.json` for transformers: special-token roles and the ChatML chat template."""
-    added = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                 "special": True}
-        for i, t in enumerate(SPECIAL_TOKENS)
-    }  # fmt: skip
+    added = added_tokens_decoder(SPECIAL_TOKENS)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": EOT,

@@ -53,11 +53,9 @@ def wordpiece_trainer(vocab_size: int, min_frequency: int = 2, show_progress: bo
 
 def wordpiece_config(model_max_length: int, lowercase: bool) -> dict:
     """tokenizer_config.json for transformers' BertTokenizerFast."""
-    added = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                 "special": True}
-        for i, t in enumerate(WORDPIECE_SPECIAL_TOKENS)
-    }  # fmt: skip
+    from lmforge.tokenizer.train import added_tokens_decoder
+
+    added = added_tokens_decoder(WORDPIECE_SPECIAL_TOKENS)
     return {
         "tokenizer_class": "BertTokenizerFast", "do_lower_case": lowercase, "strip_accents": None,
         "tokenize_chinese_chars": True, "unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS,

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from lmforge.data.loader import LoaderView
 from lmforge.errors import LmforgeError
 from lmforge.model.losses import IGNORE_INDEX
 from lmforge.tokenizer.wordpiece import CLS, MASK, PAD, PREFIX, SEP, UNK
@@ -137,7 +138,7 @@ class MlmVocab:
         return word_ids(ids, self.continues, self.chars if any(self.chars) else None)
 
 
-class MlmBatches:
+class MlmBatches(LoaderView):
     """Masked batches from a TokenLoader whose seq_len is the model's minus the [CLS]/[SEP]s (`specials(task)`):
     `next_batch()` -> {idx, targets, token_types[, labels], num_tokens}; state is the loader's."""
 
@@ -149,16 +150,6 @@ class MlmBatches:
     @staticmethod
     def specials(task: str) -> int:
         return 3 if task != "none" else 2
-
-    @property
-    def epoch(self) -> int:
-        return self.loader.epoch
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
 
     def next_batch(self) -> dict:
         place = self.loader.position if self.masking == "dynamic" else self.loader.position % self.loader.stream.total

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lmforge.data.loader import LoaderView
+
 N_SENTINELS = 100
 
 
@@ -85,23 +87,13 @@ def sentinel_ids(vocab_rows: int) -> list[int]:
     return [vocab_rows - 1 - i for i in range(N_SENTINELS)]
 
 
-class SpanBatches:
+class SpanBatches(LoaderView):
     """Span-corrupted batches from a TokenLoader of `window_length(seq_len)` tokens: `next_batch()` ->
     {src, tgt_in, targets, num_tokens}; state is the loader's."""
 
     def __init__(self, loader, vocab_rows: int, eos: int, start: int, *, density=0.15, mean_span=3.0, seed=0, rank=0):
         self.loader, self.sentinels, self.eos, self.start = loader, sentinel_ids(vocab_rows), eos, start
         self.density, self.mean_span, self.seed, self.rank = density, mean_span, seed, rank
-
-    @property
-    def epoch(self) -> int:
-        return self.loader.epoch
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
 
     def next_batch(self) -> dict:
         rng = np.random.default_rng([self.seed, self.loader.position, self.rank])
