@@ -168,7 +168,7 @@ FIELD_VALUES = {
 SHAPE_FIELDS = {"vocab_size", "n_layer", "d_model", "n_head", "max_seq_len"}  # set by variant(), checked at its sizes
 NOT_IN_DECODE = {"dropout", "init_std"}  # generation runs in eval mode; the init only draws the weights
 # A mixture of experts decodes with the model's own forward (FusedDecoder.supports says no; tests/test_moe.py).
-NOT_FUSED = {"n_experts", "experts_top_k", "moe_aux_coef"}
+NOT_FUSED = {"n_experts", "experts_top_k", "moe_aux_coef", "block_positions"}  # GLM: tests/test_glm.py
 # The encoder and encoder-decoder fields (encoder.py, t5.py): a decoder config refuses any value but the default.
 ENCODER_FIELDS = {
     "family",

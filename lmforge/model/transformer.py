@@ -75,6 +75,9 @@ class ModelConfig:
     n_experts: int = 0
     experts_top_k: int = 2  # experts each token runs through (with n_experts > 0)
     moe_aux_coef: float = 0.01  # Switch Transformer's balance loss E * sum_e f_e * P_e; its minimum 1 is at balance
+    # GLM's 2D positions (Du et al. 2022): a second learned table for each token's place inside its blank (0 outside
+    # blanks), added to the learned position of the blank itself; trained by `pretrain --objective glm`
+    block_positions: bool = False
     # The family: decoder (causal attention, next-token loss: this file's Transformer) or encoder (bidirectional
     # attention, masked-token loss: lmforge/model/encoder.py, BERT/RoBERTa/ALBERT). The fields below are the encoder's.
     family: str = "decoder"
@@ -122,6 +125,8 @@ class ModelConfig:
         if self.n_experts < 0 or (self.n_experts and not 1 <= self.experts_top_k <= self.n_experts):
             raise LmforgeError(f"model.experts_top_k must be in [1, n_experts={self.n_experts}] and n_experts >= 0, "
                                f"got n_experts={self.n_experts}, experts_top_k={self.experts_top_k}")  # fmt: skip
+        if self.block_positions and (self.pos_encoding != "learned" or self.family != "decoder"):
+            raise LmforgeError("model.block_positions (GLM's 2D positions) needs a decoder with pos_encoding=learned")
         if self.moe_aux_coef < 0:
             raise LmforgeError(f"model.moe_aux_coef must be >= 0, got {self.moe_aux_coef}")
         for name in ("type_vocab_size", "embedding_size", "n_classes"):
@@ -423,6 +428,8 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos_encoding == "learned":
             self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        if cfg.block_positions:
+            self.embed_block_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg, cfg.d_model)
@@ -469,7 +476,7 @@ class Transformer(nn.Module):
             return torch.arange(start, start + T, device=self.norm.weight.device).expand(B, T)
         return positions
 
-    def _attn_mask(self, B, T, start, key_mask, doc_ids, device, dtype):
+    def _attn_mask(self, B, T, start, key_mask, doc_ids, device, dtype, prefix_len=None):
         """The attention mask, or None when plain causal attention (`is_causal=True`) is exact.
 
         With a cache, query i sits at absolute position start+i and sees keys 0..start+i.
@@ -481,12 +488,15 @@ class Transformer(nn.Module):
         """
         alibi = self.cfg.pos_encoding == "alibi"
         per_row = isinstance(start, torch.Tensor)
-        if not per_row and key_mask is None and doc_ids is None and not alibi and (start == 0 or T == 1):
+        plain = key_mask is None and doc_ids is None and prefix_len is None and not alibi
+        if not per_row and plain and (start == 0 or T == 1):
             return None
         first = start.view(-1, 1, 1) if per_row else torch.tensor(start, device=device).view(1, 1, 1)
         q_pos = first + torch.arange(T, device=device)[None, :, None]  # (B or 1, T, 1)
         k_pos = torch.arange((int(start.max()) if per_row else start) + T, device=device)[None, None, :]
         allowed = (k_pos <= q_pos)[:, None]  # (B or 1, 1, T, S)
+        if prefix_len is not None:  # GLM: every token sees the whole prefix (part A), which sees only itself
+            allowed = allowed | (k_pos < prefix_len.view(-1, 1, 1))[:, None]
         if key_mask is not None:
             allowed = allowed & key_mask[:, None, None, :].bool()
         if doc_ids is not None:
@@ -510,6 +520,8 @@ class Transformer(nn.Module):
         last_only: bool = False,
         return_hidden: bool = False,
         prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        block_positions: torch.Tensor | None = None,
+        prefix_len: torch.Tensor | None = None,
     ):
         """idx (B, T) token ids -> (logits (B, T, V), None), or (None, loss) when targets are given.
 
@@ -521,6 +533,8 @@ class Transformer(nn.Module):
         prefix: (prompts (N, P) right-padded, their lengths (N,), owner (B,)): row b of idx continues prompt
         owner[b], which runs once for all the rows that continue it (SharedPrefix; rows built by
         lmforge/align/batching.py collate_shared). The same outputs as each row run with its prompt in front.
+        block_positions (B, T), prefix_len (B,): GLM's blank infilling (lmforge/train/glm.py): each token's place
+        inside its blank, and the length of part A, which every token attends to both ways.
         """
         if prefix is not None:
             cache, positions, key_mask = self._run_prefix(idx, *prefix)
@@ -533,13 +547,16 @@ class Transformer(nn.Module):
         rope, table = None, self.position_table()
         if table is not None:
             x = x + table[self._positions(B, T, start, positions)]
+        if self.cfg.block_positions:  # outside blanks (plain text) every token is at block position 0
+            x = x + (self.embed_block_positions(block_positions) if block_positions is not None
+                     else self.embed_block_positions.weight[0])  # fmt: skip
         elif self.cfg.pos_encoding == "rope":
             if positions is None:
                 rope = (self.rope_cos[start : start + T, None], self.rope_sin[start : start + T, None])
             else:
                 rope = (self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None])
         x = self.drop(x)
-        mask = self._attn_mask(B, T, start, key_mask, doc_ids, x.device, x.dtype)
+        mask = self._attn_mask(B, T, start, key_mask, doc_ids, x.device, x.dtype, prefix_len)
         # Also in eval mode (DPO, GRPO). A KVCache is written in place, so no recomputing; a read SharedPrefix is fine.
         pure = cache is None or (isinstance(cache, SharedPrefix) and not cache.recording)
         recompute = self.checkpointing and pure and torch.is_grad_enabled()
@@ -589,7 +606,7 @@ class Transformer(nn.Module):
 
 def param_part(name: str) -> str:
     """Which part a parameter belongs to: embedding, attention, mlp, norms or head."""
-    if name.startswith(("embed_tokens", "embed_positions", "embed_types", "embed_proj")):  # the last two: encoders
+    if name.startswith(("embed_tokens", "embed_positions", "embed_block", "embed_types", "embed_proj")):
         return "embedding"
     if ".self_attn." in name and "_norm" not in name:
         return "attention"

@@ -135,7 +135,7 @@ class FusedDecoder:
     @staticmethod
     def supports(model) -> bool:
         """Our Transformer with plain, LoRA or quantized linear projections (another model uses its own forward)."""
-        if not isinstance(model, Transformer) or model.cfg.n_experts:  # experts: the model's own forward
+        if not isinstance(model, Transformer) or model.cfg.n_experts or model.cfg.block_positions:  # own forward
             return False
         kinds = (nn.Linear, Linear, LoraLinear, QuantLinear)
         return all(type(m) in kinds for name, m in model.named_modules() if name.endswith(_PROJ))

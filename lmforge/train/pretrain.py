@@ -43,14 +43,16 @@ from lmforge.train.common import (
     teardown_distributed,
     tune_cpu_allocator,
 )
+from lmforge.train.glm import N_GLM_TOKENS, GlmBatches, glm_window
 from lmforge.train.loop import Hooks, next_token_step, refit_loader, train_loop
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.mlm import MASKINGS, SENTENCE_TASKS, MlmBatches, MlmVocab, evaluate_mlm, mlm_step
 from lmforge.train.optim import make_optimizer
 from lmforge.train.span import N_SENTINELS, SpanBatches, window_length
 
-OBJECTIVES = ("clm", "mlm", "span")
+OBJECTIVES = ("clm", "glm", "mlm", "span")
 OBJECTIVE_OF = {"decoder": "clm", "encoder": "mlm", "encoder-decoder": "span"}  # what each model family trains on
+FAMILY_OF = {"clm": "decoder", "glm": "decoder", "mlm": "encoder", "span": "encoder-decoder"}
 
 # Settings that must match for a resume to continue the same run (and sequences per step: adopt_saved_batch_split).
 RESUME_FIELDS = ("seq_len", "objective", "sentence_task", "masking", "mask_rate", "whole_word")
@@ -62,7 +64,9 @@ class TrainConfig(LoopConfig):
 
     data: str = ""  # folder of token shards made by `lmforge data tokenize`
     out: str = ""  # run folder: checkpoints, metrics.jsonl, TensorBoard events, resolved config
-    preset: str = "tiny"  # model preset the `model` fields start from (tiny, gpt2-124m, llama-1b, smollm2-135m)
+    # model preset the `model` fields start from (tiny, gpt2-124m, llama-1b, smollm2-135m; encoders bert-mini,
+    # bert-base, albert-base; encoder-decoders t5-mini, t5-small)
+    preset: str = "tiny"
     init_from: str = ""  # start from these weights (run or checkpoint folder; its model config wins); not a resume
     # The data's tokenizer decides model.vocab_size (pretrain_vocab_size): unset, it is the tokenizer's size rounded up
     # to 64; set (recipe, --set), it is kept if it holds every token (extra rows) and is an error if smaller.
@@ -71,7 +75,7 @@ class TrainConfig(LoopConfig):
     compile: bool = False  # torch.compile the model
     parallel: str = "ddp"  # under torchrun: ddp (replicate) or fsdp (FSDP2 fully_shard)
     # auto: clm (next token) for a decoder, mlm (masked tokens, BERT) for an encoder, span (span corruption, T5:
-    # lmforge/train/span.py) for an encoder-decoder; each family trains on its own
+    # lmforge/train/span.py) for an encoder-decoder; glm: a decoder on GLM's blank infilling (lmforge/train/glm.py)
     objective: str = "auto"
     mask_rate: float = 0.15  # mlm: share of tokens predicted (80% [MASK], 10% random, 10% kept)
     masking: str = "dynamic"  # mlm: dynamic (new masks each epoch, RoBERTa) or static (the same each epoch, BERT)
@@ -92,9 +96,9 @@ class TrainConfig(LoopConfig):
             (self.seq_len <= self.model.max_seq_len,
              f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"),
             (self.objective in ("auto", *OBJECTIVES), f"objective must be auto, {' or '.join(OBJECTIVES)}"),
-            (self.resolved_objective == OBJECTIVE_OF[self.model.family],
+            (FAMILY_OF.get(self.resolved_objective) == self.model.family,
              (f"objective={self.objective} does not fit model.family={self.model.family} "
-              f"({' / '.join(f'{k} for {v}' for k, v in OBJECTIVE_OF.items())}; use --preset bert-mini for mlm)")),
+              f"({' / '.join(f'{k} for {v}' for k, v in FAMILY_OF.items())}; use --preset bert-mini for mlm)")),
             (0 < self.mask_rate < 1, f"mask_rate must be in (0, 1), got {self.mask_rate}"),
             (self.masking in MASKINGS, f"masking must be one of {', '.join(MASKINGS)}"),
             (self.sentence_task in SENTENCE_TASKS, f"sentence_task must be one of {', '.join(SENTENCE_TASKS)}"),
@@ -133,6 +137,8 @@ def resolve_train_config(recipe: dict | None, flags: dict, sets: dict, prefix: s
         derived["d_ff"] = None  # recomputed by ModelConfig.__post_init__
     if "n_head" in touched and "n_kv_head" not in touched and mha:
         derived["n_kv_head"] = None
+    if any(layer.get("objective") == "glm" for layer in layers):  # GLM's 2D positions are learned tables
+        derived.update({k: v for k, v in (("block_positions", True), ("pos_encoding", "learned")) if k not in touched})
     if cfg.sentence_task != "none" and "n_classes" not in touched:
         derived["n_classes"] = 2  # the NSP/SOP classifier on [CLS]
     if derived:
@@ -207,8 +213,9 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
         cfg = dataclasses.replace(cfg, model=model_cfg)
     # The data decides the vocabulary: the tokenizer's size rounded up to 64, or an explicit model.vocab_size >= it.
     vocab_size = pretrain_vocab_size(cfg, index["vocab_size"], cfg.data)
-    if cfg.resolved_objective == "span":  # T5's sentinels take the top rows, above every token of the tokenizer
-        vocab_size = max(vocab_size, 64 * math.ceil((index["vocab_size"] + N_SENTINELS) / 64))
+    extra_rows = {"span": N_SENTINELS, "glm": N_GLM_TOKENS}.get(cfg.resolved_objective, 0)
+    if extra_rows:  # T5's sentinels, GLM's [MASK] and [START]: the top rows, above every token of the tokenizer
+        vocab_size = max(vocab_size, 64 * math.ceil((index["vocab_size"] + extra_rows) / 64))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size)).validate()
 
     existing = ckpt.list_checkpoints(run_dir)
@@ -268,9 +275,9 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
 
     # An encoder's rows are windows of the stream wrapped in [CLS] ... [SEP] (lmforge/train/mlm.py); T5's windows are
     # longer than its input by what span corruption takes out (lmforge/train/span.py).
-    span = cfg.resolved_objective == "span"
+    span, glm = cfg.resolved_objective == "span", cfg.resolved_objective == "glm"
     window = cfg.seq_len - (MlmBatches.specials(cfg.sentence_task) if mlm else 0)
-    window = window_length(cfg.seq_len, 0.15, 3.0) if span else window
+    window = window_length(cfg.seq_len, 0.15, 3.0) if span else glm_window(cfg.seq_len) if glm else window
     loader = TokenLoader(
         cfg.data, "train", cfg.batch_size, window, dd.rank, dd.world_size, index["tokenizer_hash"], device
     )
@@ -282,6 +289,9 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
     if span:
         span_options = {"vocab_rows": cfg.model.vocab_size, "eos": index["eot_id"], "start": _pad_id(tok_src, tok_dst)}
         batches = SpanBatches(loader, **span_options, seed=cfg.seed, rank=dd.rank)
+    glm_options = {"vocab_rows": cfg.model.vocab_size, "end_id": index["eot_id"]}
+    if glm:
+        batches = GlmBatches(loader, **glm_options, seed=cfg.seed, rank=dd.rank)
     val_tokens = sum(s["num_tokens"] for s in index["splits"].get("val", []))
     val_bytes = sum(s["num_bytes"] for s in index["splits"].get("val", []))
     val_batches = None
@@ -292,6 +302,7 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
         n = max(1, min(cfg.eval_batches, val_tokens // (val_rows * window * dd.world_size)))
         source = MlmBatches(vl, vocab, masking="static", **mlm_options) if mlm else vl  # the same masks every time
         source = SpanBatches(vl, **span_options, seed=cfg.seed) if span else source
+        source = GlmBatches(vl, **glm_options, seed=cfg.seed) if glm else source
         val_batches = [source.next_batch() for _ in range(n)]
     elif dd.main:
         why = (
@@ -334,7 +345,7 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
             t = torch.tensor(loss, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.AVG)
             loss = float(t)
-        if span:  # a target token's loss, not a code length of the text: no bits per byte
+        if span or glm:  # a target token's loss, not a code length of the text: no bits per byte
             return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
         return {
             "val_loss": loss,
