@@ -403,3 +403,17 @@ def test_muon_with_fsdp_is_a_config_error(small_shards, tmp_path):
 
     with pytest.raises(LmforgeError, match="optimizer=muon needs whole matrices"):
         config(small_shards, tmp_path / "x", "optimizer=muon", "parallel=fsdp")
+
+
+def test_a_checkpoint_older_than_a_model_field_resumes(small_shards, tmp_path):
+    """A field added to ModelConfig after a checkpoint was written was at its default then: the run resumes."""
+    pretrain(config(small_shards, tmp_path / "run", max_steps=2, eval_every=0))
+    meta_path = max((tmp_path / "run" / "checkpoints").glob("step_*")) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("family", "block_positions", "n_experts"):
+        del meta["model_config"][key]
+    for key in ("objective", "sentence_task"):
+        del meta["train_config"][key]
+    meta_path.write_text(json.dumps(meta))
+    last = pretrain(config(small_shards, tmp_path / "run", max_steps=4, eval_every=0))
+    assert last["step"] == 4

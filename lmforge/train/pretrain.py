@@ -173,10 +173,12 @@ def register(subparsers) -> None:
 
 def _check_resume(meta: dict, cfg, path: Path, world: int) -> TrainConfig:
     saved_model, saved_train = meta["model_config"], meta["train_config"]
+    defaults = ModelConfig.__dataclass_fields__
     for key, value in cfg.model.to_dict().items():
-        if saved_model.get(key) != value:
+        saved = saved_model.get(key, defaults[key].default)  # a field newer than the checkpoint was at its default then
+        if saved != value:
             raise LmforgeError(
-                f"{path}: cannot resume: model.{key} is {saved_model.get(key)!r} in the checkpoint "
+                f"{path}: cannot resume: model.{key} is {saved!r} in the checkpoint "
                 f"but {value!r} now (use a new --out, or the same config)"
             )
     for key in RESUME_FIELDS:  # a field newer than the checkpoint was at its default then
