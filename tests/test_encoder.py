@@ -277,6 +277,21 @@ def test_mlm_pretraining_loss_falls_with_sop(wp_data, tmp_path):
     assert vals and {"val_mlm_acc", "val_sentence_acc"} <= set(vals[-1]) and "val_bpb" not in vals[-1]
 
 
+def test_albert_pretrains_from_the_cli_with_fewer_parameters(wp_data, tmp_path):
+    from lmforge.train.pretrain import pretrain
+
+    _, shards, _ = wp_data
+    sets = ("model.embedding_size=32", "model.share_layers=true", "model.n_layer=4")
+    pretrain(_pretrain_cfg(shards, tmp_path / "albert", *sets, max_steps=60, eval_every=0, sentence_task="sop"))
+    losses = [r["mlm_loss"] for r in read_metrics(tmp_path / "albert") if "mlm_loss" in r]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.7
+    meta = json.loads(max((tmp_path / "albert" / "checkpoints").glob("step_*")).joinpath("meta.json").read_text())
+    albert = Encoder(ModelConfig.from_dict(meta["model_config"]))
+    bert = Encoder(dataclasses.replace(albert.cfg, embedding_size=0, share_layers=False))
+    assert len(albert.blocks()) == 4 and sum(p.numel() for p in albert.parameters()) < 0.6 * sum(
+        p.numel() for p in bert.parameters())  # fmt: skip
+
+
 def test_mlm_resume_matches_an_uninterrupted_run(wp_data, tmp_path):
     from lmforge.train.pretrain import pretrain
 

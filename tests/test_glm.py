@@ -75,3 +75,21 @@ def test_glm_pretraining_loss_falls(small_shards, tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert sum(losses[-3:]) / 3 < losses[0] - 0.8
     assert [r for r in records if "val_loss" in r] and cfg.model.vocab_size >= 512
+
+
+def test_a_glm_run_fine_tunes_with_sft(small_shards, tmp_path):
+    """The GLM-pretrained decoder is a decoder: `lmforge sft` trains it (plain text sits at block position 0)."""
+    from lmforge.config import parse_set
+    from lmforge.train.metrics import read_metrics
+    from lmforge.train.pretrain import pretrain, resolve_train_config
+    from lmforge.train.sft import SftConfig, sft
+
+    flags = {"data": str(small_shards), "out": str(tmp_path / "glm"), "objective": "glm", "batch_size": 4,
+             "seq_len": 64, "max_steps": 4, "eval_every": 0}  # fmt: skip
+    sets = parse_set(["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.max_seq_len=128"])
+    pretrain(resolve_train_config({}, flags, sets))
+    cfg = SftConfig(base=str(tmp_path / "glm"), data="chatterbot", out=str(tmp_path / "sft"), max_steps=15,
+                    batch_size=4, seq_len=128, lr=3e-3, warmup_steps=2, eval_every=0, samples=2).validate()  # fmt: skip
+    sft(cfg)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "sft") if "loss" in r]
+    assert losses[-1] < losses[0]
