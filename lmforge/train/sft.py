@@ -48,9 +48,8 @@ class SftConfig(FinetuneConfig):
     system: str = ""  # system prompt added to conversations that have none ("" = none)
     val_fraction: float = 0.05  # held-out conversations for the validation loss
     samples: int = 8  # held-out prompts answered greedily into samples.txt at the end
-    target_len: int = (
-        0  # encoder-decoder (T5) only: the longest target in tokens (0 = seq_len); a longer one is an error
-    )
+    # encoder-decoder (T5) only: the longest target in tokens (0 = seq_len); a longer one is an error
+    target_len: int = 0
 
     def validate(self) -> SftConfig:
         if not self.data:
