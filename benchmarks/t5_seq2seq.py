@@ -25,7 +25,7 @@ def main() -> int:
     from lmforge.align.tasks import answer_text, get_task, make_split
     from lmforge.eval.stats import wilson_interval
     from lmforge.eval.tasks import generative_result
-    from lmforge.tokenizer.special import PAD, document_end_id, load_tokenizer
+    from lmforge.tokenizer.special import document_end_id, load_tokenizer, pad_id
     from lmforge.train.checkpoint import load_model, tokenizer_dir
     from lmforge.train.pretrain import pretrain, resolve_train_config
     from lmforge.train.sft import SftConfig, sft
@@ -62,7 +62,7 @@ def main() -> int:
             right = round(r["exact_match"] * r["n"])
         else:
             tok = load_tokenizer(tokenizer_dir(ckpt, meta))
-            eos, pad = document_end_id(tok), tok.token_to_id(PAD)
+            eos, pad = document_end_id(tok), pad_id(tok)
             right = 0
             for i in range(0, len(items), 50):
                 chunk = items[i : i + 50]

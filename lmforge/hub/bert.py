@@ -77,7 +77,13 @@ def _name_map(cfg: ModelConfig, arch: str) -> dict[str, str]:
 def expected_encoder_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors a checkpoint of `Encoder(cfg)` holds (the tied head stored once)."""
     d, e, ff, V = cfg.d_model, cfg.embedding_size or cfg.d_model, cfg.d_ff, cfg.vocab_size
-    shapes = {"embed_tokens.weight": (V, e), "embed_norm.weight": (e,), "embed_norm.bias": (e,)}
+    # make_norm gives every norm a bias exactly when it is a LayerNorm and the config has biases.
+    norm_bias = cfg.norm == "layernorm" and cfg.bias
+    shapes = {
+        "embed_tokens.weight": (V, e),
+        "embed_norm.weight": (e,),
+        **({"embed_norm.bias": (e,)} if norm_bias else {}),
+    }
     if cfg.pos_encoding == "learned":
         shapes["embed_positions.weight"] = (cfg.max_seq_len, e)
     if cfg.type_vocab_size:
@@ -103,27 +109,23 @@ def expected_encoder_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 shapes[f"{p}{name}.bias"] = (shapes[f"{p}{name}.weight"][0],)
         for name in ("input_layernorm", "post_attention_layernorm"):
             shapes[f"{p}{name}.weight"] = (d,)
-            if cfg.norm == "layernorm" and cfg.bias:
+            if norm_bias:
                 shapes[f"{p}{name}.bias"] = (d,)
         if cfg.qk_norm:
             shapes[f"{p}self_attn.q_norm.weight"] = shapes[f"{p}self_attn.k_norm.weight"] = (hd,)
     if cfg.prenorm:
         shapes["norm.weight"] = (d,)
-        if cfg.norm == "layernorm" and cfg.bias:
+        if norm_bias:
             shapes["norm.bias"] = (d,)
     shapes.update({"head_dense.weight": (e, d), "head_dense.bias": (e,), "head_norm.weight": (e,),
                    "head_bias": (V,)})  # fmt: skip
-    if cfg.norm == "layernorm" and cfg.bias:
+    if norm_bias:
         shapes["head_norm.bias"] = (e,)
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (V, e)
     if cfg.n_classes:
         shapes.update({"pooler.weight": (d, d), "pooler.bias": (d,), "classifier.weight": (cfg.n_classes, d),
                        "classifier.bias": (cfg.n_classes,)})  # fmt: skip
-    # Every norm here is LayerNorm or RMSNorm built by make_norm: the embedding and head norms carry a bias exactly
-    # when a layernorm is biased, which `bias` decides (nn.LayerNorm(bias=cfg.bias)).
-    if not (cfg.norm == "layernorm" and cfg.bias):
-        shapes.pop("embed_norm.bias")
     return shapes
 
 

@@ -85,10 +85,10 @@ def write_hf_t5(folder: Path, tensors: dict, cfg: ModelConfig, tok_dir: Path, dt
 
     from safetensors.torch import save_file
 
-    from lmforge.tokenizer.special import PAD, document_end_id, load_tokenizer
+    from lmforge.tokenizer.special import document_end_id, load_tokenizer, pad_id
 
     tok = load_tokenizer(tok_dir)
-    pad = tok.token_to_id(PAD) if tok.token_to_id(PAD) is not None else (tok.token_to_id("[PAD]") or 0)
+    pad = pad_id(tok)
     out = {theirs: tensors[ours].contiguous() for ours, theirs in t5_name_map(cfg).items()}
     for stack in ("encoder", "decoder"):  # transformers keeps a reference to the shared table in each stack
         out[f"{stack}.embed_tokens.weight"] = out["shared.weight"]

@@ -64,6 +64,12 @@ def document_end_id(tok) -> int | None:
     return eot if eot is not None else tok.token_to_id("[SEP]")
 
 
+def pad_id(tok) -> int:
+    """The padding id: <|pad|>, or a WordPiece tokenizer's [PAD] (0 if neither; T5's decoder also starts from it)."""
+    pad = tok.token_to_id(PAD)
+    return pad if pad is not None else (tok.token_to_id("[PAD]") or 0)
+
+
 def load_tokenizer(tokenizer_dir: str | Path):
     """Load `DIR/tokenizer.json` as a `tokenizers.Tokenizer`, with a one-line error if it is missing or corrupt."""
     from tokenizers import Tokenizer

@@ -378,11 +378,9 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
 
 def _pad_id(*tok_dirs: Path) -> int:
     """The padding id of the first tokenizer folder that exists (T5's decoder starts from it)."""
-    from lmforge.tokenizer.special import PAD, load_tokenizer
+    from lmforge.tokenizer.special import load_tokenizer, pad_id
 
-    tok = load_tokenizer(next(d for d in tok_dirs if (d / "tokenizer.json").is_file()))
-    pad = tok.token_to_id(PAD)
-    return pad if pad is not None else (tok.token_to_id("[PAD]") or 0)
+    return pad_id(load_tokenizer(next(d for d in tok_dirs if (d / "tokenizer.json").is_file())))
 
 
 def _check_tokenizer(tok_dir: Path, mlm: bool, span: bool = False) -> MlmVocab | None:

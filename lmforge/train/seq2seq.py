@@ -68,12 +68,12 @@ def collate_pairs(rows, pad: int, start: int, device) -> dict:
 def seq2seq(cfg, run, dd) -> dict:
     """The sft stage for an encoder-decoder `run.model` (cfg: SftConfig)."""
     from lmforge.chat.datasets import load_conversations, split_conversations
-    from lmforge.tokenizer.special import PAD, document_end_id, load_tokenizer
+    from lmforge.tokenizer.special import document_end_id, load_tokenizer, pad_id
     from lmforge.train.classify import RecordLoader
 
     tok = load_tokenizer(run.tokenizer_dir)
     eos = document_end_id(tok)
-    pad = tok.token_to_id(PAD) if tok.token_to_id(PAD) is not None else (tok.token_to_id("[PAD]") or 0)
+    pad = pad_id(tok)
     cs = load_conversations(cfg.data, cfg.data_format, system=cfg.system or None)
     train_convs, val_convs = split_conversations(cs.conversations, cfg.val_fraction, cfg.seed)
     tgt_len = cfg.target_len or cfg.seq_len
