@@ -67,6 +67,8 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "import": (("lmforge.hub.import_cmd",), "import a Hugging Face folder or a GGUF file as an lmforge checkpoint"),
     "quantize": (("lmforge.hub.quantize_cmd",), "weight-only int8 / int4 quantization (a smaller, faster model)"),
     "export": (("lmforge.hub.export_cmd",), "export a run or checkpoint as a Hugging Face folder or a GGUF file"),
+    "agent": (("lmforge.agent.cli",), "answer with tools (calculator, unit converter, document search)"),
+    "rag": (("lmforge.rag.cli",), "retrieval-augmented generation: index documents, search them, answer with sources"),
 }
 
 

@@ -28,6 +28,23 @@ from lmforge.config import LoopConfig, load_yaml, parse_set, recipe_path, resolv
 from lmforge.data.textsplit import TextSplitFields
 
 
+class IntermixedParser(argparse.ArgumentParser):
+    """A command parser whose positionals may follow flags: `lmforge rag ask INDEX --model M "question"` (plain
+    argparse takes every positional at the first one it meets, then rejects "question"). `add_config_command`
+    gives it to commands with two or more positional fields."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # parse_known_intermixed_args calls back here: the plain parse
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 @functools.cache
 def field_help(cls) -> dict[str, str]:
     """{field: help} for a dataclass and its bases, read from the comments in their source (a subclass's wins)."""
@@ -137,12 +154,15 @@ def add_config_command(subparsers, name: str, help: str, cls, run, *, rename: di
 
     `resolve_fn(recipe, flags, sets)` builds the config (default: `resolve(cls, ...)`); `description` is shown
     above the flags (a stage passes its module docstring: what it does and how to run it); `exit_code(result,
-    name)` turns run's result into the exit status (default 0; training stages pass `stop_exit_code`).
+    name)` turns run's result into the exit status (default 0; training stages pass `stop_exit_code`). With two
+    or more `positional` fields, positionals may follow flags (`lmforge rag ask INDEX --model M "question"`).
     """
     p = subparsers.add_parser(
         name, help=help, description=description or help, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # --model must never be taken for --model.n-layer, nor --lr for --lr-something
     )  # fmt: skip
+    if len(positional) > 1:
+        p.__class__ = IntermixedParser  # made by the subparsers' own class; only its parsing changes
     p.add_argument("--config", help=f"YAML file of {cls.__name__} fields, or a packaged recipe (lmforge/recipes)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     add_config_flags(p, cls, rename, positional)

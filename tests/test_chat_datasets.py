@@ -111,7 +111,11 @@ def test_auto_detect_mixed_file_and_forced_format(tmp_path):
 
 BAD_RECORDS = [
     ({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}, "unknown role 'bot'"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "a"}]}, "unknown role 'tool'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "function", "content": "a"}]}, "unknown role 'function'"),
+    (
+        {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "a"}]},
+        "a tool turn not after an assistant turn",
+    ),
     (
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " \n\t"}]},
         "empty assistant turn",

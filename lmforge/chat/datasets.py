@@ -7,7 +7,7 @@
     print(summarize(cs))                       # what `lmforge sft` prints
     train, val = split_conversations(cs.conversations, 0.05, seed=0)
 
-A conversation is a list of messages {"role": "system" | "user" | "assistant", "content": str}
+A conversation is a list of messages {"role": "system" | "user" | "assistant" | "tool", "content": str}
 (the OpenAI / transformers chat format). File records are in one of three formats, detected per
 record from its keys (`fmt="auto"`) or forced with `fmt`:
 
@@ -45,7 +45,9 @@ from typing import ClassVar
 from lmforge.data.readers import RECORD_SUFFIXES, Unreadable, kind_of, list_inputs, read_records
 from lmforge.errors import LmforgeError
 
-ROLES = ("system", "user", "assistant")
+# "tool": a tool's result after an assistant turn that called it (tool-use traces, lmforge/agent/traces.py); never
+# trained on, like user turns
+ROLES = ("system", "user", "assistant", "tool")
 FILE_FORMATS = ("alpaca", "sharegpt", "messages")
 PACKAGED = {
     "chitchat": ("chitchat_dataset", "chitchat-dataset"),
@@ -169,7 +171,7 @@ def _from_messages(rec: dict) -> list[tuple[str, object]]:
         for name in ("role", "content"):
             if name not in msg:
                 raise _Skip(f"message missing {name!r}")
-        if msg["role"] not in ROLES:  # tool / function messages have no place in plain SFT
+        if msg["role"] not in ROLES:
             raise _Skip(f"unknown role {_short(msg['role'])}")
         pairs.append((msg["role"], _content_text(msg["content"])))
     return pairs
@@ -198,8 +200,10 @@ def _validate(pairs: list[tuple[str, object]]) -> list[dict]:
             raise _Skip("content is not a string")
         if role == "system" and i > 0:
             raise _Skip("system message not first")
-        if conv and conv[-1]["role"] == role:
+        if conv and conv[-1]["role"] == role and role != "tool":  # one tool turn per call: several may follow
             raise _Skip(f"two {role} turns in a row")
+        if role == "tool" and (not conv or conv[-1]["role"] not in ("assistant", "tool")):
+            raise _Skip("a tool turn not after an assistant turn")
         if role != "system" and not content.strip():
             raise _Skip(f"empty {role} turn")
         conv.append({"role": role, "content": content})

@@ -99,17 +99,22 @@ class ChatFormat:
                 ids.append(tid)
         return ids
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+        """`tools`: function schemas for a template that renders them itself (Qwen2.5's `tools` variable)."""
         import jinja2
 
+        extra = {"tools": tools} if tools else {}
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self.special, **extra)  # fmt: skip
         except jinja2.exceptions.TemplateError as e:
             raise LmforgeError(f"chat template failed on this conversation: {e}") from None
 
-    def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    def encode(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
+               ) -> list[int]:  # fmt: skip
         """Token ids of the rendered conversation (what `apply_chat_template(tokenize=True)` returns)."""
-        return self.tokenizer.encode(self.render(messages, add_generation_prompt), add_special_tokens=False).ids
+        text = self.render(messages, add_generation_prompt, tools)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def answer_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans of each assistant answer (content + turn end)."""

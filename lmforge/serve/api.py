@@ -45,6 +45,8 @@ class Served:
     max_body: int = 1 << 20
     eos_ids: list[int] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
+    rag: object | None = None  # a RagIndex: each chat request's last user turn gets its top `rag_k` passages
+    rag_k: int = 4
 
 
 class Dispatcher:
@@ -160,13 +162,17 @@ def create_app(served: Served) -> FastAPI:
             raise ApiError(400, f"'{served.name}' has no chat template: use /v1/completions", param="messages",
                            code="no_chat_template")  # fmt: skip
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        extra = None
         try:
+            if served.rag is not None and messages and messages[-1]["role"] == "user":
+                messages, extra = await asyncio.to_thread(with_retrieval, served, messages, max_tokens)
             prompt = served.chat.encode(messages, add_generation_prompt=True)
         except LmforgeError as e:
             raise ApiError(400, str(e), param="messages") from None
-        max_tokens = req.max_completion_tokens or req.max_tokens
         k = (req.top_logprobs or 0) if req.logprobs else None
-        job = Job(served, metrics, "/v1/chat/completions", request, [prompt], req, max_tokens, k, served.chat.stop_ids)
+        job = Job(served, metrics, "/v1/chat/completions", request, [prompt], req, max_tokens, k, served.chat.stop_ids,
+                  extra=extra)  # fmt: skip
         return await job.respond(chat=True)
 
     @app.post("/v1/completions")
@@ -185,6 +191,19 @@ def create_app(served: Served) -> FastAPI:
                            code="model_not_found")  # fmt: skip
 
     return app
+
+
+def with_retrieval(served: Served, messages: list[dict], max_tokens: int | None) -> tuple[list[dict], dict]:
+    """`--rag`: the last user turn with the index's top passages for it (as many as fit the context), and the
+    response's extra field {"sources": [...]}, numbered as the prompt numbers them (lmforge/rag/prompt.py)."""
+    from lmforge.rag.prompt import fit_sources
+
+    question = messages[-1]["content"]
+    hits = served.rag.search(question, served.rag_k)
+    budget = served.engine.max_context - (max_tokens or 1)
+    messages, used = fit_sources(served.chat, messages[:-1], question, hits, budget)
+    sources = [{"index": i, "source": h.source, "heading": h.heading, "text": h.text} for i, h in enumerate(used, 1)]
+    return messages, {"sources": sources}
 
 
 def completion_prompts(prompt, served: Served) -> list[list[int]]:
@@ -213,8 +232,11 @@ class Job:
     """One HTTP request: its engine requests (prompts x n choices), their events, and the response."""
 
     def __init__(self, served: Served, metrics: Metrics, endpoint: str, request: Request, prompts: list[list[int]],
-                 req, max_tokens: int | None, logprobs: int | None, stop_ids: list[int]):  # fmt: skip
+                 req, max_tokens: int | None, logprobs: int | None, stop_ids: list[int],
+                 extra: dict | None = None):  # fmt: skip
+        """`extra`: fields added to the response (the first chunk when streaming): --rag's sources."""
         engine = served.engine
+        self.extra = extra or {}
         self.served, self.metrics, self.endpoint, self.http, self.req = served, metrics, endpoint, request, req
         self.id = ("chatcmpl-" if endpoint.endswith("chat/completions") else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
@@ -362,7 +384,8 @@ class Job:
                 choices.append({"index": i, "text": self._echo(i) + texts[i], "logprobs": self._legacy(lps[i]),
                                 "finish_reason": reason})  # fmt: skip
         return {"id": self.id, "object": "chat.completion" if chat else "text_completion", "created": self.created,
-                "model": self.served.name, "choices": choices, "usage": self._usage(completion)}  # fmt: skip
+                "model": self.served.name, "choices": choices, "usage": self._usage(completion),
+                **self.extra}  # fmt: skip
 
     def _echo(self, i: int) -> str:
         if not getattr(self.req, "echo", False):
@@ -410,8 +433,11 @@ class Job:
         status = 200
         try:
             if chat:
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(len(self.engine_reqs))])  # fmt: skip
+                first = chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None} for i in range(len(self.engine_reqs))])  # fmt: skip
+                if self.extra:  # --rag's sources, once
+                    first = first[: -len("}\n\n")] + ", " + json.dumps(self.extra, ensure_ascii=False)[1:] + "\n\n"
+                yield first
             async for items in self._events():
                 out = []
                 for index, text, lp, finish in items:
@@ -446,7 +472,7 @@ class Job:
 
 def load_served(model_path: str, *, name: str | None, device: str, max_batch: int, max_context: int | None,
                 prefill_chunk: int, max_queue: int, api_key: str | None, max_body: int,
-                prefix_cache: int = 4096) -> Served:  # fmt: skip
+                prefix_cache: int = 4096, rag: str = "", rag_k: int = 4) -> Served:  # fmt: skip
     """Load a run, checkpoint or imported model and build the engine and what the app needs."""
     from lmforge.chat.template import ChatFormat
     from lmforge.tokenizer import load_tokenizer
@@ -468,7 +494,15 @@ def load_served(model_path: str, *, name: str | None, device: str, max_batch: in
             eos.append(tid)
     engine = Engine(model, max_batch=max_batch, max_context=max_context, prefill_chunk=prefill_chunk,
                     max_queue=max_queue, prefix_cache=prefix_cache)  # fmt: skip
-    return Served(engine, tok, chat, name or Path(model_path).resolve().name, api_key, max_body, eos)
+    index = None
+    if rag:
+        from lmforge.rag.index import RagIndex
+
+        if chat is None:
+            raise LmforgeError(f"--rag needs a chat model; {model_path} has no chat template")
+        index = RagIndex.load(rag)
+    return Served(engine, tok, chat, name or Path(model_path).resolve().name, api_key, max_body, eos, rag=index,
+                  rag_k=rag_k)  # fmt: skip
 
 
 def _eos_text(tok_dir: Path) -> str | None:

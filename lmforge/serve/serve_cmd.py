@@ -2,6 +2,7 @@
 
     lmforge serve runs/demo/sft                         # http://127.0.0.1:8000 : the chat page
     lmforge serve models/smollm2 --port 8080 --api-key "$KEY" --max-batch 32 --max-context 2048
+    lmforge serve models/smollm2 --rag runs/docs-index    # answers from the index's passages, with "sources"
 
 Then any OpenAI client works against it:
 
@@ -49,6 +50,10 @@ class ServeConfig:
     # CPU threads for the model's math (0 = all cores but one, which the HTTP side and local clients need)
     threads: int = 0
     log_level: str = "info"  # uvicorn's: critical, error, warning, info, debug
+    # a retrieval index (lmforge rag index): each chat request's last user turn gets its top passages, numbered for
+    # citing; the response lists them in a "sources" field
+    rag: str = ""
+    rag_k: int = 4  # passages per request with --rag
 
     def validate(self) -> ServeConfig:
         require([
@@ -61,6 +66,7 @@ class ServeConfig:
             (self.prefix_cache >= 0, "prefix_cache must be >= 0"),
             (self.max_body >= 1024, "max_body must be >= 1024"),
             (self.threads >= 0, "threads must be >= 0"),
+            (self.rag_k >= 1, "rag_k must be >= 1"),
         ])  # fmt: skip
         return self
 
@@ -87,7 +93,7 @@ def serve(cfg: ServeConfig) -> int:
     served = load_served(cfg.model, name=cfg.name or None, device=cfg.device, max_batch=cfg.max_batch,
                          max_context=cfg.max_context or None, prefill_chunk=cfg.prefill_chunk,
                          max_queue=cfg.max_queue, prefix_cache=cfg.prefix_cache, api_key=key,
-                         max_body=cfg.max_body)  # fmt: skip
+                         max_body=cfg.max_body, rag=cfg.rag, rag_k=cfg.rag_k)  # fmt: skip
     eng = served.engine
     mib = 2 * eng.cache.k.numel() * eng.cache.k.element_size() / 2**20
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
