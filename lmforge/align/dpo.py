@@ -6,7 +6,7 @@
     lmforge dpo --model runs/sort-sft --data onpolicy.jsonl --out runs/rpo --set sft_coef=1   # RPO: + NLL(chosen)
 
 The reference is the starting model, frozen: a second copy for full fine-tuning, or the same
-weights with the adapters switched off for `--lora` (no second copy in memory). Each step logs
+weights with the adapters switched off for `--lora`/`--adapter` (no second copy in memory). Each step logs
 the implicit rewards beta * log(pi/ref) of chosen and rejected answers, their margin and how
 often chosen wins, so a stuck run is visible. On held-out pairs (split by prompt) it logs,
 before the first step and at each evaluation:
@@ -86,8 +86,8 @@ def dpo(cfg: DpoConfig) -> dict:
 
 
 def _train(cfg: DpoConfig, run: FinetuneRun, dd) -> dict:
-    # The reference: the starting weights, frozen. With LoRA, the policy with its adapters off.
-    ref = None if cfg.lora or cfg.loss == "simpo" else copy.deepcopy(run.model).eval().requires_grad_(False)
+    # The reference: the starting weights, frozen. With LoRA or adapters, the policy with its adapters off.
+    ref = None if cfg.peft or cfg.loss == "simpo" else copy.deepcopy(run.model).eval().requires_grad_(False)
     trainable, total = run.make_trainable()
     if ref is not None:
         ref.to(run.device)

@@ -10,7 +10,7 @@ those advantages plus kl_coef * KL(policy || reference), the k3 estimator per an
 averaged over all answer tokens of the batch (a token-level mean, as DAPO recommends, rather
 than the paper's mean of per-answer means, which favours short answers). One optimizer step per
 rollout batch, so the ratio starts at 1 and the clip guards grad accumulation only.
-The reference is the starting model (its adapters off under --lora: no second copy).
+The reference is the starting model (its adapters off under --lora or --adapter: no second copy).
 
 Logged per step: reward, accuracy (share of answers with reward 1), kl, entropy, answer
 length, share that ended with the turn-end token. Held-out exact-match accuracy (greedy, on
@@ -136,7 +136,7 @@ def grpo(cfg: GrpoConfig) -> dict:
 
 
 def _train(cfg: GrpoConfig, run: FinetuneRun, dd) -> dict:
-    keep_ref = cfg.kl_coef and not cfg.lora  # LoRA's reference is the base with its adapters off
+    keep_ref = cfg.kl_coef and not cfg.peft  # LoRA's or adapters' reference is the base with its adapters off
     ref = copy.deepcopy(run.model).eval().requires_grad_(False) if keep_ref else None
     trainable, total = run.make_trainable()
     if ref is not None:

@@ -15,7 +15,7 @@ log pi - log ref of the sampled token) plus the score at the last answer token. 
 token; GAE (gamma, lam) turns rewards and values into advantages (whitened over the rollout's
 answer tokens) and returns. The loss is PPO's clipped surrogate with the old log-probs plus
 vf_coef * the clipped value loss with the old values. The reference is the starting model
-(its adapters off under --lora: no second copy).
+(its adapters off under --lora or --adapter: no second copy).
 
 How ppo_epochs maps onto the shared loop: one loop step = one optimizer step = one minibatch
 (`grad_accum` micro-batches of `batch_size` answers). A rollout holds `minibatches` of them and
@@ -246,7 +246,7 @@ def ppo(cfg: PpoConfig) -> dict:
 
 
 def _train(cfg: PpoConfig, run: FinetuneRun, dd) -> dict:
-    ref = None if cfg.lora else copy.deepcopy(run.model).eval().requires_grad_(False)
+    ref = None if cfg.peft else copy.deepcopy(run.model).eval().requires_grad_(False)
     value_head = nn.Linear(run.model.cfg.d_model, 1)
     seeded = torch.Generator().manual_seed(cfg.seed)  # not the global RNG: the same head whatever ran before
     nn.init.normal_(value_head.weight, std=1.0 / (run.model.cfg.d_model + 1) ** 0.5, generator=seeded)

@@ -4,7 +4,8 @@
     python -c "from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; M.from_pretrained('hf/demo'); T.from_pretrained('hf/demo')"
     lmforge export runs/demo/sft --format gguf --dtype q8_0 --out demo.gguf --modelfile   # lmforge/hub/gguf_export.py
 
-A LoRA run is exported with its adapter merged into the base (`checkpoint_tensors`, shared by both formats).
+A LoRA run is exported with its adapter merged into the base (`checkpoint_tensors`, shared by both formats); a
+bottleneck-adapter run (`--adapter`) is refused: its adapters are nonlinear layers no Llama or GGUF layout has.
 `--format hf` writes model.safetensors (HF names, `lm_head` left out when tied), config.json (LlamaForCausalLM, or
 Qwen2ForCausalLM for q/k/v biases), generation_config.json (stopping at EOS and the chat turn end),
 tokenizer.json, tokenizer_config.json (with a chat template) and special_tokens_map.json; transformers
@@ -41,10 +42,15 @@ def register(subparsers) -> None:
 def open_checkpoint(source: str | Path):
     """(checkpoint folder, meta, ModelConfig) of a run, checkpoint or imported folder; cheap, no weights read."""
     from lmforge.model.transformer import ModelConfig
-    from lmforge.train.checkpoint import read_meta, resolve_checkpoint
+    from lmforge.train.checkpoint import adapter_kind, read_meta, resolve_checkpoint
 
     ckpt = resolve_checkpoint(source)
     meta = read_meta(ckpt)
+    if adapter_kind(meta) == "bottleneck":
+        raise LmforgeError(
+            f"{ckpt} is a bottleneck-adapter run: its adapters do not fold into the weights, so "
+            "no Llama/GGUF layout holds it (export its base, or train with --lora, which merges)"
+        )
     if meta.get("quantization"):
         raise LmforgeError(f"{ckpt} is quantized ({meta['quantization'].get('method')}); export its float source")
     cfg = ModelConfig.from_dict(meta["model_config"])

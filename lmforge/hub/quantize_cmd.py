@@ -7,9 +7,10 @@
 
 The output is a checkpoint like any other (meta.json, model.safetensors, tokenizer/), with its scheme in
 meta.json's `quantization` key and the integer weights in safetensors (the layout: lmforge/model/quant.py),
-so `generate`, `chat`, `eval` and `serve` load it without flags. A LoRA run is merged first. Training stages
-refuse it (train the float model, then quantize). It is written under a temporary name and renamed: a killed
-run leaves nothing, and an existing --out is refused.
+so `generate`, `chat`, `eval` and `serve` load it without flags. A LoRA run is merged first; a bottleneck-adapter
+run (`--adapter`) is refused (its adapters do not merge into the weights quantize replaces). Training stages
+refuse a quantized checkpoint (train the float model, then quantize). It is written under a temporary name and
+renamed: a killed run leaves nothing, and an existing --out is refused.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     from lmforge.tokenizer.special import tokenizer_hash
     from lmforge.train.checkpoint import (
         FORMAT,
+        adapter_kind,
         file_fingerprint,
         load_model,
         read_meta,
@@ -69,6 +71,11 @@ def quantize(cfg: QuantizeConfig) -> dict:
     meta = read_meta(ckpt)
     if meta.get("quantization"):
         raise LmforgeError(f"{ckpt} is already quantized ({meta['quantization']['method']}); quantize the float model")
+    if adapter_kind(meta) == "bottleneck":  # quantize_model would swap its adapter'd linears for plain ones
+        raise LmforgeError(
+            f"{ckpt} is a bottleneck-adapter run: its adapters do not fold into the weights, "
+            "so quantizing would drop them (quantize its base, or train with --lora, which merges)"
+        )
     if meta["model_config"].get("n_experts"):  # its experts are stacked tensors, not the linears quantize replaces
         raise LmforgeError(f"{ckpt}: a mixture-of-experts model; quantize does not quantize experts yet")
     qcfg = quant_config(cfg.method, cfg.group_size)

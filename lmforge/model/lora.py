@@ -9,7 +9,8 @@
 A frozen linear layer W gets a trainable low-rank update: y = W x + (alpha/r) B A dropout(x),
 with A (r x in) random and B (out x r) zero, so training starts exactly at the base model.
 The wrapped layer keeps its `weight`/`bias` names, so base checkpoints load unchanged; the
-adapter adds `<layer>.lora_A` and `<layer>.lora_B`.
+adapter adds `<layer>.lora_A` and `<layer>.lora_B`. The other adapter kind, nonlinear bottlenecks that do not
+merge, is lmforge/model/bottleneck.py; `adapters_disabled` switches off either.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> LoraConfig:
-        return cls(**{**d, "targets": tuple(d.get("targets", ALL_LINEAR))}).validate()
+        fields = {k: v for k, v in d.items() if k != "kind"}  # "kind": "lora" is optional (bottleneck runs say theirs)
+        return cls(**{**fields, "targets": tuple(d.get("targets", ALL_LINEAR))}).validate()
 
 
 class LoraLinear(nn.Linear):
@@ -92,18 +94,23 @@ def _linears(model: nn.Module, targets) -> list[tuple[nn.Module, str, nn.Module]
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Freeze every parameter of `model`, then wrap the target linears with trainable adapters (in place)."""
-    cfg.validate()
+    return wrap_linears(model, cfg.validate(), LoraLinear, "lora")
+
+
+def wrap_linears(model: nn.Module, cfg, layer_cls: type[nn.Linear], what: str) -> nn.Module:
+    """Freeze every parameter, then replace each linear named in `cfg.targets` by `layer_cls(linear, cfg)`, in
+    place (LoRA's and the bottleneck adapters' (lmforge/model/bottleneck.py) shared setup)."""
     for p in model.parameters():
         p.requires_grad_(False)
     found = _linears(model, cfg.targets)
     experts = getattr(getattr(model, "cfg", None), "n_experts", 0)
     if experts and {"gate_proj", "up_proj", "down_proj"} & set(cfg.targets):
-        warn("lora: a mixture-of-experts model's experts are stacked tensors, not linears: they get no adapters")
+        warn(f"{what}: a mixture-of-experts model's experts are stacked tensors, not linears: they get no adapters")
     if not found:
-        raise LmforgeError(f"lora: no linear layer named {list(cfg.targets)} in the model")
+        raise LmforgeError(f"{what}: no linear layer named {list(cfg.targets)} in the model")
     for parent, name, child in found:
-        if not isinstance(child, LoraLinear):
-            setattr(parent, name, LoraLinear(child, cfg))
+        if not isinstance(child, layer_cls):
+            setattr(parent, name, layer_cls(child, cfg))
     return model
 
 
@@ -114,7 +121,13 @@ def lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Load adapter weights into a model already wrapped by `apply_lora`, checking names and shapes."""
-    own = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    load_adapter_state(model, tensors, where, ".lora_")
+
+
+def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str, marker: str) -> None:
+    """Load the adapter tensors (state-dict names containing `marker`) into `model`: the names and shapes must be
+    exactly the model's, else a one-line error naming `where`."""
+    own = {k: v for k, v in model.state_dict().items() if marker in k}
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise LmforgeError(
@@ -138,8 +151,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """Run the base model without its adapters (the frozen reference of DPO/PPO/GRPO, no second copy)."""
-    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    """Run the base model without its adapters, LoRA or bottleneck (the frozen reference of DPO/PPO/GRPO, no second
+    copy): each adapter's `scaling` is 0 meanwhile."""
+    from lmforge.model.bottleneck import BottleneckLinear  # it builds on this module
+
+    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, BottleneckLinear))]
     saved = [m.scaling for m in layers]
     for m in layers:
         m.scaling = 0.0

@@ -66,7 +66,7 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
 
-    `weights_file` is `adapter.safetensors` for LoRA runs, which store only the adapter
+    `weights_file` is `adapter.safetensors` for LoRA and bottleneck-adapter runs, which store only the adapter
     (meta["base"] names the base model it belongs to). `extra_weights` maps more file names
     to tensors written in the same atomic folder.
     """
@@ -170,7 +170,7 @@ def file_fingerprint(path: str | Path) -> str:
 
 
 def weights_path(ckpt: Path, meta: dict) -> Path:
-    """The checkpoint's weights file: the full model, or the adapter of a LoRA checkpoint."""
+    """The checkpoint's weights file: the full model, or the adapter of a LoRA or bottleneck-adapter checkpoint."""
     return ckpt / ("adapter.safetensors" if "adapter" in meta else "model.safetensors")
 
 
@@ -187,16 +187,26 @@ def check_trainable(ckpt: Path, meta: dict) -> None:
         raise LmforgeError(f"{ckpt} is quantized ({q['method']}): it is for inference; train from {source}")
 
 
+def adapter_kind(meta: dict) -> str | None:
+    """None for a full model, "lora" for a LoRA run (merges into its base), "bottleneck" for a bottleneck-adapter run
+    (lmforge/model/bottleneck.py: nonlinear, it stays beside its base)."""
+    if "adapter" not in meta:
+        return None
+    return meta["adapter"].get("kind", "lora")
+
+
 def load_model(
     path: str | Path, *, for_training: bool = False, encoder_ok: bool = False
 ) -> tuple[Transformer, Path, dict]:
     """(model on CPU, checkpoint folder, meta) from a run, checkpoint or imported-model folder.
 
-    A LoRA checkpoint is rebuilt as its base with the adapter merged in; the base must be
-    the very weights the adapter was trained on (checked by fingerprint). A quantized checkpoint
-    (`lmforge quantize`) comes back with its quantized modules (lmforge/model/quant.py); with
-    `for_training` it is refused. An encoder or encoder-decoder (model.family) loads only with `encoder_ok` (the
-    stages that can use one); elsewhere it is a one-line error saying what it is for.
+    A LoRA checkpoint is rebuilt as its base with the adapter merged in; a bottleneck-adapter checkpoint as its
+    base with the adapter layers in it (they do not merge). Either way the base must be the very weights the adapter
+    was trained on (checked by fingerprint); with `for_training` a bottleneck-adapter run is refused (a stage would
+    train its base weights through layers it cannot save). A quantized checkpoint (`lmforge quantize`) comes back
+    with its quantized modules (lmforge/model/quant.py); with `for_training` it is refused. An encoder or
+    encoder-decoder (model.family) loads only with `encoder_ok` (the stages that can use one); elsewhere it is a
+    one-line error saying what it is for.
     """
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
@@ -209,7 +219,8 @@ def load_model(
                                from_weights=False)  # fmt: skip
         load_quantized(model, load_tensors(ckpt / "model.safetensors"), ckpt / "model.safetensors")
         return model, ckpt, meta
-    if "adapter" not in meta:
+    kind = adapter_kind(meta)
+    if kind is None:
         cfg = ModelConfig.from_dict(meta["model_config"])
         if encoder_ok and cfg.family != "decoder":
             from lmforge.model.encoder import build_model
@@ -219,21 +230,36 @@ def load_model(
             model = Transformer(cfg)
         load_model_weights(model, ckpt)
         return model, ckpt, meta
-    from lmforge.model.lora import LoraConfig, apply_lora, load_lora_tensors, merge_lora
-
+    if kind not in ("lora", "bottleneck"):
+        raise LmforgeError(f"{ckpt}: unknown adapter kind {kind!r} (this lmforge knows lora and bottleneck)")
     base = meta["base"]
+    if kind == "bottleneck" and for_training:
+        raise LmforgeError(f"{ckpt} is a bottleneck-adapter run: its adapters do not fold into the weights, so "
+                           f"it cannot be the base of another stage; start from its base {base['path']} "
+                           "with --adapter")  # fmt: skip
     model, base_ckpt, base_meta = load_model(base["path"], for_training=for_training, encoder_ok=encoder_ok)
     if file_fingerprint(weights_path(base_ckpt, base_meta)) != base["fingerprint"]:
+        what = "LoRA adapter" if kind == "lora" else "bottleneck adapter"
         raise LmforgeError(
-            f"{ckpt}: this LoRA adapter was trained on base weights {base['fingerprint']}, "
+            f"{ckpt}: this {what} was trained on base weights {base['fingerprint']}, "
             f"but {base_ckpt} now holds different weights"
         )
+    where = ckpt / "adapter.safetensors"
+    if kind == "bottleneck":
+        from lmforge.model.bottleneck import AdapterConfig, apply_adapters, load_adapter_tensors
+
+        apply_adapters(model, AdapterConfig.from_dict(meta["adapter"]))
+        load_adapter_tensors(model, load_tensors(where), str(where))
+        return model, ckpt, meta
+    from lmforge.model.lora import LoraConfig, apply_lora, load_lora_tensors, merge_lora
+
     apply_lora(model, LoraConfig.from_dict(meta["adapter"]))
-    load_lora_tensors(model, load_tensors(ckpt / "adapter.safetensors"), str(ckpt / "adapter.safetensors"))
+    load_lora_tensors(model, load_tensors(where), str(where))
     return merge_lora(model), ckpt, meta
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Path, dict]:
-    """(model in eval mode, tokenizer folder, meta) from a run folder or checkpoint folder (LoRA merged)."""
+    """(model in eval mode, tokenizer folder, meta) from a run folder or checkpoint folder (LoRA merged, bottleneck
+    adapters in place)."""
     model, ckpt, meta = load_model(path)
     return model.to(device).eval(), tokenizer_dir(ckpt, meta), meta

@@ -2,18 +2,20 @@
 
     run = FinetuneRun(cfg, stage="dpo", resume_fields=("beta", ...))   # loads the base, checks a resume
     cfg = run.cfg                                                        # resolved: seq_len, resumed batch split
-    run.make_trainable()                                                 # LoRA or freezing, resumed weights
+    run.make_trainable()                                                 # LoRA, adapters or freezing, resumed weights
     optimizer = run.optimizer()                                          # AdamW, resumed state
     hooks = run.hooks(optimizer, loader, evaluate)                       # checkpoints, metrics, run folder
     return train_loop(cfg, model, optimizer, step_fn, loader, hooks, **run.progress(), desc="dpo")
 
 SFT, reward modelling, DPO, GRPO and PPO each keep their own data, step and evaluation in
 their own file; this module holds only the setup they would otherwise copy: load the base
-(`--model`: a run, checkpoint or imported folder, LoRA runs merged), copy its tokenizer into
+(`--model`: a run, checkpoint or imported folder, LoRA runs merged; a bottleneck-adapter run
+cannot be a base, as its adapters do not merge), copy its tokenizer into
 the run so checkpoints stand alone, write the resolved config, and on a rerun check that the
 settings a resume depends on did not change, then restore weights, optimizer and RNG. A LoRA
-run saves only its adapter, tied to the base's weight fingerprint. Extra trained tensors (a
-reward or value head) are saved next to the weights as `head.safetensors`.
+(`--lora`) or bottleneck-adapter (`--adapter`, lmforge/model/bottleneck.py) run saves only its
+adapter, tied to the base's weight fingerprint. Extra trained tensors (a reward or value head)
+are saved next to the weights as `head.safetensors`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from lmforge.cli_config import add_config_command
 from lmforge.config import LoopConfig, require, save_config, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write_json
+from lmforge.model.bottleneck import AdapterConfig, adapter_tensors, apply_adapters, load_adapter_tensors
 from lmforge.model.lora import LoraConfig, apply_lora, load_lora_tensors, lora_tensors
 from lmforge.model.transformer import param_part
 from lmforge.tokenizer.special import tokenizer_hash
@@ -42,7 +45,8 @@ from lmforge.train.optim import make_optimizer
 
 FREEZABLE = ("embeddings", "attention", "mlp", "norms")
 # Must match to resume (and the sequences per step: adopt_saved_batch_split keeps the checkpoint's micro-batch split).
-COMMON_RESUME = ("base", "lora", "lora_rank", "lora_targets", "freeze", "seq_len", "seed")
+# A key a checkpoint lacks was written before that field existed: the run had the field's default.
+COMMON_RESUME = ("base", "lora", "lora_rank", "lora_targets", "adapter", "adapter_size", "freeze", "seq_len", "seed")
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,13 @@ class FinetuneConfig(LoopConfig):
     lora_alpha: float = 16.0  # adapter scale: the update is alpha / r * B A
     lora_dropout: float = 0.05  # dropout on the adapters' input
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated linear layer names (attention by default)
+    adapter: bool = False  # train Houlsby bottleneck adapters (after attention and MLP) instead of all weights
+    adapter_size: int = 64  # bottleneck width m of each adapter
     freeze: str = ""  # full fine-tuning: comma-separated parts kept fixed (embeddings, attention, mlp, norms)
     batch_size: int = 8  # sequences (or packed rows, or pairs) per micro-batch per process
     seq_len: int = 0  # tokens per sequence (0 = the model's max_seq_len, at most 1024); longer ones are cut
     max_steps: int = 200  # optimizer steps in total (the LR schedule spans them)
-    lr: float = 1e-4  # peak LR (LoRA usually wants ~1e-4..1e-3, full fine-tuning ~1e-5..1e-4)
+    lr: float = 1e-4  # peak LR (LoRA and adapters usually want ~1e-4..1e-3, full fine-tuning ~1e-5..1e-4)
     warmup_steps: int = 10  # linear warmup steps
     weight_decay: float = 0.0  # AdamW decay on matrices (not norms, biases)
     eval_every: int = 50  # steps between evaluations; 0 = only before the first step and after the last
@@ -69,7 +75,9 @@ class FinetuneConfig(LoopConfig):
         checks = [
             *self.loop_checks(),
             (bool(self.base), "needs --model (a run, checkpoint or imported model folder)"),
+            (not (self.lora and self.adapter), "--lora and --adapter are two kinds of adapter: pick one"),
             (not (self.lora and self.freeze), "freeze is for full fine-tuning; --lora already freezes the base"),
+            (not (self.adapter and self.freeze), "freeze is for full fine-tuning; --adapter already freezes the base"),
         ]  # fmt: skip
         require(checks)
         bad = sorted(set(self.freeze_parts) - set(FREEZABLE))
@@ -77,7 +85,15 @@ class FinetuneConfig(LoopConfig):
             raise LmforgeError(f"config: freeze must list parts among {', '.join(FREEZABLE)}, got {bad}")
         if self.lora:
             self.lora_config.validate()
+        if self.adapter:
+            self.adapter_config.validate()
         return self
+
+    @property
+    def peft(self) -> bool:
+        """Parameter-efficient: only adapters (LoRA or bottleneck) train on a frozen base, so the starting model is
+        the policy with its adapters off (`adapters_disabled`): the stages keep no reference copy."""
+        return self.lora or self.adapter
 
     @property
     def freeze_parts(self) -> list[str]:
@@ -87,6 +103,10 @@ class FinetuneConfig(LoopConfig):
     def lora_config(self) -> LoraConfig:
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
         return LoraConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, targets)
+
+    @property
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig(size=self.adapter_size)
 
 
 def add_stage_command(subparsers, name: str, help: str, config_cls, run, description: str) -> None:
@@ -126,10 +146,12 @@ class FinetuneRun:
         self.base_fingerprint = ckpt.file_fingerprint(ckpt.weights_path(self.base_ckpt, base_meta))
         if self.meta is not None:
             saved = self.meta["train_config"]
+            defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
             for key in COMMON_RESUME + resume_fields:
-                if saved.get(key) != getattr(cfg, key):
+                was = saved.get(key, defaults.get(key))  # absent: written before the field existed
+                if was != getattr(cfg, key):
                     raise LmforgeError(
-                        f"{self.resume_from}: cannot resume: {key} is {saved.get(key)!r} in the checkpoint "
+                        f"{self.resume_from}: cannot resume: {key} is {was!r} in the checkpoint "
                         f"but {getattr(cfg, key)!r} now (use a new --out, or the same config)"
                     )
             world = launched_world_size()
@@ -161,18 +183,23 @@ class FinetuneRun:
             atomic_write_json(self.run_dir / name, report)
 
     def make_trainable(self, head: torch.nn.Module | None = None) -> tuple[int, int]:
-        """Apply LoRA or freezing, restore resumed weights (and `head`); returns (trainable, total) parameters."""
+        """Apply LoRA, adapters or freezing, restore resumed weights (and `head`); returns (trainable, total)
+        parameters."""
         cfg, model = self.cfg, self.model
         torch.manual_seed(cfg.seed)
         if cfg.lora:
             apply_lora(model, cfg.lora_config)
+        elif cfg.adapter:
+            apply_adapters(model, cfg.adapter_config)
         elif cfg.freeze_parts:
             freeze(model, cfg.freeze_parts)
         self.head = head
         if self.meta is not None:
+            where = self.resume_from / "adapter.safetensors"
             if cfg.lora:
-                where = self.resume_from / "adapter.safetensors"
                 load_lora_tensors(model, ckpt.load_tensors(where), str(where))
+            elif cfg.adapter:
+                load_adapter_tensors(model, ckpt.load_tensors(where), str(where))
             else:
                 ckpt.load_model_weights(model, self.resume_from)
             if head is not None:
@@ -222,6 +249,9 @@ class FinetuneRun:
             if cfg.lora:
                 meta["adapter"] = cfg.lora_config.to_dict()
                 tensors, name = lora_tensors(model), "adapter.safetensors"
+            elif cfg.adapter:
+                meta["adapter"] = cfg.adapter_config.to_dict()  # "kind": "bottleneck": it loads unmerged
+                tensors, name = adapter_tensors(model), "adapter.safetensors"
             else:
                 tensors, name = ckpt.model_tensors(model.state_dict(), model.cfg.tie_embeddings), "model.safetensors"
             extra = None

@@ -1,7 +1,8 @@
-"""Stage 2: supervised fine-tuning on conversations, loss on the answers only (full or LoRA).
+"""Stage 2: supervised fine-tuning on conversations, loss on the answers only (full, LoRA or adapters).
 
     lmforge sft --model runs/demo --data chatterbot --out runs/demo-sft --max-steps 300
     lmforge sft --model models/smollm2 --data chitchat --out runs/smol-lora --lora --set lora_rank=16
+    lmforge sft --model models/smollm2 --data chitchat --out runs/smol-adapter --adapter --set adapter_size=16
     lmforge sft --model runs/demo --data my_chats.jsonl --out runs/x --set freeze=embeddings
     lmforge sft --model runs/t5 --data pairs.jsonl --out runs/t5-sft     # an encoder-decoder: lmforge/train/seq2seq.py
 
@@ -16,7 +17,10 @@ logged before the first step and at every evaluation.
 The run folder works like a pretraining run: rerunning resumes exactly, SIGTERM
 checkpoints and exits, metrics.jsonl and TensorBoard hold the curves. A `--lora` run
 stores only the adapter (checkpoints/step_N/adapter.safetensors, tied to the base's
-fingerprint); `lmforge generate/chat/export` load it onto the base and merge it.
+fingerprint); `lmforge generate/chat/export` load it onto the base and merge it. An `--adapter`
+run (Houlsby bottleneck adapters, lmforge/model/bottleneck.py) stores only its adapter the same
+way; it does not merge: `generate/chat/eval` run it as the base with the adapters in it, and
+`export`/`quantize` refuse it.
 At the end, `samples.txt` holds greedy replies to held-out prompts and whether each
 ended at the turn-end token.
 """
@@ -60,7 +64,7 @@ class SftConfig(FinetuneConfig):
 
 
 def register(subparsers) -> None:
-    help = "instruction-tune a model on conversations (answer-only loss; --lora)"
+    help = "instruction-tune a model on conversations (answer-only loss; --lora or --adapter)"
     add_stage_command(subparsers, "sft", help, SftConfig, sft, __doc__)
 
 
@@ -135,7 +139,8 @@ def _sft(cfg: SftConfig, run: FinetuneRun, dd) -> dict:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
 
     if dd.main:
-        mode = f"LoRA r={cfg.lora_rank}" if cfg.lora else "full" + (f" (frozen: {cfg.freeze})" if cfg.freeze else "")
+        mode = "full" + (f" (frozen: {cfg.freeze})" if cfg.freeze else "")
+        mode = f"LoRA r={cfg.lora_rank}" if cfg.lora else f"adapters m={cfg.adapter_size}" if cfg.adapter else mode
         run.say(f"{mode}, training {trainable:,} of {total:,} parameters ({trainable / total:.2%}) on {device}; "
                 f"steps {run.start_step}->{cfg.max_steps}")  # fmt: skip
     hooks = run.hooks(optimizer, loader, evaluate, dd, refit=True)
