@@ -36,7 +36,10 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "params": (("lmforge.params",), "parameter count by part and FLOPs per token of a model config"),
     "pretrain": (("lmforge.train.pretrain",), "pretrain a model on token shards (resumes if RUN_DIR has a checkpoint)"),
-    "sft": (("lmforge.train.sft",), "instruction-tune a model on conversations (answer-only loss; --lora)"),
+    "sft": (
+        ("lmforge.train.sft",),
+        "instruction-tune a model on conversations (answer-only loss; --lora or --adapter)",
+    ),
     "finetune-cls": (
         ("lmforge.train.classify",),
         "fine-tune a classifier (encoder [CLS] or decoder last token) on labelled text: accuracy, F1 per class",
@@ -68,6 +71,8 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "quantize": (("lmforge.hub.quantize_cmd",), "weight-only int8 / int4 quantization (a smaller, faster model)"),
     "export": (("lmforge.hub.export_cmd",), "export a run or checkpoint as a Hugging Face folder or a GGUF file"),
     "agent": (("lmforge.agent.cli",), "answer with tools (calculator, unit converter, document search)"),
+    "self-instruct": (("lmforge.chat.self_instruct",), "generate instruction data from seed tasks (Self-Instruct)"),
+    "tool-traces": (("lmforge.agent.traces",), "tool-use conversations for SFT from the verifiable tasks"),
     "rag": (("lmforge.rag.cli",), "retrieval-augmented generation: index documents, search them, answer with sources"),
 }
 

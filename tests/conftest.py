@@ -78,3 +78,22 @@ def toy_task(monkeypatch) -> str:
                extract=lambda text: text, equal=lambda got, want: len(got) % 2 == 0)  # fmt: skip
     monkeypatch.setitem(TASKS, "toy", toy)
     return "toy"
+
+
+@pytest.fixture(scope="session")
+def chat_model(small_shards, tmp_path_factory):
+    """A tiny random chat model like conftest's base_run, with room for long prompts (retrieved passages, tool listings: 1024 positions)."""
+    import shutil
+
+    from lmforge.model.transformer import ModelConfig, Transformer
+    from lmforge.tokenizer.special import tokenizer_hash
+    from lmforge.train import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    tok_dir = small_shards.parent / "tok"
+    cfg = ModelConfig(vocab_size=576, n_layer=2, d_model=64, n_head=4, max_seq_len=1024)
+    run = tmp_path_factory.mktemp("chat") / "run"
+    shutil.copytree(tok_dir, run / "tokenizer")
+    meta = {"model_config": cfg.to_dict(), "tokenizer": {"dir": "../../tokenizer", "hash": tokenizer_hash(tok_dir)}}
+    ckpt.save_checkpoint(run, 1, ckpt.model_tensors(Transformer(cfg).state_dict(), True), meta)
+    return run

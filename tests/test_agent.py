@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -251,3 +253,68 @@ def test_agent_cli(tmp_path, small_shards, capsys):
     assert "unknown tool 'shell'" in capsys.readouterr().err
     assert main(["agent", str(run), "--tools", "search", "x"]) == 2
     assert "needs a retrieval index" in capsys.readouterr().err
+
+
+def test_server_renders_tool_turns_and_returns_tool_calls(chat_model):
+    from lmforge.serve.api import chat_messages, create_app, load_served, split_tool_calls
+    from lmforge.serve.openai_schema import ChatRequest
+    from tests.serve_helpers import ServerThread
+
+    rest, calls = split_tool_calls(
+        'Let me see. <tool_call>{"name": "calc", "arguments": {"expression": "6*7"}}</tool_call>'
+    )
+    assert rest == "Let me see." and calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert calls[0]["function"] == {"name": "calc", "arguments": '{"expression": "6*7"}'}
+    assert split_tool_calls("<tool_call>{broken</tool_call>") == ("<tool_call>{broken</tool_call>", [])
+
+    served = load_served(str(chat_model), name="tiny", device="cpu", max_batch=2, max_context=None, prefill_chunk=64,
+                         max_queue=8, api_key=None, max_body=1 << 20)  # fmt: skip
+    tools = [builtin_tools(["calc"])["calc"].schema()]
+    history = [
+        {"role": "user", "content": "6*7?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "calc", "arguments": '{"expression": "6*7"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    ]  # fmt: skip
+    req = ChatRequest.model_validate({"model": "tiny", "messages": history, "tools": tools})
+    rendered = chat_messages(req.messages, served.chat, tools)
+    assert rendered[0]["role"] == "system" and '"name": "calc"' in rendered[0]["content"]
+    assert rendered[2] == {"role": "assistant", "content": '<tool_call>\n{"name": "calc", "arguments": '
+                           '{"expression": "6*7"}}\n</tool_call>'}  # fmt: skip
+    assert rendered[3] == {"role": "tool", "content": "42"}
+
+    body = {"model": "tiny", "messages": history, "tools": tools, "max_tokens": 4}
+    with ServerThread(create_app(served)) as url:
+
+        def post(payload):
+            req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(payload).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        status, text = post(body)
+        whole = json.loads(text)
+        choice = whole["choices"][0]
+        assert status == 200 and choice["finish_reason"] in ("stop", "length", "tool_calls")
+        status, text = post({**body, "tools": None})
+        assert whole["usage"]["prompt_tokens"] > json.loads(text)["usage"]["prompt_tokens"] + 50  # the listing
+        status, text = post({**body, "tool_choice": "none"})
+        assert json.loads(text)["usage"]["prompt_tokens"] < whole["usage"]["prompt_tokens"]
+        status, text = post({**body, "stream": True, "stream_options": {"include_usage": True}})
+        events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+        assert status == 200 and events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and chunks[-1]["usage"]["completion_tokens"] >= 1
+        assert chunks[-2]["choices"][0]["finish_reason"] == choice["finish_reason"]
+        for bad, param in [({"tool_choice": "required"}, "tool_choice"),
+                           ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+                           ({"tools": [{"type": "retrieval"}]}, "tools.0.type")]:  # fmt: skip
+            status, text = post({**body, **bad})
+            assert status == 400 and json.loads(text)["error"]["param"] == param
+        bad_args = json.loads(json.dumps(history))
+        bad_args[1]["tool_calls"][0]["function"]["arguments"] = "{nope"
+        status, text = post({**body, "messages": bad_args})
+        assert status == 400 and "arguments are not JSON" in json.loads(text)["error"]["message"]

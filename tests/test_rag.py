@@ -93,27 +93,6 @@ def test_rrf_fuses_ranks():
     assert fused[0][1] == pytest.approx(1 / 61 + 1 / 62)
 
 
-@pytest.fixture(scope="module")
-def chat_model(small_shards, tmp_path_factory):
-    """A tiny random chat model like conftest's base_run, with room for a few passages (512 positions)."""
-    import shutil
-
-    import torch
-
-    from lmforge.model.transformer import ModelConfig, Transformer
-    from lmforge.tokenizer.special import tokenizer_hash
-    from lmforge.train import checkpoint as ckpt
-
-    torch.manual_seed(0)
-    tok_dir = small_shards.parent / "tok"
-    cfg = ModelConfig(vocab_size=576, n_layer=2, d_model=64, n_head=4, max_seq_len=512)
-    run = tmp_path_factory.mktemp("rag") / "run"
-    shutil.copytree(tok_dir, run / "tokenizer")
-    meta = {"model_config": cfg.to_dict(), "tokenizer": {"dir": "../../tokenizer", "hash": tokenizer_hash(tok_dir)}}
-    ckpt.save_checkpoint(run, 1, ckpt.model_tensors(Transformer(cfg).state_dict(), True), meta)
-    return run
-
-
 def _docs(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -161,18 +162,20 @@ def create_app(served: Served) -> FastAPI:
         if served.chat is None:
             raise ApiError(400, f"'{served.name}' has no chat template: use /v1/completions", param="messages",
                            code="no_chat_template")  # fmt: skip
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if req.tool_choice != "none" else []
         max_tokens = req.max_completion_tokens or req.max_tokens
         extra = None
         try:
+            messages = chat_messages(req.messages, served.chat, tools)
             if served.rag is not None and messages and messages[-1]["role"] == "user":
                 messages, extra = await asyncio.to_thread(with_retrieval, served, messages, max_tokens)
-            prompt = served.chat.encode(messages, add_generation_prompt=True)
+            template_tools = tools if tools and _renders_tools(served.chat) else None
+            prompt = served.chat.encode(messages, add_generation_prompt=True, tools=template_tools)
         except LmforgeError as e:
             raise ApiError(400, str(e), param="messages") from None
         k = (req.top_logprobs or 0) if req.logprobs else None
         job = Job(served, metrics, "/v1/chat/completions", request, [prompt], req, max_tokens, k, served.chat.stop_ids,
-                  extra=extra)  # fmt: skip
+                  extra=extra, tool_calls=bool(tools))  # fmt: skip
         return await job.respond(chat=True)
 
     @app.post("/v1/completions")
@@ -191,6 +194,61 @@ def create_app(served: Served) -> FastAPI:
                            code="model_not_found")  # fmt: skip
 
     return app
+
+
+def _renders_tools(fmt) -> bool:
+    """The chat template lists the tools itself (Qwen2.5's `tools` variable); else they go into the system turn."""
+    return "tools" in fmt.template and "tool_call" in fmt.template
+
+
+def chat_messages(messages, fmt, tools: list[dict]) -> list[dict]:
+    """The request's messages as the template renders them: an assistant turn's `tool_calls` written back as the
+    model writes them (`<tool_call>` JSON), a tool turn as role "tool" (or a user turn holding `<tool_response>`
+    where the template refuses that role), and with `tools` the tool listing in the system turn unless the template
+    renders them (lmforge/agent/loop.py's protocol)."""
+    from lmforge.agent.loop import TOOLS_SYSTEM
+
+    out = []
+    for m in messages:
+        role, text = ("system" if m.role == "developer" else m.role), m.text()
+        if m.tool_calls:
+            calls = []
+            for c in m.tool_calls:
+                try:
+                    args = json.loads(c.function.arguments or "{}")
+                except json.JSONDecodeError:
+                    raise LmforgeError(f"tool call {c.id}: arguments are not JSON") from None
+                calls.append("<tool_call>\n" + json.dumps({"name": c.function.name, "arguments": args},
+                                                           ensure_ascii=False) + "\n</tool_call>")  # fmt: skip
+            text = "\n".join(([text] if text else []) + calls)
+        out.append({"role": role, "content": text})
+    if any(m["role"] == "tool" for m in out):
+        try:
+            fmt.render([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}])
+        except LmforgeError:
+            out = [{"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
+                   if m["role"] == "tool" else m for m in out]  # fmt: skip
+    if tools and not _renders_tools(fmt):
+        listing = TOOLS_SYSTEM.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{listing}"}
+        else:
+            out.insert(0, {"role": "system", "content": listing})
+    return out
+
+
+def split_tool_calls(text: str) -> tuple[str, list[dict]]:
+    """(the text outside the calls, OpenAI tool_calls) of a reply; malformed calls stay in the text."""
+    from lmforge.agent.loop import parse_tool_calls
+
+    calls, _ = parse_tool_calls(text)
+    if not calls:
+        return text, []
+    rest = re.sub(r"<tool_call>.*?(?:</tool_call>|$)", "", text, flags=re.DOTALL).strip()
+    out = [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+           for c in calls]  # fmt: skip
+    return rest, out
 
 
 def with_retrieval(served: Served, messages: list[dict], max_tokens: int | None) -> tuple[list[dict], dict]:
@@ -233,10 +291,12 @@ class Job:
 
     def __init__(self, served: Served, metrics: Metrics, endpoint: str, request: Request, prompts: list[list[int]],
                  req, max_tokens: int | None, logprobs: int | None, stop_ids: list[int],
-                 extra: dict | None = None):  # fmt: skip
-        """`extra`: fields added to the response (the first chunk when streaming): --rag's sources."""
+                 extra: dict | None = None, tool_calls: bool = False):  # fmt: skip
+        """`extra`: fields added to the response (the first chunk when streaming): --rag's sources. `tool_calls`:
+        the request offered tools, so a reply's `<tool_call>`s come back as OpenAI `tool_calls`."""
         engine = served.engine
         self.extra = extra or {}
+        self.tool_calls = tool_calls
         self.served, self.metrics, self.endpoint, self.http, self.req = served, metrics, endpoint, request, req
         self.id = ("chatcmpl-" if endpoint.endswith("chat/completions") else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
@@ -378,8 +438,13 @@ class Job:
             reason = reasons[i] if reasons[i] in ("stop", "length") else "stop"
             if chat:
                 content = {"content": [self._token_logprob(t, lp, True) for t, lp in lps[i]]} if lps[i] else None
-                choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
-                                "logprobs": content, "finish_reason": reason})  # fmt: skip
+                message = {"role": "assistant", "content": texts[i]}
+                if self.tool_calls:
+                    rest, calls = split_tool_calls(texts[i])
+                    if calls:
+                        message, reason = {"role": "assistant", "content": rest or None, "tool_calls": calls}, "tool_calls"
+                choices.append({"index": i, "message": message, "logprobs": content,
+                                "finish_reason": reason})  # fmt: skip
             else:
                 choices.append({"index": i, "text": self._echo(i) + texts[i], "logprobs": self._legacy(lps[i]),
                                 "finish_reason": reason})  # fmt: skip
@@ -420,7 +485,36 @@ class Job:
     def _done(self, status: int) -> None:
         self.metrics.request_done(self.endpoint, status, time.perf_counter() - self.t0)
 
+    async def _stream_tool_calls(self):
+        """Streaming when the request offered tools: the reply is gathered first (a `<tool_call>` is only known to be
+        one when it closes), then sent as chunks: content, then each call whole, then the finish reason."""
+        whole = await self._whole(True)
+        base = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.served.name}
+
+        def chunk(choices, **more):
+            return f"data: {json.dumps({**base, 'choices': choices, **more}, ensure_ascii=False)}\n\n"
+
+        first = {**self.extra} if self.extra else {}
+        yield chunk([{"index": c["index"], "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for c in whole["choices"]], **first)  # fmt: skip
+        for c in whole["choices"]:
+            msg = c["message"]
+            if msg.get("content"):
+                yield chunk([{"index": c["index"], "delta": {"content": msg["content"]}, "logprobs": None,
+                              "finish_reason": None}])  # fmt: skip
+            for j, call in enumerate(msg.get("tool_calls") or []):
+                yield chunk([{"index": c["index"], "delta": {"tool_calls": [{"index": j, **call}]}, "logprobs": None,
+                              "finish_reason": None}])  # fmt: skip
+            yield chunk([{"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]}])
+        if self.req.stream_options and self.req.stream_options.include_usage:
+            yield chunk([], usage=whole["usage"])
+        yield "data: [DONE]\n\n"
+
     async def _stream(self, chat: bool):
+        if chat and self.tool_calls:
+            async for part in self._stream_tool_calls():
+                yield part
+            return
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
         base = {"id": self.id, "object": obj, "created": self.created, "model": self.served.name}
