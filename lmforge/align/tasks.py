@@ -100,8 +100,13 @@ TASKS: dict[str, Task] = {
     for t in [
         Task("add", "add two numbers of up to 3 digits", _add, last_number, _same_number),
         Task("mul", "multiply a 2-3 digit by a 1-digit number", _mul, last_number, _same_number),
-        Task("mul-long", "multiply a 3-4 digit by a 2-3 digit number (the calculator's task)", _mul_long, last_number,
-             _same_number),
+        Task(
+            "mul-long",
+            "multiply a 3-4 digit by a 2-3 digit number (the calculator's task)",
+            _mul_long,
+            last_number,
+            _same_number,
+        ),
         Task("sort", "sort a list of 3-5 digits", _sort, last_list, lambda got, want: got == want),
         Task("reverse", "reverse a list of 3-5 digits", _reverse, last_list, lambda got, want: got == want),
         Task("convert", "convert between metric/time units", _convert, last_number, _same_number),

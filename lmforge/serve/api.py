@@ -442,7 +442,10 @@ class Job:
                 if self.tool_calls:
                     rest, calls = split_tool_calls(texts[i])
                     if calls:
-                        message, reason = {"role": "assistant", "content": rest or None, "tool_calls": calls}, "tool_calls"
+                        message, reason = (
+                            {"role": "assistant", "content": rest or None, "tool_calls": calls},
+                            "tool_calls",
+                        )
                 choices.append({"index": i, "message": message, "logprobs": content,
                                 "finish_reason": reason})  # fmt: skip
             else:
