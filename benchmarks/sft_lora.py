@@ -80,35 +80,24 @@ def matched_adapter_size(model_dir: str, rank: int) -> int:
     return max(1, round((lora / (2 * cfg.n_layer) - cfg.d_model) / (2 * cfg.d_model + 1)))
 
 
-def merged_equals_unmerged(run_dir: str) -> float:
-    """Max |logits(merged) - logits(base + adapter)| on a fixed batch."""
-    import torch
-
-    from lmforge.model.lora import LoraConfig, apply_lora, load_lora_tensors
-    from lmforge.train import checkpoint as ckpt
-
-    merged, _, meta = ckpt.load_for_inference(run_dir)
-    base, _, _ = ckpt.load_model(meta["base"]["path"])
-    apply_lora(base, LoraConfig.from_dict(meta["adapter"]))
-    where = ckpt.resolve_checkpoint(run_dir) / "adapter.safetensors"
-    load_lora_tensors(base, ckpt.load_tensors(where), str(where))
-    x = torch.randint(0, merged.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return float((merged(x)[0] - base.eval()(x)[0]).abs().max())
-
-
 def loaded_equals_by_hand(run_dir: str) -> float:
-    """Max |logits(load_for_inference) - logits(base + adapter applied by hand)| of a bottleneck-adapter run."""
+    """Max |logits(load_for_inference) - logits(base + adapter applied by hand)|: a LoRA run is loaded merged, a
+    bottleneck-adapter run unmerged; either must equal the base with its adapter wrapped in."""
     import torch
 
-    from lmforge.model.bottleneck import AdapterConfig, apply_adapters, load_adapter_tensors
+    from lmforge.model import bottleneck, lora
     from lmforge.train import checkpoint as ckpt
 
     loaded, _, meta = ckpt.load_for_inference(run_dir)
     base, _, _ = ckpt.load_model(meta["base"]["path"])
-    apply_adapters(base, AdapterConfig.from_dict(meta["adapter"]))
+    if meta["adapter"].get("kind") == bottleneck.KIND:
+        bottleneck.apply_adapters(base, bottleneck.AdapterConfig.from_dict(meta["adapter"]))
+        load = bottleneck.load_adapter_tensors
+    else:
+        lora.apply_lora(base, lora.LoraConfig.from_dict(meta["adapter"]))
+        load = lora.load_lora_tensors
     where = ckpt.resolve_checkpoint(run_dir) / "adapter.safetensors"
-    load_adapter_tensors(base, ckpt.load_tensors(where), str(where))
+    load(base, ckpt.load_tensors(where), str(where))
     x = torch.randint(0, loaded.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return float((loaded(x)[0] - base.eval()(x)[0]).abs().max())
@@ -153,7 +142,7 @@ def main() -> None:
                   f"weights+grads+AdamW {r['state_mb']:,.0f} MB, {r['tokens_per_s']:,.0f} tok/s, "
                   f"{r['wall_s']:.0f}s, held-out loss {r['val_loss_before']:.4f} -> {r['val_loss_after']:.4f}", flush=True)  # fmt: skip
         if "lora" in rows:
-            rows["lora"]["merged_vs_unmerged_max_abs"] = merged_equals_unmerged(str(Path(tmp) / "lora"))
+            rows["lora"]["merged_vs_unmerged_max_abs"] = loaded_equals_by_hand(str(Path(tmp) / "lora"))
             print(f"merged vs unmerged LoRA logits: max abs diff {rows['lora']['merged_vs_unmerged_max_abs']:.2e}")
         for mode in ("adapter", "adapter64"):
             if mode in rows:

@@ -37,9 +37,8 @@ def small_shards(small_corpus, tmp_path_factory) -> Path:
     return root / "shards"
 
 
-@pytest.fixture(scope="session")
-def base_run(small_shards, tmp_path_factory) -> Path:
-    """A tiny random chat model run (2 layers, d_model 64) with the small tokenizer: the alignment stages' base."""
+def random_chat_run(tok_dir: Path, run: Path, max_seq_len: int) -> Path:
+    """A tiny random chat model (2 layers, d_model 64) with the small tokenizer, saved as a run at `run`."""
     import shutil
 
     from lmforge.model.transformer import ModelConfig, Transformer
@@ -47,13 +46,17 @@ def base_run(small_shards, tmp_path_factory) -> Path:
     from lmforge.train import checkpoint as ckpt
 
     torch.manual_seed(0)
-    tok_dir = small_shards.parent / "tok"
-    cfg = ModelConfig(vocab_size=576, n_layer=2, d_model=64, n_head=4, max_seq_len=128)
-    run = tmp_path_factory.mktemp("base") / "run"
+    cfg = ModelConfig(vocab_size=576, n_layer=2, d_model=64, n_head=4, max_seq_len=max_seq_len)
     shutil.copytree(tok_dir, run / "tokenizer")
     meta = {"model_config": cfg.to_dict(), "tokenizer": {"dir": "../../tokenizer", "hash": tokenizer_hash(tok_dir)}}
     ckpt.save_checkpoint(run, 1, ckpt.model_tensors(Transformer(cfg).state_dict(), True), meta)
     return run
+
+
+@pytest.fixture(scope="session")
+def base_run(small_shards, tmp_path_factory) -> Path:
+    """A tiny random chat model run (2 layers, d_model 64) with the small tokenizer: the alignment stages' base."""
+    return random_chat_run(small_shards.parent / "tok", tmp_path_factory.mktemp("base") / "run", 128)
 
 
 @pytest.fixture(scope="session")
@@ -81,19 +84,6 @@ def toy_task(monkeypatch) -> str:
 
 
 @pytest.fixture(scope="session")
-def chat_model(small_shards, tmp_path_factory):
-    """A tiny random chat model like conftest's base_run, with room for long prompts (retrieved passages, tool listings: 1024 positions)."""
-    import shutil
-
-    from lmforge.model.transformer import ModelConfig, Transformer
-    from lmforge.tokenizer.special import tokenizer_hash
-    from lmforge.train import checkpoint as ckpt
-
-    torch.manual_seed(0)
-    tok_dir = small_shards.parent / "tok"
-    cfg = ModelConfig(vocab_size=576, n_layer=2, d_model=64, n_head=4, max_seq_len=1024)
-    run = tmp_path_factory.mktemp("chat") / "run"
-    shutil.copytree(tok_dir, run / "tokenizer")
-    meta = {"model_config": cfg.to_dict(), "tokenizer": {"dir": "../../tokenizer", "hash": tokenizer_hash(tok_dir)}}
-    ckpt.save_checkpoint(run, 1, ckpt.model_tensors(Transformer(cfg).state_dict(), True), meta)
-    return run
+def chat_model(small_shards, tmp_path_factory) -> Path:
+    """Like base_run, with room for long prompts (retrieved passages, tool listings): 1024 positions."""
+    return random_chat_run(small_shards.parent / "tok", tmp_path_factory.mktemp("chat") / "run", 1024)

@@ -229,22 +229,8 @@ def test_agent_with_a_template_that_renders_tools_or_refuses_the_tool_role(tmp_p
     assert "tools" in tools_system(builtin_tools(["calc"]))
 
 
-def test_agent_cli(tmp_path, small_shards, capsys):
-    import shutil
-
-    import torch
-
-    from lmforge.model.transformer import ModelConfig, Transformer
-    from lmforge.tokenizer.special import tokenizer_hash
-    from lmforge.train import checkpoint as ckpt
-
-    torch.manual_seed(0)
-    tok_dir = small_shards.parent / "tok"
-    cfg = ModelConfig(vocab_size=576, n_layer=2, d_model=64, n_head=4, max_seq_len=1024)
-    run = tmp_path / "run"
-    shutil.copytree(tok_dir, run / "tokenizer")
-    meta = {"model_config": cfg.to_dict(), "tokenizer": {"dir": "../../tokenizer", "hash": tokenizer_hash(tok_dir)}}
-    ckpt.save_checkpoint(run, 1, ckpt.model_tensors(Transformer(cfg).state_dict(), True), meta)
+def test_agent_cli(chat_model, capsys):
+    run = chat_model
     assert main(["agent", str(run), "--tools", "calc,convert", "What is 2 * 21?", "--max-new-tokens", "8",
                  "--max-steps", "2", "--json"]) == 0  # fmt: skip
     out = json.loads(capsys.readouterr().out)
