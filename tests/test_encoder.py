@@ -404,3 +404,15 @@ def test_bert_export_and_import_round_trip_through_transformers(bert_run, tmp_pa
     assert proc.returncode == 2 and "does not generate text" in proc.stderr
     proc = cli("sft", "--model", bert_run, "--data", "chatterbot", "--out", tmp_path / "sft", check=False)
     assert proc.returncode == 2 and "does not write answers" in proc.stderr
+
+
+def test_encoder_as_retrieval_embedder(bert_run):
+    """lmforge rag's dense vectors from an encoder: mean over real tokens, its padding masked out of attention."""
+    import numpy as np
+
+    from lmforge.rag.embed import Embedder
+
+    emb = Embedder(str(bert_run))
+    alone = emb(["the sea is water"])
+    batched = emb(["a longer sentence about fire and heat and trees and wood", "the sea is water"])
+    assert emb.encoder and np.allclose(alone[0], batched[1], atol=1e-5)

@@ -261,3 +261,14 @@ def test_serve_rag_returns_sources(tmp_path, chat_model):
     with pytest.raises(LmforgeError, match="not a retrieval index"):
         load_served(str(base_run), name="t", device="cpu", max_batch=1, max_context=None, prefill_chunk=16,
                     max_queue=1, api_key=None, max_body=1 << 20, rag=str(tmp_path))  # fmt: skip
+
+
+def test_embedder_pools_only_real_tokens(chat_model):
+    """A text's vector is the same alone or batched with a longer one (padding never enters the mean)."""
+    from lmforge.rag.embed import Embedder
+
+    emb = Embedder(str(chat_model))
+    alone = emb(["short text"])
+    batched = emb(["a much longer text that makes the batch pad the short one", "short text"])
+    assert np.allclose(alone[0], batched[1], atol=1e-5) and np.allclose(np.linalg.norm(batched, axis=1), 1, atol=1e-5)
+    assert emb([]).shape == (0, emb.dim)
