@@ -95,7 +95,7 @@ def test_rrf_fuses_ranks():
 
 def _docs(tmp_path):
     docs = tmp_path / "docs"
-    docs.mkdir()
+    docs.mkdir(parents=True)
     (docs / "guide.md").write_text(GUIDE)
     (docs / "tea.txt").write_text("Green tea is steamed.\n\nBlack tea is oxidized before drying.\n")
     (docs / "zh.txt").write_text("上下文管理器定义了进入和退出运行时上下文的方法。\n")
@@ -111,7 +111,10 @@ def _docs(tmp_path):
 
 
 def test_index_reads_every_format_and_counts_what_it_skips(tmp_path):
+    tmp_path = tmp_path / ".under-a-hidden-folder"  # only hidden names inside the input folder are skipped
     docs = _docs(tmp_path)
+    (docs / ".git").mkdir()
+    (docs / ".git" / "notes.txt").write_text("hidden: not indexed")
     report = build_index([docs], tmp_path / "idx", max_words=32, overlap=0, progress=False)
     assert report["documents"] == {"new": 5}
     skipped = {why.split(" (expected")[0]: n for why, n in report["skipped"].items()}

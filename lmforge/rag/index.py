@@ -77,7 +77,8 @@ def _walk(paths) -> list[Path]:
         if not p.exists():
             raise LmforgeError(f"{p}: no such file or folder")
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and not any(x.startswith(".") for x in f.parts))
+            files += sorted(f for f in p.rglob("*")
+                            if f.is_file() and not any(x.startswith(".") for x in f.relative_to(p).parts))  # fmt: skip
         else:
             files.append(p)
     return files
