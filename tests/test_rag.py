@@ -238,7 +238,7 @@ def test_chat_session_with_rag_keeps_history_plain(tmp_path, chat_model):
     assert session.messages[0] == {"role": "user", "content": "north gate"}  # the history holds the plain turn
 
 
-def test_serve_rag_returns_sources(tmp_path, chat_model):
+def test_serve_rag_returns_sources(tmp_path, chat_model, capsys):
     base_run = chat_model
     from lmforge.serve.api import create_app, load_served
     from tests.serve_helpers import ServerThread
@@ -261,6 +261,13 @@ def test_serve_rag_returns_sources(tmp_path, chat_model):
                   if line.startswith("data: {")]  # fmt: skip
         assert events[0]["sources"] == whole["sources"] and all("sources" not in e for e in events[1:])
         assert whole["usage"]["prompt_tokens"] > 40  # the passages are in the prompt
+        from lmforge.serve.chat_client import RemoteSession  # `lmforge chat --url` prints them
+
+        capsys.readouterr()
+        remote = RemoteSession(url, "tiny", None, None, max_tokens=3, temperature=0, top_k=0, top_p=1,
+                               repetition_penalty=1, seed=0)  # fmt: skip
+        remote.reply("north gate")
+        assert "lmforge chat: sources [1] " in capsys.readouterr().err
     with pytest.raises(LmforgeError, match="not a retrieval index"):
         load_served(str(base_run), name="t", device="cpu", max_batch=1, max_context=None, prefill_chunk=16,
                     max_queue=1, api_key=None, max_body=1 << 20, rag=str(tmp_path))  # fmt: skip

@@ -89,7 +89,7 @@ class RemoteSession:
                     continue
                 self.messages.pop()
                 raise LmforgeError(f"the server answered {e.status}: {e.message}") from None
-        answer, finish = [], None
+        answer, finish, sources = [], None, []
         with response:
             for raw in response:
                 line = raw.decode("utf-8").strip()
@@ -98,6 +98,7 @@ class RemoteSession:
                 event = json.loads(line[5:])
                 if "error" in event:
                     raise LmforgeError(f"the server failed mid-reply: {event['error'].get('message')}")
+                sources += event.get("sources") or []  # a `serve --rag` server's passages, in the first chunk
                 for choice in event.get("choices", []):
                     delta = (choice.get("delta") or {}).get("content") or ""
                     if delta:
@@ -107,6 +108,9 @@ class RemoteSession:
                     finish = choice.get("finish_reason") or finish
         text = "".join(answer)
         self.messages.append({"role": "assistant", "content": text})
+        if sources:
+            listing = "; ".join(f"[{s.get('index')}] {s.get('source')}" for s in sources)
+            print(f"\nlmforge chat: sources {listing}", file=sys.stderr)
         return text, finish != "length"
 
 
