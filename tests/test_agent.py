@@ -12,7 +12,8 @@ import urllib.request
 import pytest
 
 from lmforge.agent.calc import CalcError, calculate
-from lmforge.agent.loop import Agent, Limits, parse_tool_calls, tools_system
+from lmforge.agent.loop import Agent, Limits
+from lmforge.agent.protocol import parse_tool_calls, tools_system
 from lmforge.agent.tools import Tool, ToolError, builtin_tools, convert
 from lmforge.cli import main
 
@@ -226,7 +227,7 @@ def test_agent_with_a_template_that_renders_tools_or_refuses_the_tool_role(tmp_p
     assert result.messages[0]["role"] == "user"  # so no system text of ours
     assert result.messages[2] == {"role": "user", "content": "<tool_response>\n42\n</tool_response>"}
     assert "TOOLS:calc;" in fmt.render(result.messages, tools=shown[0])
-    assert "tools" in tools_system(builtin_tools(["calc"]))
+    assert "tools" in tools_system([builtin_tools(["calc"])["calc"].schema()])
 
 
 def test_agent_cli(chat_model, capsys):
@@ -242,7 +243,8 @@ def test_agent_cli(chat_model, capsys):
 
 
 def test_server_renders_tool_turns_and_returns_tool_calls(chat_model):
-    from lmforge.serve.api import chat_messages, create_app, load_served, split_tool_calls
+    from lmforge.agent.protocol import chat_messages, split_tool_calls
+    from lmforge.serve.api import create_app, load_served
     from lmforge.serve.openai_schema import ChatRequest
     from tests.serve_helpers import ServerThread
 

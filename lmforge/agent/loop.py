@@ -7,11 +7,10 @@ the results back until the model answers.
     result = agent.run("What is 4821 * 377?")
     result.answer, result.steps          # "1817517", [{"name": "calc", "arguments": {...}, "result": "1817517"}]
 
-The protocol is ChatML/Qwen/Hermes's: the system turn lists the tools as JSON schemas inside
-`<tools></tools>`, the model writes each call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
-and each result comes back in a `tool` turn (for a chat template that refuses that role, a user turn
-holding `<tool_response>...</tool_response>`). A template that renders `tools` itself (Qwen2.5's) gets
-them as the `tools` variable instead of the system text.
+The protocol is ChatML/Qwen/Hermes's (lmforge/agent/protocol.py): the system turn lists the tools as JSON
+schemas inside `<tools></tools>`, the model writes each call as `<tool_call>{"name": ..., "arguments": {...}}
+</tool_call>`, and each result comes back in a `tool` turn (or a user turn holding `<tool_response>` for a
+template that refuses that role).
 
 Nothing the model writes can stop the loop or escape it: malformed JSON in a call, an unknown tool,
 bad arguments, a tool that raises, one that runs past `tool_timeout_s` (an isolated tool runs in a
@@ -23,31 +22,13 @@ tool turn and the model gets another step. The loop ends at the first turn witho
 
 from __future__ import annotations
 
-import json
 import multiprocessing
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lmforge.agent.protocol import accepts_tool_role, parse_tool_calls, renders_tools, tool_turn, tools_system
 from lmforge.agent.tools import Tool, ToolError
-from lmforge.errors import LmforgeError
-
-TOOLS_SYSTEM = """# Tools
-
-You may call one or more functions to assist with the user query.
-
-You are provided with function signatures within <tools></tools> XML tags:
-<tools>
-{tools}
-</tools>
-
-For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
-<tool_call>
-{{"name": <function-name>, "arguments": <args-json-object>}}
-</tool_call>"""  # Qwen2.5's wording, which instruction-tuned models with tool use were trained on
-
-_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 
 
 @dataclass
@@ -65,36 +46,6 @@ class AgentResult:
     messages: list[dict]
     steps: list[dict] = field(default_factory=list)  # one per tool call: name, arguments, result or error, seconds
     stopped: str = "answer"  # answer | max_steps | max_seconds
-
-
-def tools_system(tools: dict[str, Tool], system: str = "") -> str:
-    listing = "\n".join(json.dumps(t.schema(), ensure_ascii=False) for t in tools.values())
-    text = TOOLS_SYSTEM.format(tools=listing)
-    return f"{system}\n\n{text}" if system else text
-
-
-def parse_tool_calls(text: str) -> tuple[list[dict], list[str]]:
-    """(calls, errors) in a model turn: each call {"name", "arguments"}; each malformed one an error message."""
-    calls, errors = [], []
-    for m in _CALL.finditer(text):
-        body = m.group(1).strip()
-        try:
-            obj = json.loads(body)
-        except json.JSONDecodeError as e:
-            errors.append(f"malformed tool call (not JSON: {e.msg} at character {e.pos}): {body[:200]}")
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            errors.append(f'malformed tool call (want {{"name": ..., "arguments": {{...}}}}): {body[:200]}')
-            continue
-        args = obj.get("arguments", {})
-        if isinstance(args, str):  # OpenAI's wire format sends arguments as a JSON string
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError as e:
-                errors.append(f"malformed arguments for {obj['name']} (not JSON: {e.msg})")
-                continue
-        calls.append({"name": obj["name"], "arguments": args})
-    return calls, errors
 
 
 def _child(tool: Tool, arguments, conn) -> None:
@@ -144,20 +95,10 @@ class Agent:
     def __init__(self, generate: Callable, tools: dict[str, Tool], fmt=None, limits: Limits | None = None,
                  system: str = ""):  # fmt: skip
         self.generate, self.tools, self.limits = generate, tools, limits or Limits()
-        self.template_tools = fmt is not None and "tools" in (fmt.template or "") and "tool_call" in fmt.template
-        self.system = system if self.template_tools else tools_system(tools, system)
-        self.tool_role = "tool"
-        if fmt is not None:
-            try:
-                fmt.render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
-                            {"role": "tool", "content": "z"}])  # fmt: skip
-            except LmforgeError:
-                self.tool_role = "user"
-
-    def _tool_turn(self, text: str) -> dict:
-        if self.tool_role == "tool":
-            return {"role": "tool", "content": text}
-        return {"role": "user", "content": f"<tool_response>\n{text}\n</tool_response>"}
+        self.schemas = [t.schema() for t in tools.values()]
+        self.template_tools = renders_tools(fmt)
+        self.system = system if self.template_tools else tools_system(self.schemas, system)
+        self.tool_role = accepts_tool_role(fmt)
 
     def run(self, question: str) -> AgentResult:
         lim = self.limits
@@ -170,7 +111,7 @@ class Agent:
             if time.perf_counter() - start > lim.max_seconds:
                 result.stopped = "max_seconds"
                 return result
-            reply = self.generate(messages, [t.schema() for t in self.tools.values()] if self.template_tools else None)
+            reply = self.generate(messages, self.schemas if self.template_tools else None)
             messages.append({"role": "assistant", "content": reply})
             calls, errors = parse_tool_calls(reply)
             if not calls and not errors:
@@ -193,7 +134,7 @@ class Agent:
                 result.steps.append(step)
                 outputs.append(text if status == "ok" else f"error: {text}")
             for out in outputs:
-                messages.append(self._tool_turn(out))
+                messages.append(tool_turn(out, self.tool_role))
         result.stopped = "max_steps"
         return result
 

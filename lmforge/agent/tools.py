@@ -93,14 +93,7 @@ class Tool:
         out = {}
         for pname, value in arguments.items():
             kind = self.params[pname][0]
-            ok = (
-                isinstance(value, list) and all(isinstance(v, str) for v in value)
-                if typing.get_origin(kind) is list
-                else (isinstance(value, int | float) and not isinstance(value, bool))
-                if kind is float
-                else isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-            )
-            if not ok:
+            if not _fits(kind, value):
                 want = self.schema()["function"]["parameters"]["properties"][pname]["type"]
                 raise ToolError(f"{self.name}: argument {pname} must be {want}, got {json_type(value)}")
             out[pname] = value
@@ -110,6 +103,15 @@ class Tool:
         """Run the tool on checked arguments; its result as text (ToolError for a refusal the model should see)."""
         result = self.fn(**self.check(arguments))
         return result if isinstance(result, str) else str(result)
+
+
+def _fits(kind, value) -> bool:
+    """Whether a JSON value fits a parameter's type (a bool is not a number; an int is a float)."""
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, int | float) if kind is float else isinstance(value, kind)
 
 
 def json_type(value) -> str:

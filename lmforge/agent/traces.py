@@ -22,7 +22,9 @@ baseline that says what the tool is worth. Questions come from the task's "train
 from __future__ import annotations
 
 import json
+import random
 import re
+import sys
 from dataclasses import dataclass
 
 from lmforge.cli_config import add_config_command
@@ -54,23 +56,22 @@ def _convert_args(question: str) -> dict:
 def trace(task_name: str, question: str, answer: str, tools: dict, direct: bool = False) -> dict:
     """One conversation for `question` (see the module docstring); the tool is run for real and must agree with the
     task's answer."""
-    from lmforge.agent.loop import tools_system
+    from lmforge.agent.protocol import call_text, tools_system
     from lmforge.align.tasks import answer_text, get_task
 
     task = get_task(task_name)
     final = {"role": "assistant", "content": answer_text(task, answer)}
     if direct:
         return {"messages": [{"role": "user", "content": question}, final]}
-    messages = [{"role": "system", "content": tools_system(tools)}, {"role": "user", "content": question}]
+    schemas = [t.schema() for t in tools.values()]
+    messages = [{"role": "system", "content": tools_system(schemas)}, {"role": "user", "content": question}]
     if task_name in _TOOL_FOR:
         name, make_args = _TOOL_FOR[task_name]
         args = make_args(question)
         result = tools[name].call(args)
         if not task.equal(task.extract(result), answer):
             raise ValueError(f"{name}{args} gave {result!r}, the task says {answer!r}")
-        call = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
-        messages += [{"role": "assistant", "content": f"<tool_call>\n{call}\n</tool_call>"},
-                     {"role": "tool", "content": result}]  # fmt: skip
+        messages += [{"role": "assistant", "content": call_text(name, args)}, {"role": "tool", "content": result}]
     messages.append(final)
     return {"messages": messages}
 
@@ -98,8 +99,6 @@ def register(subparsers) -> None:
 
 
 def write_traces(cfg: ToolTracesConfig) -> dict:
-    import sys
-
     from lmforge.agent.tools import builtin_tools
     from lmforge.align.tasks import get_task, make_split
     from lmforge.fileio import atomic_write_text
@@ -113,8 +112,6 @@ def write_traces(cfg: ToolTracesConfig) -> dict:
         for q, a in items:
             lines.append(json.dumps(trace(task.name, q, a, tools, cfg.direct), ensure_ascii=False))
         counts[task.name] = len(items)
-    import random
-
     random.Random(cfg.seed).shuffle(lines)  # tasks interleaved, so any prefix of the file is a mix
     atomic_write_text(cfg.out, "\n".join(lines) + "\n")
     print(f"lmforge tool-traces: {len(lines)} conversations -> {cfg.out} ({counts})", file=sys.stderr)

@@ -526,12 +526,12 @@ def iter_file(path: Path | HfSource, text_field: str = "text", split: TextSplit 
     record is an `LmforgeError`. `split` says how a `.txt` file splits into documents (default: `TextSplit()`)."""
     for doc in read_file(path, Strict(), text_field, id_field, split=split, metadata=metadata):
         if "html" in doc.metadata:
-            doc = _extracted(doc)
+            doc = extracted_page(doc)
         if doc.text:
             yield doc
 
 
-def _extracted(doc: Document) -> Document:
+def extracted_page(doc: Document) -> Document:
     """A page's main text (trafilatura, as the `extract_html` step of `data clean` does); "" if it has none."""
     from lmforge.data.clean.steps.html import ExtractHtmlConfig, extract_html
 

@@ -86,7 +86,7 @@ def _walk(paths) -> list[Path]:
 
 def read_sources(paths, skipped: Counter, examples: list[str]):
     """Every document under `paths` as a _Doc; what cannot be indexed is counted in `skipped` by reason."""
-    from lmforge.data.readers import SUFFIXES, Document, _extracted, kind_of, read_file
+    from lmforge.data.readers import SUFFIXES, extracted_page, kind_of, read_file
 
     def skip(where, why):
         skipped[why] += 1
@@ -118,9 +118,8 @@ def read_sources(paths, skipped: Counter, examples: list[str]):
             continue
         bad = []
         for doc in read_file(f, bad):
-            doc: Document
             if "html" in doc.metadata:
-                doc = _extracted(doc)
+                doc = extracted_page(doc)
             if not doc.text.strip():
                 skip(doc.source or f, "empty")
                 continue

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.agent.protocol import chat_messages, renders_tools, split_tool_calls
 from lmforge.errors import LmforgeError
 from lmforge.serve.engine import Engine, QueueFull, Sampling
 from lmforge.serve.engine import Request as EngineRequest
@@ -169,7 +169,7 @@ def create_app(served: Served) -> FastAPI:
             messages = chat_messages(req.messages, served.chat, tools)
             if served.rag is not None and messages and messages[-1]["role"] == "user":
                 messages, extra = await asyncio.to_thread(with_retrieval, served, messages, max_tokens)
-            template_tools = tools if tools and _renders_tools(served.chat) else None
+            template_tools = tools if tools and renders_tools(served.chat) else None
             prompt = served.chat.encode(messages, add_generation_prompt=True, tools=template_tools)
         except LmforgeError as e:
             raise ApiError(400, str(e), param="messages") from None
@@ -194,61 +194,6 @@ def create_app(served: Served) -> FastAPI:
                            code="model_not_found")  # fmt: skip
 
     return app
-
-
-def _renders_tools(fmt) -> bool:
-    """The chat template lists the tools itself (Qwen2.5's `tools` variable); else they go into the system turn."""
-    return "tools" in fmt.template and "tool_call" in fmt.template
-
-
-def chat_messages(messages, fmt, tools: list[dict]) -> list[dict]:
-    """The request's messages as the template renders them: an assistant turn's `tool_calls` written back as the
-    model writes them (`<tool_call>` JSON), a tool turn as role "tool" (or a user turn holding `<tool_response>`
-    where the template refuses that role), and with `tools` the tool listing in the system turn unless the template
-    renders them (lmforge/agent/loop.py's protocol)."""
-    from lmforge.agent.loop import TOOLS_SYSTEM
-
-    out = []
-    for m in messages:
-        role, text = ("system" if m.role == "developer" else m.role), m.text()
-        if m.tool_calls:
-            calls = []
-            for c in m.tool_calls:
-                try:
-                    args = json.loads(c.function.arguments or "{}")
-                except json.JSONDecodeError:
-                    raise LmforgeError(f"tool call {c.id}: arguments are not JSON") from None
-                calls.append("<tool_call>\n" + json.dumps({"name": c.function.name, "arguments": args},
-                                                           ensure_ascii=False) + "\n</tool_call>")  # fmt: skip
-            text = "\n".join(([text] if text else []) + calls)
-        out.append({"role": role, "content": text})
-    if any(m["role"] == "tool" for m in out):
-        try:
-            fmt.render([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}])
-        except LmforgeError:
-            out = [{"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
-                   if m["role"] == "tool" else m for m in out]  # fmt: skip
-    if tools and not _renders_tools(fmt):
-        listing = TOOLS_SYSTEM.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{listing}"}
-        else:
-            out.insert(0, {"role": "system", "content": listing})
-    return out
-
-
-def split_tool_calls(text: str) -> tuple[str, list[dict]]:
-    """(the text outside the calls, OpenAI tool_calls) of a reply; malformed calls stay in the text."""
-    from lmforge.agent.loop import parse_tool_calls
-
-    calls, _ = parse_tool_calls(text)
-    if not calls:
-        return text, []
-    rest = re.sub(r"<tool_call>.*?(?:</tool_call>|$)", "", text, flags=re.DOTALL).strip()
-    out = [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-            "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-           for c in calls]  # fmt: skip
-    return rest, out
 
 
 def with_retrieval(served: Served, messages: list[dict], max_tokens: int | None) -> tuple[list[dict], dict]:
