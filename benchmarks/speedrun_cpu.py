@@ -61,6 +61,8 @@ VARIANTS = {
     "": [],
     "moe4top1": ["model.n_experts=4", "model.experts_top_k=1"],
     "moe8top2": ["model.n_experts=8", "model.experts_top_k=2", "model.d_ff=352"],
+    # bf16 autocast on a CPU with AVX-512 BF16 (oneDNN's bf16 products; fp32 weights, optimizer and loss).
+    "bf16": ["dtype=bfloat16"],
 }
 
 

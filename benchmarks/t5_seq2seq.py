@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--train", type=int, default=2000)
     ap.add_argument("--eval", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate")
+    ap.add_argument("--repretrain", action="store_true", help="pretrain T5 again even if --out holds it")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -46,13 +48,17 @@ def main() -> int:
                             for q, ans in make_split(task, a.train, 1337, "train")))  # fmt: skip
     recipe = {"preset": "t5-mini", "batch_size": 32, "seq_len": 128, "max_steps": a.steps, "lr": 1e-3,
               "warmup_steps": 60, "eval_every": max(1, a.steps // 4), "eval_batches": 10, "ckpt_every": 0}  # fmt: skip
-    pretrain(resolve_train_config(recipe, {"data": str(a.enc_out / "shards-bpe"), "out": str(a.out / "t5")}, {}))
-    result = {"task": "add", "train_items": a.train, "eval_items": a.eval, "sft_steps": a.sft_steps, "models": {}}
+    if (a.out / "t5" / "checkpoints").is_dir() and not a.repretrain:
+        print(f"reusing the pretrained T5 in {a.out / 't5'} (--repretrain to train it again)", file=sys.stderr)
+    else:
+        pretrain(resolve_train_config(recipe, {"data": str(a.enc_out / "shards-bpe"), "out": str(a.out / "t5")}, {}))
+    result = {"task": "add", "train_items": a.train, "eval_items": a.eval, "sft_steps": a.sft_steps, "lr": a.lr,
+              "models": {}}  # fmt: skip
     items = make_split(task, a.eval, 1337, "eval")
     for name, base in (("decoder (tiny)", a.enc_out / "decoder"), ("t5-mini", a.out / "t5")):
         out = a.out / f"sft-{name.split()[0]}"
         cfg = SftConfig(base=str(base), data=str(data), out=str(out), max_steps=a.sft_steps, batch_size=32,
-                        lr=5e-4, warmup_steps=20, eval_every=0, val_fraction=0.02, seq_len=128).validate()  # fmt: skip
+                        lr=a.lr, warmup_steps=20, eval_every=0, val_fraction=0.02, seq_len=128).validate()  # fmt: skip
         sft(cfg)
         model, ckpt, meta = load_model(out, encoder_ok=True)
         model.eval()

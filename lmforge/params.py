@@ -19,7 +19,7 @@ import torch
 from lmforge.config import load_yaml, parse_set, recipe_path
 from lmforge.errors import LmforgeError
 from lmforge.model.encoder import build_model
-from lmforge.model.transformer import count_params, flops_per_token
+from lmforge.model.sizes import count_params, flops_per_token
 from lmforge.train.common import checkpointing_on
 from lmforge.train.memory import describe_memory, train_memory
 from lmforge.train.pretrain import resolve_train_config

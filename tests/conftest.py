@@ -87,3 +87,20 @@ def toy_task(monkeypatch) -> str:
 def chat_model(small_shards, tmp_path_factory) -> Path:
     """Like base_run, with room for long prompts (retrieved passages, tool listings): 1024 positions."""
     return random_chat_run(small_shards.parent / "tok", tmp_path_factory.mktemp("chat") / "run", 1024)
+
+
+@pytest.fixture(scope="session")
+def wp_data(small_corpus, tmp_path_factory):
+    """A WordPiece tokenizer (English + Chinese) and token shards made with it (the encoder tests)."""
+    import json
+
+    from lmforge.data.tokenize_cmd import tokenize_corpus
+    from lmforge.tokenizer.train import train_tokenizer
+    from tests.tok_helpers import chinese_docs
+
+    root = tmp_path_factory.mktemp("wp")
+    zh = root / "zh.jsonl"
+    zh.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in chinese_docs(40)))
+    report = train_tokenizer([small_corpus, zh], 600, root / "tok", model="wordpiece")
+    tokenize_corpus([small_corpus, zh], root / "tok", root / "shards", val_fraction=0.1, workers=1, progress=False)
+    return root / "tok", root / "shards", report

@@ -1,6 +1,7 @@
 """Scale on CPU (gloo): a run resumes on another number of processes (2 -> 1, 1 -> 2; DDP and FSDP) with the losses
 of a run never interrupted, and two torchrun "nodes" on loopback (c10d rendezvous) give the losses of one node with
-as many processes, for pretrain and SFT. Every test launches torchrun: the slow tier."""
+as many processes, for pretrain and SFT; BERT's masked LM and T5's span corruption on two processes give the losses
+of one. Every test launches torchrun: the slow tier."""
 
 import json
 import os
@@ -127,4 +128,21 @@ def test_sft_resumes_on_one_process_after_two(base_run, chats, tmp_path):
     lmforge(2, *_sft(base_run, chats, tmp_path / "ref", 6, 2))
     lmforge(2, *_sft(base_run, chats, tmp_path / "cut", 3, 2))
     lmforge(1, *_sft(base_run, chats, tmp_path / "cut", 6, 2))
+    assert_same_losses(losses(tmp_path / "cut"), losses(tmp_path / "ref"))
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_encoder_objectives_on_two_processes_resume_on_one(wp_data, small_shards, tmp_path, family):
+    """Masks, sentence pairs and spans are drawn per row from where it starts in the stream, so two processes with
+    micro-batch 2, stopped and resumed on one with 2 x 2 accumulation, train on the batches of a run on two."""
+    data, model = (wp_data[1], ["--preset", "bert-mini", "--sentence-task", "sop"]) if family == "bert" else (
+        small_shards, ["--preset", "t5-mini"])  # fmt: skip
+
+    def run(out, steps):
+        return [*_pretrain(data, out, steps, 2, "model.dropout=0.0"), *model]
+
+    lmforge(2, *run(tmp_path / "ref", 6))
+    lmforge(2, *run(tmp_path / "cut", 3))
+    resumed = lmforge(1, *run(tmp_path / "cut", 6))
+    assert "resuming a run of 2 process(es) on 1" in resumed.stderr
     assert_same_losses(losses(tmp_path / "cut"), losses(tmp_path / "ref"))

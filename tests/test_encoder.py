@@ -20,7 +20,6 @@ from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.train.checkpoint import model_tensors
 from lmforge.train.metrics import read_metrics
 from lmforge.train.mlm import MlmBatches, MlmVocab, choose_masked, corrupt, word_ids
-from tests.tok_helpers import chinese_docs
 
 TINY = {"n_layer": 2, "d_model": 64, "n_head": 4, "max_seq_len": 64}
 
@@ -32,20 +31,6 @@ def cli(*args, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
     return proc
-
-
-@pytest.fixture(scope="module")
-def wp_data(small_corpus, tmp_path_factory):
-    """A WordPiece tokenizer (English + Chinese) and token shards made with it."""
-    from lmforge.data.tokenize_cmd import tokenize_corpus
-    from lmforge.tokenizer.train import train_tokenizer
-
-    root = tmp_path_factory.mktemp("wp")
-    zh = root / "zh.jsonl"
-    zh.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in chinese_docs(40)))
-    report = train_tokenizer([small_corpus, zh], 600, root / "tok", model="wordpiece")
-    tokenize_corpus([small_corpus, zh], root / "tok", root / "shards", val_fraction=0.1, workers=1, progress=False)
-    return root / "tok", root / "shards", report
 
 
 # ----------------------------------------------------------------------------- WordPiece
@@ -249,6 +234,24 @@ def test_static_masks_repeat_each_epoch_dynamic_ones_do_not(wp_data):
         row, types = first["idx"][0], first["token_types"][0]
         assert len(row) == 33 and int(types[0]) == 0 and int(types[-1]) == 1
     assert masks == {"static": True, "dynamic": False}
+
+
+def test_masks_and_pairs_do_not_depend_on_the_number_of_processes(wp_data):
+    """Each row's masks and sentence pair come from where it starts in the stream: one process reading 4 rows draws
+    what two ranks reading 2 each draw (so DDP and a resume on another world size train on the same batches)."""
+    from lmforge.data.loader import TokenLoader
+    from lmforge.tokenizer.special import load_tokenizer
+
+    tok_dir, shards, _ = wp_data
+    vocab = MlmVocab(load_tokenizer(tok_dir), tok_dir)
+    opts = {"sentence_task": "nsp", "whole_word": True, "seed": 3}
+    one = MlmBatches(TokenLoader(shards, "train", 4, 30), vocab, **opts)
+    ranks = [MlmBatches(TokenLoader(shards, "train", 2, 30, rank=r, world_size=2), vocab, **opts) for r in (0, 1)]
+    for _ in range(3):
+        whole, parts = one.next_batch(), [b.next_batch() for b in ranks]
+        for key in ("idx", "targets", "token_types", "labels"):
+            assert torch.equal(whole[key], torch.cat([p[key] for p in parts])), key
+    assert whole["num_tokens"] == 2 * parts[0]["num_tokens"] == 4 * 33
 
 
 # ----------------------------------------------------------------------------- pretrain and fine-tune

@@ -61,6 +61,29 @@ def test_part_a_sees_both_ways_and_part_b_causally():
         ModelConfig(block_positions=True).validate()
 
 
+@pytest.mark.parametrize("kind", ["span", "glm"])
+def test_spans_do_not_depend_on_the_number_of_processes(small_shards, kind):
+    """T5's and GLM's spans are drawn per row from where it starts in the stream: one process reading 4 rows draws
+    what two ranks reading 2 each draw."""
+    from lmforge.data.loader import TokenLoader
+    from lmforge.train.glm import GlmBatches
+    from lmforge.train.span import SpanBatches
+
+    def batches(rows, rank=0, world=1):
+        loader = TokenLoader(small_shards, "train", rows, 40, rank=rank, world_size=world)
+        if kind == "span":
+            return SpanBatches(loader, 512, eos=0, start=1, seed=5)
+        return GlmBatches(loader, 512, end_id=0, seed=5)
+
+    one, ranks = batches(4), [batches(2, r, 2) for r in (0, 1)]
+    for _ in range(3):
+        whole, parts = one.next_batch(), [b.next_batch() for b in ranks]
+        keys = [k for k in whole if k != "num_tokens"]
+        for key in keys:
+            assert torch.equal(whole[key], torch.cat([p[key] for p in parts])), key
+        assert not torch.equal(parts[0][keys[0]], parts[1][keys[0]])
+
+
 def test_glm_pretraining_loss_falls(small_shards, tmp_path):
     from lmforge.config import parse_set
     from lmforge.train.metrics import read_metrics

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.model.transformer import ACTIVATIONS, ModelConfig, MoE, Transformer, flops_per_token, route
+from lmforge.model.sizes import flops_per_token
+from lmforge.model.transformer import ACTIVATIONS, ModelConfig, MoE, Transformer, route
 
 CFG = ModelConfig(vocab_size=128, n_layer=2, d_model=32, n_head=4, d_ff=48, max_seq_len=32, n_experts=4,
                   experts_top_k=2)  # fmt: skip

@@ -70,6 +70,13 @@ class TokenLoader:
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
+    def row_starts(self) -> list[int]:
+        """Where each row of the next batch starts in the stream (tokens since the first epoch began). The rows of
+        all ranks together are one run of the stream, so a row's start is the same however many processes read it:
+        randomness drawn from it (masks, spans) does not change with the world size."""
+        n = self.B * self.T
+        return [self.position + self.rank * n + j * self.T for j in range(self.B)]
+
     def state_dict(self) -> dict:
         return {"position": self.position}
 
@@ -78,8 +85,9 @@ class TokenLoader:
 
 
 class LoaderView:
-    """A batch source built on a TokenLoader (`self.loader`) whose state is the loader's: masked-LM and span
-    batches (lmforge/train/mlm.py, span.py) draw their randomness from its position, so they save nothing else."""
+    """A batch source built on a TokenLoader (`self.loader`) whose state is the loader's: masked-LM, span and blank
+    batches (lmforge/train/mlm.py, span.py, glm.py) draw each row's randomness from where the row starts in the
+    stream (`row_starts`), so they save nothing else and a run on N processes draws what a run on one does."""
 
     @property
     def epoch(self) -> int:

@@ -244,7 +244,8 @@ def model_sizes(model_cfg, seq_len: int) -> dict:
     """
     import torch
 
-    from lmforge.model.transformer import Transformer, count_params, flops_per_token
+    from lmforge.model.sizes import count_params, flops_per_token
+    from lmforge.model.transformer import Transformer
 
     with torch.device("meta"):  # shapes only: no memory, no time
         parts = count_params(Transformer(model_cfg))

@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from lmforge.model.transformer import ModelConfig, Transformer, count_params, flops_per_token
+from lmforge.model.sizes import count_params, flops_per_token
+from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.train.common import peak_flops, pick_device, tune_cpu_allocator
 from lmforge.train.memory import train_memory
 from lmforge.train.optim import make_optimizer

@@ -35,7 +35,7 @@ from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write_json
 from lmforge.model.bottleneck import AdapterConfig, adapter_tensors, apply_adapters, load_adapter_tensors
 from lmforge.model.lora import LoraConfig, apply_lora, load_lora_tensors, lora_tensors
-from lmforge.model.transformer import param_part
+from lmforge.model.sizes import param_part
 from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.common import adopt_saved_batch_split, launched_world_size, pick_device, stop_exit_code
@@ -267,7 +267,7 @@ class FinetuneRun:
         """The loop's hooks for this run: metrics.jsonl/TensorBoard (cut back to the resumed step), `save`
         (default: `saver`), the stage's `evaluate` and `check`, and with `refit` (a loader with a micro-batch `B`)
         the out-of-memory refit."""
-        from lmforge.model.transformer import flops_per_token
+        from lmforge.model.sizes import flops_per_token
 
         return Hooks(
             save=save or self.saver(optimizer, batches, dd.main),

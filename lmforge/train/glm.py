@@ -77,15 +77,15 @@ class GlmBatches(LoaderView):
     """Blank-infilling batches from a TokenLoader of `glm_window(seq_len)` tokens: `next_batch()` -> the forward's
     arguments (idx, targets, positions, block_positions, prefix_len) and num_tokens; state is the loader's."""
 
-    def __init__(self, loader, vocab_rows: int, end_id: int, *, density=0.15, mean_span=3.0, seed=0, rank=0):
+    def __init__(self, loader, vocab_rows: int, end_id: int, *, density=0.15, mean_span=3.0, seed=0):
         self.loader, self.end_id = loader, end_id
         self.mask_id, self.start_id = vocab_rows - 1, vocab_rows - 2
-        self.density, self.mean_span, self.seed, self.rank = density, mean_span, seed, rank
+        self.density, self.mean_span, self.seed = density, mean_span, seed
 
     def next_batch(self) -> dict:
-        rng = np.random.default_rng([self.seed, self.loader.position, self.rank])
+        rngs = [np.random.default_rng([self.seed, start]) for start in self.loader.row_starts()]
         x, _ = self.loader.next_batch()
         rows = [infill_row(row, noise_mask(len(row), self.density, self.mean_span, rng), self.mask_id, self.start_id,
-                           self.end_id, rng) for row in x.cpu().numpy()]  # fmt: skip
+                           self.end_id, rng) for row, rng in zip(x.cpu().numpy(), rngs, strict=True)]  # fmt: skip
         batch = {k: torch.tensor([r[k] for r in rows], device=x.device) for k in rows[0]}
         return {**batch, "num_tokens": int(batch["idx"].numel())}

@@ -14,8 +14,9 @@ Masking is BERT's (Devlin et al. 2019): `mask_rate` (15%) of each row's maskable
 (RoBERTa); `static` draws them from the window's place in the corpus, so every epoch sees the same masks (BERT's
 preprocessing, without its 10 copies). `whole_word` masks words, not pieces: a `##` piece goes with the piece
 before it and runs of Chinese characters are cut into words by jieba (Cui et al. 2019, BERT-wwm, who used LTP).
-The masks are drawn from (seed, the window's place in the stream[, rank]), so a resumed run masks exactly as an
-uninterrupted one and nothing but the loader's position is saved.
+Each row's masks (and sentence pair) are drawn from (seed, where the row starts in the stream), so a resumed run
+masks exactly as an uninterrupted one, a run on N processes as a run on one, and nothing but the loader's position
+is saved.
 """
 
 from __future__ import annotations
@@ -143,52 +144,52 @@ class MlmBatches(LoaderView):
     `next_batch()` -> {idx, targets, token_types[, labels], num_tokens}; state is the loader's."""
 
     def __init__(self, loader, vocab: MlmVocab, *, rate: float = 0.15, masking: str = "dynamic",
-                 whole_word: bool = False, sentence_task: str = "none", seed: int = 0, rank: int = 0):  # fmt: skip
+                 whole_word: bool = False, sentence_task: str = "none", seed: int = 0):  # fmt: skip
         self.loader, self.vocab, self.rate, self.masking = loader, vocab, rate, masking
-        self.whole_word, self.task, self.seed, self.rank = whole_word, sentence_task, seed, rank
+        self.whole_word, self.task, self.seed = whole_word, sentence_task, seed
 
     @staticmethod
     def specials(task: str) -> int:
         return 3 if task != "none" else 2
 
     def next_batch(self) -> dict:
-        place = self.loader.position if self.masking == "dynamic" else self.loader.position % self.loader.stream.total
-        g = torch.Generator().manual_seed(hash((self.seed, place, self.rank)) & (2**63 - 1))
+        total = self.loader.stream.total
+        starts = [s % total if self.masking == "static" else s for s in self.loader.row_starts()]
+        gens = [torch.Generator().manual_seed(hash((self.seed, s)) & (2**63 - 1)) for s in starts]
         x, _ = self.loader.next_batch()
-        return self.build(x.cpu(), g, device=x.device)
+        return self.build(x.cpu(), gens, device=x.device)
 
-    def build(self, x: torch.Tensor, g: torch.Generator, device=None) -> dict:
-        """The masked batch of windows x (B, L) with the generator g (tests call this directly)."""
-        v, (B, L) = self.vocab, x.shape
-        cls, sep = torch.full((B, 1), v.cls), torch.full((B, 1), v.sep)
-        labels = None
+    def build(self, x: torch.Tensor, gens: list[torch.Generator], device=None) -> dict:
+        """The masked batch of windows x (B, L), row r drawn with the generator gens[r] (tests call this directly)."""
+        rows = [self._row(x[r], g) for r, g in enumerate(gens)]
+        batch = {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+        batch = {k: t.to(device) if device is not None else t for k, t in batch.items()}
+        return {**batch, "num_tokens": int(batch["idx"].numel())}
+
+    def _row(self, x: torch.Tensor, g: torch.Generator) -> dict:
+        v, L = self.vocab, len(x)
+        cls, sep = torch.tensor([v.cls]), torch.tensor([v.sep])
+        row = {}
         if self.task == "none":
-            ids, types = torch.cat([cls, x, sep], 1), torch.zeros(B, L + 2, dtype=torch.long)
+            ids, types = torch.cat([cls, x, sep]), torch.zeros(L + 2, dtype=torch.long)
         else:
-            cut = torch.randint(1, L, (B,), generator=g)  # A's length: 1..L-1
-            flip = torch.rand(B, generator=g) < 0.5
-            rows, types = [], torch.zeros(B, L + 3, dtype=torch.long)
-            for r in range(B):
-                a, b = x[r, : cut[r]], x[r, cut[r] :]
-                if flip[r] and self.task == "sop":
-                    a, b = b, a  # B then A: its A's length is L - cut, as uniform as cut, so length says nothing
-                elif flip[r]:  # nsp: B from a random place in the corpus
-                    total = self.loader.stream.total
-                    start = int(torch.randint(0, total, (1,), generator=g))
-                    b = torch.from_numpy(self.loader.stream.read(start, len(b)).astype(np.int64))
-                rows.append(torch.cat([cls[0], a, sep[0], b, sep[0]]))
-                types[r, len(a) + 2 :] = 1
-            ids, labels = torch.stack(rows), flip.long()
-        maskable = ~v.special[ids]
-        words = v.words(ids) if self.whole_word else None
+            cut = int(torch.randint(1, L, (1,), generator=g))  # A's length: 1..L-1
+            flip = bool(torch.rand(1, generator=g) < 0.5)
+            a, b = x[:cut], x[cut:]
+            if flip and self.task == "sop":
+                a, b = b, a  # B then A: its A's length is L - cut, as uniform as cut, so length says nothing
+            elif flip:  # nsp: B from a random place in the corpus
+                start = int(torch.randint(0, self.loader.stream.total, (1,), generator=g))
+                b = torch.from_numpy(self.loader.stream.read(start, len(b)).astype(np.int64))
+            ids = torch.cat([cls, a, sep, b, sep])
+            types = torch.zeros(L + 3, dtype=torch.long)
+            types[len(a) + 2 :] = 1
+            row["labels"] = torch.tensor(int(flip))
+        maskable = ~v.special[ids[None]]
+        words = v.words(ids[None]) if self.whole_word else None
         chosen = choose_masked(maskable, self.rate, g, words)
-        inputs, targets = corrupt(ids, chosen, v.mask, v.random_ids, g)
-        batch = {"idx": inputs, "targets": targets, "token_types": types, "num_tokens": int(ids.numel())}
-        if labels is not None:
-            batch["labels"] = labels
-        return {
-            k: (t.to(device) if isinstance(t, torch.Tensor) and device is not None else t) for k, t in batch.items()
-        }
+        inputs, targets = corrupt(ids[None], chosen, v.mask, v.random_ids, g)
+        return {"idx": inputs[0], "targets": targets[0], "token_types": types, **row}
 
 
 # ----------------------------------------------------------------------------- step and evaluation

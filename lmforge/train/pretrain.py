@@ -32,7 +32,8 @@ from lmforge.data.shards import load_index
 from lmforge.errors import LmforgeError, warn
 from lmforge.eval.loss import bits_per_byte, evaluate_loss
 from lmforge.model.encoder import build_model
-from lmforge.model.transformer import ModelConfig, flops_per_token
+from lmforge.model.sizes import flops_per_token
+from lmforge.model.transformer import ModelConfig
 from lmforge.tokenizer.special import tokenizer_hash
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.common import (
@@ -286,14 +287,14 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, dd) -> dict:
     if meta is not None:
         loader.load_state_dict(meta["loader"])
     mlm_options = {"rate": cfg.mask_rate, "whole_word": cfg.whole_word, "sentence_task": cfg.sentence_task,
-                   "seed": cfg.seed, "rank": dd.rank}  # fmt: skip
+                   "seed": cfg.seed}  # fmt: skip
     batches = MlmBatches(loader, vocab, masking=cfg.masking, **mlm_options) if mlm else loader
     if span:
         span_options = {"vocab_rows": cfg.model.vocab_size, "eos": index["eot_id"], "start": _pad_id(tok_src, tok_dst)}
-        batches = SpanBatches(loader, **span_options, seed=cfg.seed, rank=dd.rank)
+        batches = SpanBatches(loader, **span_options, seed=cfg.seed)
     glm_options = {"vocab_rows": cfg.model.vocab_size, "end_id": index["eot_id"]}
     if glm:
-        batches = GlmBatches(loader, **glm_options, seed=cfg.seed, rank=dd.rank)
+        batches = GlmBatches(loader, **glm_options, seed=cfg.seed)
     val_tokens = sum(s["num_tokens"] for s in index["splits"].get("val", []))
     val_bytes = sum(s["num_bytes"] for s in index["splits"].get("val", []))
     val_batches = None

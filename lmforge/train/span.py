@@ -12,8 +12,8 @@ and both end with the end-of-text token:
 
 The sentinels are the top rows of the model's vocabulary (`sentinel_ids`: the tokenizer's size plus 100, rounded
 up to 64, so no text token is ever one), as T5's `<extra_id_N>` are its last ids. The window length is chosen so
-the input is exactly `seq_len` tokens (`window_length`). Spans are drawn from (seed, the window's place in the
-stream, rank), so a resumed run corrupts exactly as one never stopped.
+the input is exactly `seq_len` tokens (`window_length`). Spans are drawn from (seed, where the row starts in the
+stream), so a resumed run corrupts exactly as one never stopped, on any number of processes.
 """
 
 from __future__ import annotations
@@ -91,15 +91,15 @@ class SpanBatches(LoaderView):
     """Span-corrupted batches from a TokenLoader of `window_length(seq_len)` tokens: `next_batch()` ->
     {src, tgt_in, targets, num_tokens}; state is the loader's."""
 
-    def __init__(self, loader, vocab_rows: int, eos: int, start: int, *, density=0.15, mean_span=3.0, seed=0, rank=0):
+    def __init__(self, loader, vocab_rows: int, eos: int, start: int, *, density=0.15, mean_span=3.0, seed=0):
         self.loader, self.sentinels, self.eos, self.start = loader, sentinel_ids(vocab_rows), eos, start
-        self.density, self.mean_span, self.seed, self.rank = density, mean_span, seed, rank
+        self.density, self.mean_span, self.seed = density, mean_span, seed
 
     def next_batch(self) -> dict:
-        rng = np.random.default_rng([self.seed, self.loader.position, self.rank])
+        rngs = [np.random.default_rng([self.seed, start]) for start in self.loader.row_starts()]
         x, _ = self.loader.next_batch()
         rows = [corrupt_spans(row, noise_mask(len(row), self.density, self.mean_span, rng), self.sentinels, self.eos)
-                for row in x.cpu().numpy()]  # fmt: skip
+                for row, rng in zip(x.cpu().numpy(), rngs, strict=True)]  # fmt: skip
         src = torch.tensor([r[0] for r in rows], device=x.device)
         targets = torch.tensor([r[1] for r in rows], device=x.device)
         tgt_in = torch.cat([torch.full_like(targets[:, :1], self.start), targets[:, :-1]], 1)
