@@ -5,9 +5,9 @@
 Uses `benchmarks/encoders.py`'s byte-level BPE shards (English + Chinese, vocab 8000) and its pretrained
 `decoder` run (lmforge's `tiny`, 600 steps of 32 x 128 tokens). Pretrains `t5-mini` (4 + 4 layers, 256 wide) on
 the same shards with span corruption for the same steps, batch and learning rate; then fine-tunes both with
-`lmforge sft` on the `add` task of stage 3 (`--train` questions such as "What is 72 + 98?" answered "The answer is
-170.") and scores greedy answers on `--eval` held-out questions with the task's own checker (the number in the
-answer), with 95% Wilson intervals. The decoder reads the question in its chat template; T5's encoder reads it
+`lmforge sft` on a task of stage 3 (`--task`, default `add`: `--train` questions such as "What is 72 + 98?"
+answered "The answer is 170.") and scores greedy answers on `--eval` held-out questions with the task's own
+checker, with 95% Wilson intervals. The decoder reads the question in its chat template; T5's encoder reads it
 as its input. Fixed step counts: the figures do not depend on the machine's speed.
 """
 
@@ -37,13 +37,22 @@ def main() -> int:
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--train", type=int, default=2000)
     ap.add_argument("--eval", type=int, default=300)
+    ap.add_argument("--task", default="add", help="a verifiable task of stage 3 (lmforge/align/tasks.py)")
     ap.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate")
+    ap.add_argument(
+        "--t5-batch",
+        type=int,
+        default=100,
+        help="T5's pairs per step: the decoder packs ~100 of these "
+        "short conversations into its 32 rows of 128 tokens, so both see about the same examples",
+    )
+    ap.add_argument("--models", default="decoder,t5", help="which to fine-tune: decoder, t5 or both")
     ap.add_argument("--repretrain", action="store_true", help="pretrain T5 again even if --out holds it")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    task = get_task("add")
-    data = a.out / "add.jsonl"
+    task = get_task(a.task)
+    data = a.out / f"{a.task}.jsonl"
     data.write_text("".join(json.dumps({"instruction": q, "output": answer_text(task, ans)}) + "\n"
                             for q, ans in make_split(task, a.train, 1337, "train")))  # fmt: skip
     recipe = {"preset": "t5-mini", "batch_size": 32, "seq_len": 128, "max_steps": a.steps, "lr": 1e-3,
@@ -52,19 +61,22 @@ def main() -> int:
         print(f"reusing the pretrained T5 in {a.out / 't5'} (--repretrain to train it again)", file=sys.stderr)
     else:
         pretrain(resolve_train_config(recipe, {"data": str(a.enc_out / "shards-bpe"), "out": str(a.out / "t5")}, {}))
-    result = {"task": "add", "train_items": a.train, "eval_items": a.eval, "sft_steps": a.sft_steps, "lr": a.lr,
+    result = {"task": a.task, "train_items": a.train, "eval_items": a.eval, "sft_steps": a.sft_steps, "lr": a.lr,
               "models": {}}  # fmt: skip
     items = make_split(task, a.eval, 1337, "eval")
     for name, base in (("decoder (tiny)", a.enc_out / "decoder"), ("t5-mini", a.out / "t5")):
-        out = a.out / f"sft-{name.split()[0]}"
-        cfg = SftConfig(base=str(base), data=str(data), out=str(out), max_steps=a.sft_steps, batch_size=32,
+        if name[:2] not in [m[:2] for m in a.models.split(",")]:
+            continue
+        out = a.out / f"sft-{a.task}-{name.split()[0]}"
+        batch = 32 if name.startswith("decoder") else a.t5_batch
+        cfg = SftConfig(base=str(base), data=str(data), out=str(out), max_steps=a.sft_steps, batch_size=batch,
                         lr=a.lr, warmup_steps=20, eval_every=0, val_fraction=0.02, seq_len=128).validate()  # fmt: skip
         sft(cfg)
         model, ckpt, meta = load_model(out, encoder_ok=True)
         model.eval()
         params = sum(p.numel() for p in model.parameters())
         if name.startswith("decoder"):
-            r = generative_result(model, tokenizer_dir(ckpt, meta), "add", a.eval, 1337, 0, 0.0, 32)
+            r = generative_result(model, tokenizer_dir(ckpt, meta), a.task, a.eval, 1337, 0, 0.0, 32)
             right = round(r["exact_match"] * r["n"])
         else:
             tok = load_tokenizer(tokenizer_dir(ckpt, meta))
@@ -81,8 +93,8 @@ def main() -> int:
                     o = o[: o.index(eos)] if eos in o else o
                     right += task.reward(tok.decode(o), ans) == 1.0
         lo, hi = wilson_interval(right, len(items))
-        result["models"][name] = {"params": params, "exact_match": round(right / len(items), 4), "lo": round(lo, 4),
-                                  "hi": round(hi, 4)}  # fmt: skip
+        result["models"][name] = {"params": params, "batch": batch, "exact_match": round(right / len(items), 4),
+                                  "lo": round(lo, 4), "hi": round(hi, 4)}  # fmt: skip
         print(f"{name}: {params / 1e6:.2f}M params, exact match {right}/{len(items)}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     if a.json:

@@ -3,6 +3,7 @@
     python benchmarks/train_speed.py                 # L=4, d=256, 4 heads, T=256, V=8192, batch 16, fp32
     python benchmarks/train_speed.py --json          # one JSON line per model, then a summary line
     python benchmarks/train_speed.py --no-compile    # eager models only (skips the inductor builds)
+    python benchmarks/train_speed.py --no-compile --only "as shipped,tiny (as,bf16"   # bf16 autocast rows
 
 Every model trains on the same random batch with the same AdamW (weight decay on matrices,
 betas 0.9/0.95), timed by `lmforge.train.bench.time_train_steps` (forward + backward +
@@ -106,25 +107,29 @@ def nanogpt_onednn(a):
     return model
 
 
-# (row name, builder, torch.compile, AdamW(fused=True), lmforge's CPU matmul backend); the first row is the
+# (row name, builder, torch.compile, AdamW(fused=True), lmforge's CPU matmul backend, bf16 autocast); the first row is the
 # baseline of the ratio column, the second of the "vs nanoGPT fused" column. Without fused=True, AdamW on
 # CPU runs torch's default implementation, which is what nanoGPT's configure_optimizers gets on CPU (it asks
 # for fused on CUDA only). lmforge's `pretrain` uses fused AdamW on CPU (make_optimizer) and oneDNN for its
 # fp32 matmuls (lmforge/model/matmul.py), so its row is the training loop as shipped. The backend only
 # changes rows built from lmforge's Linear (the lmforge rows and the "nanoGPT, oneDNN linears" row):
-# the "aten" rows show what the same code gives through torch's default (MKL) matmuls.
+# the "aten" rows show what the same code gives through torch's default (MKL) matmuls. The last field: the forward
+# under bf16 autocast (`--set dtype=bfloat16` in pretrain; on a CPU with AVX-512 BF16 oneDNN multiplies in bf16);
+# nanoGPT's train.py never autocasts on CPU, so its bf16 row is its model.py under the same autocast.
 ROWS = [
-    ("nanoGPT (as shipped: default AdamW on CPU)", nanogpt, False, False, "onednn"),
-    ("nanoGPT, fused AdamW", nanogpt, False, True, "onednn"),
-    ("HF GPT2LMHeadModel, fused AdamW", hf_gpt2, False, True, "onednn"),
-    ("HF LlamaForCausalLM, fused AdamW", hf_llama, False, True, "onednn"),
-    ("lmforge tiny (as pretrain runs it)", lmforge_tiny, False, True, "onednn"),
-    ("lmforge tiny, torch's matmuls (aten)", lmforge_tiny, False, True, "aten"),
-    ("lmforge gpt2-like, fused AdamW", lmforge_gpt2, False, True, "onednn"),
-    ("nanoGPT, oneDNN linears, fused AdamW", nanogpt_onednn, False, True, "onednn"),
-    ("nanoGPT, compiled, fused AdamW", nanogpt, True, True, "onednn"),
-    ("lmforge tiny, compiled", lmforge_tiny, True, True, "onednn"),
-    ("lmforge tiny, compiled, torch's matmuls (aten)", lmforge_tiny, True, True, "aten"),
+    ("nanoGPT (as shipped: default AdamW on CPU)", nanogpt, False, False, "onednn", False),
+    ("nanoGPT, fused AdamW", nanogpt, False, True, "onednn", False),
+    ("HF GPT2LMHeadModel, fused AdamW", hf_gpt2, False, True, "onednn", False),
+    ("HF LlamaForCausalLM, fused AdamW", hf_llama, False, True, "onednn", False),
+    ("lmforge tiny (as pretrain runs it)", lmforge_tiny, False, True, "onednn", False),
+    ("lmforge tiny, torch's matmuls (aten)", lmforge_tiny, False, True, "aten", False),
+    ("lmforge gpt2-like, fused AdamW", lmforge_gpt2, False, True, "onednn", False),
+    ("nanoGPT, oneDNN linears, fused AdamW", nanogpt_onednn, False, True, "onednn", False),
+    ("lmforge tiny, bf16 autocast", lmforge_tiny, False, True, "onednn", True),
+    ("nanoGPT, bf16 autocast, fused AdamW", nanogpt, False, True, "onednn", True),
+    ("nanoGPT, compiled, fused AdamW", nanogpt, True, True, "onednn", False),
+    ("lmforge tiny, compiled", lmforge_tiny, True, True, "onednn", False),
+    ("lmforge tiny, compiled, torch's matmuls (aten)", lmforge_tiny, True, True, "aten", False),
 ]
 
 
@@ -163,7 +168,7 @@ def main(argv=None) -> int:
     idx = torch.randint(0, a.vocab_size, (a.batch_size, a.seq_len))
     targets = torch.roll(idx, -1, dims=1)
     entries = []
-    for name, build, compile_, fused, backend in rows:
+    for name, build, compile_, fused, backend, bf16 in rows:
         set_cpu_matmul(backend)
         torch.manual_seed(0)
         model = build(a)
@@ -171,18 +176,19 @@ def main(argv=None) -> int:
         step_model = torch.compile(model) if compile_ else model
         opt = _optimizer(model, fused)
         t0 = time.perf_counter()
-        time_train_steps(step_model, idx, targets, steps=0, warmup=1, optimizer=opt)  # compile happens here
+        time_train_steps(step_model, idx, targets, steps=0, warmup=1, optimizer=opt, bf16=bf16)  # compile here
         first_s = time.perf_counter() - t0
-        time_train_steps(step_model, idx, targets, steps=0, warmup=a.warmup - 1, optimizer=opt)
+        time_train_steps(step_model, idx, targets, steps=0, warmup=a.warmup - 1, optimizer=opt, bf16=bf16)
         entries.append({"model": name, "params": params, "compile_s": first_s if compile_ else None,
-                        "step": (step_model, opt), "backend": backend, "rounds": []})  # fmt: skip
+                        "step": (step_model, opt), "backend": backend, "bf16": bf16, "rounds": []})  # fmt: skip
         print(f"built {name}: {params:,} params, first step {first_s:.1f}s", file=sys.stderr)
     for r in range(a.rounds):
         order = entries if r % 2 == 0 else entries[::-1]  # alternate direction: no model always runs first
         for e in order:
             step_model, opt = e["step"]
             set_cpu_matmul(e["backend"])
-            e["rounds"].append(time_train_steps(step_model, idx, targets, steps=a.steps, warmup=0, optimizer=opt))
+            e["rounds"].append(time_train_steps(step_model, idx, targets, steps=a.steps, warmup=0, optimizer=opt,
+                                                bf16=e["bf16"]))  # fmt: skip
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
 
     base = statistics.median(entries[0]["rounds"])
@@ -200,7 +206,7 @@ def main(argv=None) -> int:
             print(json.dumps(res))
         print(json.dumps({"shape": shape, "threads": torch.get_num_threads(), "torch": torch.__version__}))
         return 0
-    print(f"shape {shape}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"shape {shape}, fp32 unless the row says bf16, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"| {'model':<44} | {'params':>10} | {'tokens/s':>9} | vs nanoGPT | vs nanoGPT fused | compile s |")
     print(f"|{'-' * 46}|{'-' * 11}:|{'-' * 10}:|{'-' * 11}:|{'-' * 17}:|{'-' * 10}:|")
     for res in results:

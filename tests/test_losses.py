@@ -24,6 +24,24 @@ def test_matches_cross_entropy(reduction, chunk):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
 
 
+def test_under_bf16_autocast_gradients_match_autograds():
+    """Under autocast (CPU bf16 here; CUDA the same) the chunked loss takes the products in bf16, as autograd does
+    for the plain head: value and both gradients agree with autograd's to bf16 rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 32, requires_grad=True)
+    w = (torch.randn(64, 32) * 0.3).requires_grad_()
+    t = torch.randint(0, 64, (200,))
+    t[::5] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy((x @ w.t()).float(), t, ignore_index=-100)
+        got = linear_cross_entropy(x, w, t, chunk=64)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    for a, b in zip(torch.autograd.grad(got, (x, w)), torch.autograd.grad(ref, (x, w)), strict=True):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() / b.norm() < 2e-2
+
+
 def test_no_grad_path_and_all_ignored():
     x, w = torch.randn(10, 4), torch.randn(6, 4)
     t = torch.randint(0, 6, (10,))

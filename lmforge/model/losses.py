@@ -57,9 +57,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_x[s : s + chunk] = mm_nn(g, weight)
             if onednn_applies(g, xs):
                 grad_w.add_(mm_tn(g, xs))
-            elif g.dtype == xs.dtype == grad_w.dtype:
+            elif g.dtype == xs.dtype == grad_w.dtype and not torch.is_autocast_enabled(xs.device.type):
                 grad_w.addmm_(g.t(), xs)
-            else:  # bf16 under autocast: accumulate the head's gradient in fp32
+            else:  # under autocast: the product in bf16 (as autograd would run it), accumulated in fp32
                 grad_w.add_(g.t() @ xs)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         return total
