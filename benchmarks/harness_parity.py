@@ -2,6 +2,7 @@
 
     python benchmarks/harness_parity.py --model models/smollm2 --items 100
     python benchmarks/harness_parity.py --model runs/demo/sft --items 300
+    python benchmarks/harness_parity.py --model models/smollm2 --items 40 --dtype float64 --exact
 
 The model is exported with `lmforge export` (float32) to a Hugging Face folder; the built-in cloze sets
 (chatterbot-en, chatterbot-zh; lmforge/eval/tasks.py) are written as a local harness task (the prompt and
@@ -37,6 +38,34 @@ def write_task(root: Path, name: str, requests) -> None:
     )
 
 
+def float64_throughout() -> None:
+    """Patch transformers' Llama RMSNorm and rotary embedding to compute in the model's dtype, and lmforge's RoPE
+    tables to stay float64 (they are rounded to float32 when built): for --exact."""
+    import torch
+    import transformers.models.llama.modeling_llama as llama
+
+    import lmforge.model.transformer as ours
+
+    def inv_freq(theta, dim):
+        return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+    def rms_norm(self, h):
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def rotary(self, x, position_ids):
+        freqs = position_ids[..., None].double() * inv_freq(self.config.rope_parameters["rope_theta"],
+                                                             self.config.head_dim)  # fmt: skip
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    def tables(cfg):
+        angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq(cfg.rope_theta, cfg.head_dim))
+        sin = angles.sin()
+        return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
+
+    llama.LlamaRMSNorm.forward, llama.LlamaRotaryEmbedding.forward, ours.rope_tables = rms_norm, rotary, tables
+
+
 def lls_of(samples) -> list[list[float]]:
     return [[r[0][0] for r in s["resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])]
 
@@ -51,6 +80,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs of each, interleaved; the fastest counts")
     ap.add_argument("--shots", type=int, default=0, help="solved examples before each question (long contexts)")
     ap.add_argument("--dtype", default="float32", help="float64: both sides without float32 rounding")
+    ap.add_argument(
+        "--exact",
+        action="store_true",
+        help="with --dtype float64: take out transformers' float32 islands "
+        "(Llama's RMSNorm and RoPE angles compute in float32 whatever the dtype) and lmforge's float32 "
+        "RoPE tables, so both sides are float64 throughout",
+    )
     ap.add_argument("--out", default="", help="also write the figures here (JSON)")
     args = ap.parse_args()
 
@@ -65,6 +101,10 @@ def main() -> None:
     from lmforge.hub.export_cmd import export_hf
 
     torch.set_num_threads(args.threads)
+    if args.exact:
+        if args.dtype != "float64":
+            raise SystemExit("--exact needs --dtype float64")
+        float64_throughout()
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     tmp = Path(tempfile.mkdtemp(prefix="harness-parity-"))
     requests = {}

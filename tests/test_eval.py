@@ -75,6 +75,27 @@ def test_batched_groups_equal_scoring_each_pair_in_full(pos):
             assert ll == pytest.approx(ref_ll, abs=1e-4) and greedy == ref_greedy
 
 
+def test_a_float64_model_scores_in_float64():
+    """Shared-prompt scoring of a float64 model keeps float64 through the log-softmax (the parity runs against
+    transformers in float64 rely on it): equal to a plain float64 forward to 1e-10."""
+    from lmforge.eval.mc import score_groups
+    from lmforge.model.transformer import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, n_layer=2, d_model=32, n_head=4, max_seq_len=40)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    ctx, conts = list(range(5, 17)), [[3, 9, 40, 2], [7], [60, 61]]
+    (got,) = score_groups(model, [(ctx, conts)])
+    for c, (ll, _) in zip(conts, got, strict=True):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ctx + c[:-1]]))
+        logp = torch.log_softmax(logits[0, len(ctx) - 1 :], -1)
+        ref = float(sum(logp[i, t] for i, t in enumerate(c)))
+        assert abs(ll - ref) < 1e-10, (ll, ref)
+
+
 def test_prompts_letter_cloze_chinese_and_few_shot():
     en = Item("2 + 2 =", ["3", "4"], 1, "math")
     zh = Item("中国的首都是哪里？", ["北京", "上海"], 0, "geo", "zh")

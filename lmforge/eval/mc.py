@@ -289,6 +289,11 @@ def score_request(model, tokenizer, req: Request, share_prompt: bool = True) -> 
     return [score_pair(model, ctx, cont) for ctx, cont in pairs]
 
 
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in fp32 for the log-softmax (bf16/fp16 models), a float64 model's kept in float64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 @torch.no_grad()
 def score_pair(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
     """(log P(cont | ctx), whether cont is the greedy continuation), from one forward pass over the last
@@ -296,7 +301,7 @@ def score_pair(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
     device = next(model.parameters()).device
     ids = (ctx + cont)[-(model.cfg.max_seq_len + 1) :][:-1]
     logits, _ = model(torch.tensor([ids], device=device))
-    return _sum_logp(torch.log_softmax(logits[0, -len(cont) :].float(), -1), cont)
+    return _sum_logp(torch.log_softmax(_at_least_fp32(logits[0, -len(cont) :]), -1), cont)
 
 
 def _sum_logp(logp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
@@ -383,7 +388,7 @@ def _score_batch(model, groups, P: int, L: int) -> list[list[tuple[float, bool]]
         pad_args = {"positions": (slots[:, :P] - (P - lens)[:, None]).clamp(min=0), "key_mask": real[:, :P]}
     cache1 = KVCache(model.cfg, G, P, device=device, dtype=dtype)
     hidden, _ = model(tokens, cache=cache1, last_only=True, return_hidden=True, **pad_args)
-    first = torch.log_softmax(model.lm_head(hidden[:, -1]).float(), -1)  # (G, V): each continuation's first token
+    first = torch.log_softmax(_at_least_fp32(model.lm_head(hidden[:, -1])), -1)  # (G, V): each continuation's 1st token
     owner = [g for g, (_, conts) in enumerate(groups) for _ in conts]
     conts = [c for _, cs in groups for c in cs]
     # [log-likelihood, greedy] per continuation: its first token from its context's last position ...
@@ -415,7 +420,7 @@ def _score_batch(model, groups, P: int, L: int) -> list[list[tuple[float, bool]]
         i_idx = torch.tensor([i for i, r in enumerate(chunk) for _ in range(len(conts[r]) - 1)], device=device)
         t_idx = torch.tensor([t for r in chunk for t in range(len(conts[r]) - 1)], device=device)
         target = torch.tensor([tok for r in chunk for tok in conts[r][1:]], device=device)
-        logp = torch.log_softmax(model.lm_head(hidden[i_idx, t_idx]).float(), -1)
+        logp = torch.log_softmax(_at_least_fp32(model.lm_head(hidden[i_idx, t_idx])), -1)
         token_ll = logp.gather(1, target[:, None])[:, 0].double()
         token_greedy = logp.argmax(-1) == target
         # a float32 sum of ~1,000 nats is off by 1e-4: sum in float64
