@@ -50,6 +50,9 @@ def main() -> int:
     ap.add_argument("--repretrain", action="store_true", help="pretrain T5 again even if --out holds it")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    chosen = a.models.split(",")
+    if not chosen or set(chosen) - {"decoder", "t5"}:
+        ap.error(f"--models: decoder, t5 or both, got {a.models!r}")
     a.out.mkdir(parents=True, exist_ok=True)
     task = get_task(a.task)
     data = a.out / f"{a.task}.jsonl"
@@ -64,18 +67,18 @@ def main() -> int:
     result = {"task": a.task, "train_items": a.train, "eval_items": a.eval, "sft_steps": a.sft_steps, "lr": a.lr,
               "models": {}}  # fmt: skip
     items = make_split(task, a.eval, 1337, "eval")
-    for name, base in (("decoder (tiny)", a.enc_out / "decoder"), ("t5-mini", a.out / "t5")):
-        if name[:2] not in [m[:2] for m in a.models.split(",")]:
+    for key, name, base in (("decoder", "decoder (tiny)", a.enc_out / "decoder"), ("t5", "t5-mini", a.out / "t5")):
+        if key not in chosen:
             continue
         out = a.out / f"sft-{a.task}-{name.split()[0]}"
-        batch = 32 if name.startswith("decoder") else a.t5_batch
+        batch = 32 if key == "decoder" else a.t5_batch
         cfg = SftConfig(base=str(base), data=str(data), out=str(out), max_steps=a.sft_steps, batch_size=batch,
                         lr=a.lr, warmup_steps=20, eval_every=0, val_fraction=0.02, seq_len=128).validate()  # fmt: skip
         sft(cfg)
         model, ckpt, meta = load_model(out, encoder_ok=True)
         model.eval()
         params = sum(p.numel() for p in model.parameters())
-        if name.startswith("decoder"):
+        if key == "decoder":
             r = generative_result(model, tokenizer_dir(ckpt, meta), a.task, a.eval, 1337, 0, 0.0, 32)
             right = round(r["exact_match"] * r["n"])
         else:

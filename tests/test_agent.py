@@ -271,7 +271,8 @@ def test_server_renders_tool_turns_and_returns_tool_calls(chat_model):
                            '{"expression": "6*7"}}\n</tool_call>'}  # fmt: skip
     assert rendered[3] == {"role": "tool", "content": "42"}
 
-    body = {"model": "tiny", "messages": history, "tools": tools, "max_tokens": 4}
+    body = {"model": "tiny", "messages": history, "tools": tools, "max_tokens": 4, "temperature": 0}  # greedy: the
+    # streamed and whole replies below must end the same way
     with ServerThread(create_app(served)) as url:
 
         def post(payload):

@@ -93,6 +93,10 @@ class LoaderView:
     def epoch(self) -> int:
         return self.loader.epoch
 
+    def row_rngs(self, seed: int) -> list[np.random.Generator]:
+        """One generator per row of the next batch, seeded by (seed, where the row starts in the stream)."""
+        return [np.random.default_rng([seed, start]) for start in self.loader.row_starts()]
+
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 

@@ -22,6 +22,7 @@ is saved.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 
@@ -39,16 +40,27 @@ MASKINGS = ("dynamic", "static")
 
 # ----------------------------------------------------------------------------- pure functions
 
+Generators = torch.Generator | list[torch.Generator]
 
-def choose_masked(maskable: torch.Tensor, rate: float, generator: torch.Generator,
+
+def _draw(sample: Callable, shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
+    """`sample(shape, generator=...)` (torch.rand, a partial torch.randint) from one generator, or with a list of
+    generators row b of the (B, ...) result from generator[b]."""
+    if isinstance(generator, torch.Generator):
+        return sample(shape, generator=generator)
+    return torch.stack([sample(shape[1:], generator=g) for g in generator])
+
+
+def choose_masked(maskable: torch.Tensor, rate: float, generator: Generators,
                   word_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Which positions of each row (B, T) to predict: round(rate x the row's maskable tokens), at least 1 when it
     has any, uniformly at random. With word_ids (B, T) (the same id for the pieces of one word) whole words are
-    drawn in random order while they fit the budget, as BERT's create_masked_lm_predictions does."""
+    drawn in random order while they fit the budget, as BERT's create_masked_lm_predictions does. `generator`: one
+    for the batch, or one per row."""
     B, T = maskable.shape
     chosen = torch.zeros_like(maskable)
     budget = (maskable.sum(1).float() * rate).round().clamp(min=1).long()
-    scores = torch.rand(B, T, generator=generator)
+    scores = _draw(torch.rand, (B, T), generator)
     for row in range(B):
         cand = maskable[row].nonzero().flatten()
         if len(cand) == 0:
@@ -67,14 +79,14 @@ def choose_masked(maskable: torch.Tensor, rate: float, generator: torch.Generato
 
 
 def corrupt(ids: torch.Tensor, chosen: torch.Tensor, mask_id: int, random_ids: tuple[int, int],
-            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+            generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """BERT's 80/10/10: (inputs, targets) where chosen positions become [MASK] (80%), a random id in
     [random_ids[0], random_ids[1]) (10%) or stay (10%), and targets hold the original id there, -100 elsewhere."""
-    roll = torch.rand(ids.shape, generator=generator)
+    roll = _draw(torch.rand, tuple(ids.shape), generator)
     inputs = ids.clone()
     inputs[chosen & (roll < 0.8)] = mask_id
     swap = chosen & (roll >= 0.8) & (roll < 0.9)
-    inputs[swap] = torch.randint(*random_ids, ids.shape, generator=generator)[swap]
+    inputs[swap] = _draw(functools.partial(torch.randint, *random_ids), tuple(ids.shape), generator)[swap]
     targets = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
     return inputs, targets
 
@@ -157,39 +169,34 @@ class MlmBatches(LoaderView):
         starts = [s % total if self.masking == "static" else s for s in self.loader.row_starts()]
         gens = [torch.Generator().manual_seed(hash((self.seed, s)) & (2**63 - 1)) for s in starts]
         x, _ = self.loader.next_batch()
-        return self.build(x.cpu(), gens, device=x.device)
+        rows = [self._pair(window, g) for window, g in zip(x.cpu(), gens, strict=True)]
+        ids, types = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        v = self.vocab
+        chosen = choose_masked(~v.special[ids], self.rate, gens, v.words(ids) if self.whole_word else None)
+        inputs, targets = corrupt(ids, chosen, v.mask, v.random_ids, gens)
+        batch = {"idx": inputs, "targets": targets, "token_types": types}
+        if self.task != "none":
+            batch["labels"] = torch.tensor([r[2] for r in rows])
+        return {**{k: t.to(x.device) for k, t in batch.items()}, "num_tokens": int(ids.numel())}
 
-    def build(self, x: torch.Tensor, gens: list[torch.Generator], device=None) -> dict:
-        """The masked batch of windows x (B, L), row r drawn with the generator gens[r] (tests call this directly)."""
-        rows = [self._row(x[r], g) for r, g in enumerate(gens)]
-        batch = {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
-        batch = {k: t.to(device) if device is not None else t for k, t in batch.items()}
-        return {**batch, "num_tokens": int(batch["idx"].numel())}
-
-    def _row(self, x: torch.Tensor, g: torch.Generator) -> dict:
+    def _pair(self, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One window x (L,) as (ids, token types, label): [CLS] x [SEP], or with a sentence task [CLS] A [SEP] B
+        [SEP] with the label 1 where B is not A's continuation in place (its draws from g)."""
         v, L = self.vocab, len(x)
         cls, sep = torch.tensor([v.cls]), torch.tensor([v.sep])
-        row = {}
         if self.task == "none":
-            ids, types = torch.cat([cls, x, sep]), torch.zeros(L + 2, dtype=torch.long)
-        else:
-            cut = int(torch.randint(1, L, (1,), generator=g))  # A's length: 1..L-1
-            flip = bool(torch.rand(1, generator=g) < 0.5)
-            a, b = x[:cut], x[cut:]
-            if flip and self.task == "sop":
-                a, b = b, a  # B then A: its A's length is L - cut, as uniform as cut, so length says nothing
-            elif flip:  # nsp: B from a random place in the corpus
-                start = int(torch.randint(0, self.loader.stream.total, (1,), generator=g))
-                b = torch.from_numpy(self.loader.stream.read(start, len(b)).astype(np.int64))
-            ids = torch.cat([cls, a, sep, b, sep])
-            types = torch.zeros(L + 3, dtype=torch.long)
-            types[len(a) + 2 :] = 1
-            row["labels"] = torch.tensor(int(flip))
-        maskable = ~v.special[ids[None]]
-        words = v.words(ids[None]) if self.whole_word else None
-        chosen = choose_masked(maskable, self.rate, g, words)
-        inputs, targets = corrupt(ids[None], chosen, v.mask, v.random_ids, g)
-        return {"idx": inputs[0], "targets": targets[0], "token_types": types, **row}
+            return torch.cat([cls, x, sep]), torch.zeros(L + 2, dtype=torch.long), 0
+        cut = int(torch.randint(1, L, (1,), generator=g))  # A's length: 1..L-1
+        flip = bool(torch.rand(1, generator=g) < 0.5)
+        a, b = x[:cut], x[cut:]
+        if flip and self.task == "sop":
+            a, b = b, a  # B then A: its A's length is L - cut, as uniform as cut, so length says nothing
+        elif flip:  # nsp: B from a random place in the corpus
+            start = int(torch.randint(0, self.loader.stream.total, (1,), generator=g))
+            b = torch.from_numpy(self.loader.stream.read(start, len(b)).astype(np.int64))
+        types = torch.zeros(L + 3, dtype=torch.long)
+        types[len(a) + 2 :] = 1
+        return torch.cat([cls, a, sep, b, sep]), types, int(flip)
 
 
 # ----------------------------------------------------------------------------- step and evaluation

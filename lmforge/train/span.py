@@ -96,7 +96,7 @@ class SpanBatches(LoaderView):
         self.density, self.mean_span, self.seed = density, mean_span, seed
 
     def next_batch(self) -> dict:
-        rngs = [np.random.default_rng([self.seed, start]) for start in self.loader.row_starts()]
+        rngs = self.row_rngs(self.seed)
         x, _ = self.loader.next_batch()
         rows = [corrupt_spans(row, noise_mask(len(row), self.density, self.mean_span, rng), self.sentinels, self.eos)
                 for row, rng in zip(x.cpu().numpy(), rngs, strict=True)]  # fmt: skip
