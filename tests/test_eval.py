@@ -49,10 +49,17 @@ def test_scoring_shares_the_prompt_and_equals_scoring_each_choice_in_full(model_
 
 
 @pytest.mark.parametrize("pos", ["rope", "alibi", "learned"])
-def test_batched_groups_equal_scoring_each_pair_in_full(pos):
-    """Many questions in one forward (contexts of different lengths, left-padded; continuations of 1..7 tokens,
-    several batches under a small budget; a group too long for max_seq_len) give score_pair's numbers."""
+@pytest.mark.parametrize("pack,split", [(256, 1024), (12, 12)])
+def test_batched_groups_equal_scoring_each_pair_in_full(pos, pack, split, monkeypatch):
+    """Many questions in one forward (each packed as context + its continuations, several to a row, rows of
+    different lengths right-padded; continuations of 1..7 tokens, several batches under a small budget; with
+    split 12 a question's choices split over several rows; a group too long for max_seq_len) give score_pair's
+    numbers."""
+    from lmforge.eval import mc
     from lmforge.eval.mc import score_groups, score_pair
+
+    monkeypatch.setattr(mc, "PACK_TOKENS", pack)
+    monkeypatch.setattr(mc, "SPLIT_TOKENS", split)
     from lmforge.model.transformer import ModelConfig, Transformer
 
     torch.manual_seed(0)
@@ -68,6 +75,7 @@ def test_batched_groups_equal_scoring_each_pair_in_full(pos):
 
     groups = [(ids(n), [ids(1 + (n + j) % 7) for j in range(1 + n % 4)]) for n in (1, 3, 9, 17, 4, 30, 9)]
     groups.append((ids(38), [ids(5), ids(2)]))  # 38 + 5 - 1 > 40: scored pair by pair, truncated from the left
+    groups.append((ids(30), [ids(9), ids(8), ids(7)]))  # packed: 30 + 8 + 7 + 6 > 40 slots, positions all < 40
     got = score_groups(model, groups, budget=120)
     for (ctx, conts), scores in zip(groups, got, strict=True):
         for c, (ll, greedy) in zip(conts, scores, strict=True):
@@ -258,3 +266,15 @@ def test_text_the_tokenizer_cannot_encode_is_a_one_line_error_naming_the_item():
     bad = Request(Item("什么", ["b", "c"], 0, where="t.jsonl:2"), "什么?", [" b", " c"], [1, 1])
     with pytest.raises(LmforgeError, match=r"t.jsonl:2: the model's tokenizer cannot encode"):
         _checked_pairs(tok, bad, 64)
+
+
+def test_pack_rows_fills_rows_best_fit_and_keeps_every_piece():
+    from lmforge.eval.mc import pack_rows
+
+    pieces = [(n, i) for i, n in enumerate([90, 10, 60, 40, 300, 30, 70, 5, 100, 95])]
+    rows = pack_rows(pieces, 100)
+    assert sorted(p for row in rows for p in row) == sorted(pieces)
+    lengths = [sum(n for n, _ in row) for row in rows]
+    assert lengths == sorted(lengths) and all(n <= 100 or len(row) == 1 for n, row in zip(lengths, rows, strict=True))
+    assert len(rows) == 6  # 300 | 100 | 95 + 5 | 90 + 10 | 70 + 30 | 60 + 40: every row full
+    assert pack_rows([], 100) == []

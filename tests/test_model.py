@@ -51,6 +51,28 @@ def test_causality():
     assert not torch.allclose(a[:, 6:], b[:, 6:])
 
 
+@pytest.mark.parametrize("pos", ["rope", "alibi", "learned"])
+def test_an_attention_mask_packs_two_continuations_of_one_prefix(pos):
+    """attn_mask + positions: [p | a | b] in one row, b at a's positions seeing p and itself, gives the hidden
+    states of p + a and p + b run alone, also past max_seq_len slots; a wrong shape or a cache is refused."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=12,
+                                    pos_encoding=pos)).eval()  # fmt: skip
+    p, a, b = [3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15, 16, 17, 18]
+    branch = torch.tensor([0] * 5 + [1] * 6 + [2] * 5)
+    slot = torch.arange(16)
+    mask = (slot[None, :] <= slot[:, None]) & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
+    positions = torch.tensor([list(range(11)) + list(range(5, 10))])
+    with torch.no_grad():
+        packed, _ = model(torch.tensor([p + a + b]), positions=positions, attn_mask=mask[None], return_hidden=True)
+        alone_a, _ = model(torch.tensor([p + a]), return_hidden=True)
+        alone_b, _ = model(torch.tensor([p + b]), return_hidden=True)
+    torch.testing.assert_close(packed[0, :11], alone_a[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[0, 11:], alone_b[0, 5:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attn_mask"):
+        model(torch.tensor([p]), attn_mask=torch.ones(1, 4, 4, dtype=torch.bool))
+
+
 @pytest.mark.parametrize(
     "field,value,message",
     [("n_head", 5, "divisible by model.n_head"), ("n_kv_head", 3, "divisible by model.n_kv_head"),

@@ -18,14 +18,15 @@ Two prompt forms:
 - cloze: the question, then `Answer:` (`答案：`), and each choice's own text is scored, which small
   models can do.
 
-Scoring shares the prompt across the choices of one question: the prompt is run once, its KV cache copied
-to one row per choice, and only the continuations run (a test holds it equal to scoring each prompt +
-choice in full). Items come from a file reader by layout; a row with a missing column, an answer outside
+Scoring shares the prompt across the choices of one question: the prompt and every choice are packed into
+one row, the prompt run once, each choice attending to the prompt and to itself (a test holds it equal to
+scoring each prompt + choice in full). Items come from a file reader by layout; a row with a missing column, an answer outside
 the choices, or no choices is a one-line error naming the file and row.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import random
 import unicodedata
@@ -40,6 +41,9 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
 
 LETTERS = "ABCDEFGHIJ"
+PACK_TOKENS = 256  # score_groups fills rows with groups up to this (attention runs over whole rows: keep them short)
+SPLIT_TOKENS = 1024  # a group longer than this is split over rows (many choices), unless one continuation needs more
+HEAD_ROWS = 1024  # scored positions per output-head product: the (rows x vocabulary) log-probabilities at once
 
 
 @dataclass
@@ -315,41 +319,66 @@ def _sum_logp(logp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
 def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], budget: int = 8192,
                  done=None) -> list[list[tuple[float, bool]]]:  # fmt: skip
     """score_pair for every continuation of every (context, continuations) group, batched: each context runs
-    once and its KV cache is shared by its continuations, and many groups run in one forward.
+    once for all its continuations, and many groups run in one forward.
 
-    Groups are sorted by length and batched while rows x (context + continuation) slots stay under `budget`.
-    Pass 1 runs the contexts (left-padded, a key mask hiding the padding), and the logits at each context's
-    last token predict every continuation's first token. Pass 2 copies each context's cache to one row per
-    continuation and runs the continuations at their own positions. Only the positions scored go through
-    the output head. A group whose context + continuation do not fit max_seq_len is scored pair by pair with
-    score_pair's truncation, as the harness does. `done(n)` is called with the number of continuations scored.
+    A group is packed as its context followed by every continuation but its last token, with an attention mask
+    that lets each continuation see its context and itself and nothing else (_score_packed). Groups are packed
+    into rows of PACK_TOKENS (best fit, longest first; a longer group has a row of its own), so rows carry
+    little padding, and rows are batched while rows x longest row stays under `budget` tokens. A group with
+    many choices is split over pieces of at most SPLIT_TOKENS, each with its own copy of the context. A group
+    whose context + continuation do not fit max_seq_len is scored pair by pair with score_pair's truncation,
+    as the harness does. `done(n)` is called with the number of continuations scored.
     """
     max_len = model.cfg.max_seq_len
-    out: list[list | None] = [None] * len(groups)
-    fits = []
+    out: list[list] = [[None] * len(conts) for _, conts in groups]
+    pieces: list[tuple[int, int, list[int]]] = []  # (tokens, group, the continuations packed with its context)
     for g, (ctx, conts) in enumerate(groups):
-        if ctx and len(ctx) + max(len(c) for c in conts) - 1 <= max_len:
-            fits.append(g)
-        else:
+        if not ctx or len(ctx) + max(len(c) for c in conts) - 1 > max_len:
             out[g] = [score_pair(model, ctx, c) for c in conts]
             if done is not None:
                 done(len(conts))
-    fits.sort(key=lambda g: (len(groups[g][0]) + max(len(c) for c in groups[g][1]), len(groups[g][1])))
+            continue
+        piece, length = [], len(ctx)
+        for k, c in enumerate(conts):
+            if piece and length + len(c) - 1 > SPLIT_TOKENS:
+                pieces.append((length, g, piece))
+                piece, length = [], len(ctx)
+            piece.append(k)
+            length += len(c) - 1
+        pieces.append((length, g, piece))
+    rows = pack_rows(pieces, PACK_TOKENS)
     i = 0
-    while i < len(fits):
-        batch, P, L, rows = [], 0, 0, 0
-        while i < len(fits):
-            ctx, conts = groups[fits[i]]
-            p, ell, r = max(P, len(ctx)), max(L, max(len(c) for c in conts)), rows + len(conts)
-            if batch and r * (p + ell) > budget:
-                break
-            batch, P, L, rows = batch + [fits[i]], p, ell, r
-            i += 1
-        for g, scores in zip(batch, _score_batch(model, [groups[g] for g in batch], P, L), strict=True):
-            out[g] = scores
+    while i < len(rows):
+        j = i + 1  # rows sorted by length: the last of a batch is its longest
+        while j < len(rows) and (j + 1 - i) * sum(p[0] for p in rows[j]) <= budget:
+            j += 1
+        batch = [[(groups[g][0], [groups[g][1][k] for k in ks]) for _, g, ks in row] for row in rows[i:j]]
+        for row, row_scores in zip(rows[i:j], _score_packed(model, batch), strict=True):
+            for (_, g, ks), scores in zip(row, row_scores, strict=True):
+                for k, score in zip(ks, scores, strict=True):
+                    out[g][k] = score
         if done is not None:
-            done(rows)
+            done(sum(len(ks) for row in rows[i:j] for _, _, ks in row))
+        i = j
     return out
+
+
+def pack_rows(pieces: list[tuple], capacity: int) -> list[list[tuple]]:
+    """Pieces (length, ...) packed into rows of at most `capacity` tokens, best fit (the fullest row it fits),
+    longest first; a piece longer than capacity gets a row of its own. Rows come sorted by their length."""
+    rows: list[list[tuple]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for piece in sorted(pieces, key=lambda p: -p[0]):
+        at = bisect.bisect_left(free, (piece[0], -1))
+        if at < len(free):
+            room, r = free.pop(at)
+            rows[r].append(piece)
+            bisect.insort(free, (room - piece[0], r))
+        else:
+            rows.append([piece])
+            if piece[0] < capacity:
+                bisect.insort(free, (capacity - piece[0], len(rows) - 1))
+    return sorted(rows, key=lambda row: sum(p[0] for p in row))
 
 
 def score_pairs(model, pairs: list[tuple[list[int], list[int]]], budget: int = 8192,
@@ -367,71 +396,73 @@ def score_pairs(model, pairs: list[tuple[list[int], list[int]]], budget: int = 8
     return out
 
 
-def _score_batch(model, groups, P: int, L: int) -> list[list[tuple[float, bool]]]:
-    """score_groups' two passes over one batch: contexts of at most P tokens, continuations of at most L.
+def _score_packed(model, rows) -> list[list[list[tuple[float, bool]]]]:
+    """score_groups' forward over one batch: each row a list of (context, continuations) groups, each group laid
+    out as [context | c1[:-1] | c2[:-1] | ...], rows right-padded.
 
-    Contexts are left-padded (as generation pads prompts), so that each continuation directly follows its
-    context in the cache and slot distances are true distances (ALiBi reads them); a key mask hides the padding.
+    Each continuation's tokens sit at the positions that follow its context (as if it were the only one) and
+    attend to that context and to their own earlier tokens only, so every hidden state is the one of context +
+    that continuation run alone. The context's last token predicts each continuation's first token; a
+    continuation's token i predicts its token i + 1 (its last token predicts nothing, so it is not run). Only
+    those scored positions go through the output head, in blocks of HEAD_ROWS.
     """
-    from lmforge.model.transformer import KVCache
-
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    G, lens = len(groups), torch.tensor([len(ctx) for ctx, _ in groups], device=device)
-    tokens = torch.zeros(G, P, dtype=torch.long, device=device)
-    for g, (ctx, _) in enumerate(groups):
-        tokens[g, P - len(ctx) :] = torch.tensor(ctx, dtype=torch.long)
-    padded = bool((lens != P).any())
-    slots = torch.arange(P + L - 1, device=device)[None, :]
-    real = slots >= (P - lens)[:, None]  # (G, P + L - 1): context tokens and every continuation slot
-    pad_args = {}
-    if padded:
-        pad_args = {"positions": (slots[:, :P] - (P - lens)[:, None]).clamp(min=0), "key_mask": real[:, :P]}
-    cache1 = KVCache(model.cfg, G, P, device=device, dtype=dtype)
-    hidden, _ = model(tokens, cache=cache1, last_only=True, return_hidden=True, **pad_args)
-    first = torch.log_softmax(_at_least_fp32(model.lm_head(hidden[:, -1])), -1)  # (G, V): each continuation's 1st token
-    owner = [g for g, (_, conts) in enumerate(groups) for _ in conts]
-    conts = [c for _, cs in groups for c in cs]
-    # [log-likelihood, greedy] per continuation: its first token from its context's last position ...
-    best = first.argmax(-1).tolist()
-    scores = [[float(first[g, c[0]]), best[g] == c[0]] for g, c in zip(owner, conts, strict=True)]
-    # ... the rest from pass 2, its rows in chunks of similar length so that padding stays small (the choices of
-    # one question can differ in length several times over)
-    chunks: list[list[int]] = []
-    for r in sorted((r for r, c in enumerate(conts) if len(c) > 1), key=lambda r: -len(conts[r])):
-        if chunks and 4 * (len(conts[r]) - 1) >= 3 * (len(conts[chunks[-1][0]]) - 1):
-            chunks[-1].append(r)
-        else:
-            chunks.append([r])
-    for chunk in chunks:
-        Lc = len(conts[chunk[0]]) - 1  # the longest in the chunk: every row is padded to it
-        index = torch.tensor([owner[r] for r in chunk], device=device)
-        cache = KVCache(model.cfg, len(chunk), P + Lc, device=device, dtype=dtype)
-        cache.k[:, :, :, :P] = cache1.k[:, :, :, :P].index_select(1, index)
-        cache.v[:, :, :, :P] = cache1.v[:, :, :, :P].index_select(1, index)
-        cache.length = P
-        rows = torch.zeros(len(chunk), Lc, dtype=torch.long, device=device)
-        for i, r in enumerate(chunk):
-            rows[i, : len(conts[r]) - 1] = torch.tensor(conts[r][:-1], dtype=torch.long)
-        if padded:
-            positions = lens[index][:, None] + torch.arange(Lc, device=device)[None, :]
-            pad_args = {"positions": positions, "key_mask": real[index, : P + Lc]}
-        hidden, _ = model(rows, cache=cache, return_hidden=True, **pad_args)
-        # only the scored positions go through the head: row i's positions 0 .. len(c) - 2 predict c[1:]
-        i_idx = torch.tensor([i for i, r in enumerate(chunk) for _ in range(len(conts[r]) - 1)], device=device)
-        t_idx = torch.tensor([t for r in chunk for t in range(len(conts[r]) - 1)], device=device)
-        target = torch.tensor([tok for r in chunk for tok in conts[r][1:]], device=device)
-        logp = torch.log_softmax(_at_least_fp32(model.lm_head(hidden[i_idx, t_idx])), -1)
-        token_ll = logp.gather(1, target[:, None])[:, 0].double()
-        token_greedy = logp.argmax(-1) == target
-        # a float32 sum of ~1,000 nats is off by 1e-4: sum in float64
-        ll = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, i_idx, token_ll)
-        misses = torch.zeros(len(chunk), dtype=torch.long, device=device).index_add_(0, i_idx, (~token_greedy).long())
-        for i, r in enumerate(chunk):
-            scores[r][0] += float(ll[i])
-            scores[r][1] = scores[r][1] and int(misses[i]) == 0
-    out: list[list[tuple[float, bool]]] = [[] for _ in groups]
-    for g, (ll, greedy) in zip(owner, scores, strict=True):
-        out[g].append((ll, greedy))
+    device = next(model.parameters()).device
+    T = max(sum(len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts in row) for row in rows)
+    # per row and slot: token, position, segment (a context or one continuation) and the segment of its context
+    tokens, positions, segment, context = [], [], [], []
+    at, slots, targets, owners = [], [], [], []  # per scored token: its row and slot, what it scores, whose it is
+    n_conts = 0
+    for r, row in enumerate(rows):
+        tok, pos, seg, ctx_seg = [], [], [], []
+        for ctx, conts in row:
+            P, s0, start = len(ctx), len(seg), len(tok)
+            tok += ctx
+            pos += range(P)
+            seg += [s0] * P
+            ctx_seg += [s0] * P
+            for k, c in enumerate(conts, 1):
+                n = len(c) - 1
+                at += [r] * (n + 1)
+                slots += [start + P - 1] + list(range(len(tok), len(tok) + n))
+                targets += c
+                owners += [n_conts] * (n + 1)
+                n_conts += 1
+                tok += c[:-1]
+                pos += range(P, P + n)
+                seg += [s0 + k] * n
+                ctx_seg += [s0] * n
+        pad = T - len(tok)  # padding comes after every real token and sees only padding
+        tokens.append(tok + [0] * pad)
+        positions.append(pos + [0] * pad)
+        segment.append(seg + [-1] * pad)
+        context.append(ctx_seg + [-1] * pad)
+    seg_t, ctx_t = torch.tensor(segment, device=device), torch.tensor(context, device=device)
+    slot = torch.arange(T, device=device)
+    mask = (slot[None, None, :] <= slot[None, :, None]) & (
+        (seg_t[:, None, :] == seg_t[:, :, None]) | (seg_t[:, None, :] == ctx_t[:, :, None])
+    )  # (rows, query, key)
+    idx, pos_t = torch.tensor(tokens, device=device), torch.tensor(positions, device=device)
+    hidden, _ = model(idx, positions=pos_t, attn_mask=mask, return_hidden=True)
+    hidden = hidden[torch.tensor(at, device=device), torch.tensor(slots, device=device)]
+    target = torch.tensor(targets, device=device)
+    token_ll, token_greedy = [], []
+    for s in range(0, len(target), HEAD_ROWS):
+        logp = torch.log_softmax(_at_least_fp32(model.lm_head(hidden[s : s + HEAD_ROWS])), -1)
+        token_ll.append(logp.gather(1, target[s : s + HEAD_ROWS, None])[:, 0].double())
+        token_greedy.append(logp.argmax(-1) == target[s : s + HEAD_ROWS])
+    owner = torch.tensor(owners, device=device)
+    # a float32 sum of ~1,000 nats is off by 1e-4: sum in float64
+    ll = torch.zeros(n_conts, dtype=torch.float64, device=device).index_add_(0, owner, torch.cat(token_ll))
+    misses = torch.zeros(n_conts, dtype=torch.long, device=device).index_add_(
+        0, owner, (~torch.cat(token_greedy)).long()
+    )
+    ll, misses = ll.tolist(), misses.tolist()
+    out, n = [], 0
+    for row in rows:
+        out.append([])
+        for _, conts in row:
+            out[-1].append([(ll[n + k], misses[n + k] == 0) for k in range(len(conts))])
+            n += len(conts)
     return out
 
 

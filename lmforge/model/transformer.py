@@ -476,7 +476,8 @@ class Transformer(nn.Module):
             return torch.arange(start, start + T, device=self.norm.weight.device).expand(B, T)
         return positions
 
-    def _attn_mask(self, B, T, start, key_mask, doc_ids, device, dtype, prefix_len=None):
+    def _attn_mask(self, B, T, start, key_mask, doc_ids, device, dtype, prefix_len=None, attn_mask=None,
+                   positions=None):  # fmt: skip
         """The attention mask, or None when plain causal attention (`is_causal=True`) is exact.
 
         With a cache, query i sits at absolute position start+i and sees keys 0..start+i.
@@ -484,17 +485,23 @@ class Transformer(nn.Module):
         (the serving engine's slots, lmforge/serve/engine.py: keys past a row's own length are
         hidden). `key_mask` (B, start+T) marks real tokens (False for left padding). `doc_ids`
         (B, T) makes the mask block-diagonal: packed sequences attend only within their own
-        document. ALiBi adds -slope * distance to the scores.
+        document. `attn_mask` (B, T, T), no cache: which keys each query sees, given whole (then ALiBi reads
+        distances off `positions`). ALiBi adds -slope * distance to the scores.
         """
         alibi = self.cfg.pos_encoding == "alibi"
         per_row = isinstance(start, torch.Tensor)
-        plain = key_mask is None and doc_ids is None and prefix_len is None and not alibi
+        plain = key_mask is None and doc_ids is None and prefix_len is None and attn_mask is None and not alibi
         if not per_row and plain and (start == 0 or T == 1):
             return None
-        first = start.view(-1, 1, 1) if per_row else torch.tensor(start, device=device).view(1, 1, 1)
-        q_pos = first + torch.arange(T, device=device)[None, :, None]  # (B or 1, T, 1)
-        k_pos = torch.arange((int(start.max()) if per_row else start) + T, device=device)[None, None, :]
-        allowed = (k_pos <= q_pos)[:, None]  # (B or 1, 1, T, S)
+        if attn_mask is not None:
+            allowed = attn_mask.bool()[:, None]  # (B, 1, T, T)
+            where = positions if positions is not None else torch.arange(T, device=device)[None, :]
+            q_pos, k_pos = where[:, :, None], where[:, None, :]
+        else:
+            first = start.view(-1, 1, 1) if per_row else torch.tensor(start, device=device).view(1, 1, 1)
+            q_pos = first + torch.arange(T, device=device)[None, :, None]  # (B or 1, T, 1)
+            k_pos = torch.arange((int(start.max()) if per_row else start) + T, device=device)[None, None, :]
+            allowed = (k_pos <= q_pos)[:, None]  # (B or 1, 1, T, S)
         if prefix_len is not None:  # GLM: every token sees the whole prefix (part A), which sees only itself
             allowed = allowed | (k_pos < prefix_len.view(-1, 1, 1))[:, None]
         if key_mask is not None:
@@ -522,6 +529,7 @@ class Transformer(nn.Module):
         prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         block_positions: torch.Tensor | None = None,
         prefix_len: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ):
         """idx (B, T) token ids -> (logits (B, T, V), None), or (None, loss) when targets are given.
 
@@ -535,12 +543,19 @@ class Transformer(nn.Module):
         lmforge/align/batching.py collate_shared). The same outputs as each row run with its prompt in front.
         block_positions (B, T), prefix_len (B,): GLM's blank infilling (lmforge/train/glm.py): each token's place
         inside its blank, and the length of part A, which every token attends to both ways.
+        attn_mask (B, T, T) bool, without a cache: which tokens each token attends to, in place of the causal mask;
+        with `positions` the row may be longer than max_seq_len (several continuations packed after one context
+        each at its own positions: lmforge/eval/mc.py).
         """
         if prefix is not None:
             cache, positions, key_mask = self._run_prefix(idx, *prefix)
         B, T = idx.shape
         start = cache.length if cache is not None else 0  # a (B,) tensor for the serving engine's slots
         end = (int(start.max()) if isinstance(start, torch.Tensor) else start) + T
+        if attn_mask is not None and (cache is not None or attn_mask.shape != (B, T, T)):
+            raise ValueError(f"attn_mask must be (B, T, T) = {(B, T, T)} without a cache")
+        if attn_mask is not None and positions is not None:  # the positions index the tables, not the slots
+            end = int(positions.max()) + 1
         if end > self.cfg.max_seq_len and not isinstance(cache, SharedPrefix):  # its positions are each row's own
             raise ValueError(f"sequence length {end} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed_tokens(idx)
@@ -556,7 +571,7 @@ class Transformer(nn.Module):
             else:
                 rope = (self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None])
         x = self.drop(x)
-        mask = self._attn_mask(B, T, start, key_mask, doc_ids, x.device, x.dtype, prefix_len)
+        mask = self._attn_mask(B, T, start, key_mask, doc_ids, x.device, x.dtype, prefix_len, attn_mask, positions)
         # Also in eval mode (DPO, GRPO). A KVCache is written in place, so no recomputing; a read SharedPrefix is fine.
         pure = cache is None or (isinstance(cache, SharedPrefix) and not cache.recording)
         recompute = self.checkpointing and pure and torch.is_grad_enabled()
