@@ -160,3 +160,9 @@ def test_importing_registers_no_op_building_a_linear_does():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True"]
+
+
+def test_the_default_backend_is_chosen_by_the_cpu_vendor():
+    assert mm.default_backend("vendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)") == "aten"
+    assert mm.default_backend("vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC") == "onednn"
+    assert mm.default_backend("") == "onednn"  # no /proc/cpuinfo (macOS, Windows): oneDNN, as before

@@ -6,13 +6,16 @@
     mm_nt(a, b), mm_nn(a, b), mm_tn(a, b)    # a @ b.T, a @ b, a.T @ b
 
     LMFORGE_CPU_MATMUL=aten lmforge pretrain ...   # torch's own kernels everywhere (or set_cpu_matmul("aten"))
+    LMFORGE_CPU_MATMUL=onednn ...                  # oneDNN on any CPU (the default except on Intel: default_backend)
 
 Why: PyTorch sends fp32 CPU matrix products to MKL's sgemm. On AMD CPUs MKL does not use its
 AVX-512 kernels: on a 2-core AMD EPYC with AVX-512 it gave ~200 GFLOP/s at the tiny model's
 shapes, while oneDNN, which every PyTorch CPU build also ships (inductor calls it for frozen
 inference graphs), gave 400-500 GFLOP/s on the same shapes, and a whole tiny-model training
 step ran ~1.6x faster (BENCHMARKS.md, "Training speed, CPU"). This is still fp32: no reduced
-precision, results agree with MKL's to fp32 rounding (tests/test_matmul.py).
+precision, results agree with MKL's to fp32 rounding (tests/test_matmul.py). On Intel CPUs MKL does use
+AVX-512 and was the faster (2-core Xeon: oneDNN 0.87x of MKL for a training step), so there the default stays
+torch's own products (default_backend).
 
 oneDNN's linear computes x @ w.T; the backward products are the same op on transposed views,
 arranged so that the larger of the two output dimensions is oneDNN's "output channels" (up to
@@ -35,7 +38,22 @@ from lmforge.errors import LmforgeError
 
 BACKENDS = ("onednn", "aten")
 _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-_backend = os.environ.get("LMFORGE_CPU_MATMUL", "onednn")
+
+
+def default_backend(cpuinfo: str | None = None) -> str:
+    """oneDNN, except on Intel CPUs, where MKL uses its AVX-512 kernels and torch's own products were the faster:
+    a tiny-model training step 1.15x faster through MKL on a 2-core Xeon (AMX, AVX-512), 1.0-1.6x slower on AMD
+    EPYCs (BENCHMARKS.md, "Training speed, CPU"). By the CPU's vendor, so each machine always takes the same path."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read(4096)
+        except OSError:
+            cpuinfo = ""
+    return "aten" if "GenuineIntel" in cpuinfo else "onednn"
+
+
+_backend = os.environ.get("LMFORGE_CPU_MATMUL") or default_backend()
 if _backend not in BACKENDS:
     raise LmforgeError(f"LMFORGE_CPU_MATMUL must be one of {', '.join(BACKENDS)}, got {_backend!r}")
 
