@@ -10,8 +10,9 @@ betas 0.9/0.95), timed by `lmforge.train.bench.time_train_steps` (forward + back
 optimizer step). Models are interleaved round by round, so drift in machine load (other
 processes on the same cores) hits all of them alike; the reported number is the median of the
 per-round medians. torch.compile time is reported separately and excluded from tokens/s.
-Rows built from lmforge's `Linear` run their fp32 products through oneDNN (lmforge/model/matmul.py);
-the "(aten)" rows run the same code through torch's default (MKL) products, for the comparison.
+Rows built from lmforge's `Linear` run their fp32 products through this machine's default backend, as
+`lmforge pretrain` does (lmforge/model/matmul.py: torch's MKL products on Intel, oneDNN elsewhere); the
+"other backend" rows run the same code through the other one, for the comparison.
 The results go into BENCHMARKS.md ("Training speed, CPU").
 """
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.model.matmul import Linear, set_cpu_matmul
+from lmforge.model.matmul import Linear, default_backend, set_cpu_matmul
 from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.train.bench import time_train_steps
 from lmforge.train.common import tune_cpu_allocator
@@ -110,26 +111,29 @@ def nanogpt_onednn(a):
 # (row name, builder, torch.compile, AdamW(fused=True), lmforge's CPU matmul backend, bf16 autocast); the first row is the
 # baseline of the ratio column, the second of the "vs nanoGPT fused" column. Without fused=True, AdamW on
 # CPU runs torch's default implementation, which is what nanoGPT's configure_optimizers gets on CPU (it asks
-# for fused on CUDA only). lmforge's `pretrain` uses fused AdamW on CPU (make_optimizer) and oneDNN for its
-# fp32 matmuls (lmforge/model/matmul.py), so its row is the training loop as shipped. The backend only
-# changes rows built from lmforge's Linear (the lmforge rows and the "nanoGPT, oneDNN linears" row):
-# the "aten" rows show what the same code gives through torch's default (MKL) matmuls. The last field: the forward
-# under bf16 autocast (`--set dtype=bfloat16` in pretrain; on a CPU with AVX-512 BF16 oneDNN multiplies in bf16);
-# nanoGPT's train.py never autocasts on CPU, so its bf16 row is its model.py under the same autocast.
+# for fused on CUDA only). lmforge's `pretrain` uses fused AdamW on CPU (make_optimizer) and this machine's default
+# backend for its fp32 matmuls (lmforge/model/matmul.py: MKL on Intel, oneDNN elsewhere), so its row is the training
+# loop as shipped. The backend only changes rows built from lmforge's Linear (the lmforge rows and the "nanoGPT,
+# oneDNN linears" row): the "other backend" rows show what the same code gives through the one pretrain does not
+# use here. The last field: the forward under bf16 autocast (`--set dtype=bfloat16` in pretrain; on a CPU with
+# AVX-512 BF16 oneDNN multiplies in bf16); nanoGPT's train.py never autocasts on CPU, so its bf16 row is its model.py
+# under the same autocast.
+SHIPPED = default_backend()
+OTHER = "aten" if SHIPPED == "onednn" else "onednn"
 ROWS = [
-    ("nanoGPT (as shipped: default AdamW on CPU)", nanogpt, False, False, "onednn", False),
-    ("nanoGPT, fused AdamW", nanogpt, False, True, "onednn", False),
-    ("HF GPT2LMHeadModel, fused AdamW", hf_gpt2, False, True, "onednn", False),
-    ("HF LlamaForCausalLM, fused AdamW", hf_llama, False, True, "onednn", False),
-    ("lmforge tiny (as pretrain runs it)", lmforge_tiny, False, True, "onednn", False),
-    ("lmforge tiny, torch's matmuls (aten)", lmforge_tiny, False, True, "aten", False),
-    ("lmforge gpt2-like, fused AdamW", lmforge_gpt2, False, True, "onednn", False),
+    ("nanoGPT (as shipped: default AdamW on CPU)", nanogpt, False, False, SHIPPED, False),
+    ("nanoGPT, fused AdamW", nanogpt, False, True, SHIPPED, False),
+    ("HF GPT2LMHeadModel, fused AdamW", hf_gpt2, False, True, SHIPPED, False),
+    ("HF LlamaForCausalLM, fused AdamW", hf_llama, False, True, SHIPPED, False),
+    (f"lmforge tiny (as pretrain runs it: {SHIPPED})", lmforge_tiny, False, True, SHIPPED, False),
+    (f"lmforge tiny, other backend ({OTHER})", lmforge_tiny, False, True, OTHER, False),
+    ("lmforge gpt2-like, fused AdamW", lmforge_gpt2, False, True, SHIPPED, False),
     ("nanoGPT, oneDNN linears, fused AdamW", nanogpt_onednn, False, True, "onednn", False),
-    ("lmforge tiny, bf16 autocast", lmforge_tiny, False, True, "onednn", True),
-    ("nanoGPT, bf16 autocast, fused AdamW", nanogpt, False, True, "onednn", True),
-    ("nanoGPT, compiled, fused AdamW", nanogpt, True, True, "onednn", False),
-    ("lmforge tiny, compiled", lmforge_tiny, True, True, "onednn", False),
-    ("lmforge tiny, compiled, torch's matmuls (aten)", lmforge_tiny, True, True, "aten", False),
+    ("lmforge tiny, bf16 autocast", lmforge_tiny, False, True, SHIPPED, True),
+    ("nanoGPT, bf16 autocast, fused AdamW", nanogpt, False, True, SHIPPED, True),
+    ("nanoGPT, compiled, fused AdamW", nanogpt, True, True, SHIPPED, False),
+    ("lmforge tiny, compiled", lmforge_tiny, True, True, SHIPPED, False),
+    (f"lmforge tiny, compiled, other backend ({OTHER})", lmforge_tiny, True, True, OTHER, False),
 ]
 
 
