@@ -13,8 +13,8 @@
 model): `loglikelihood` (requests that share a context, as the choices of one question do, run the context
 once, packed with all its continuations in one row: lmforge/eval/mc.py, score_pairs), `loglikelihood_rolling`
 (the harness's disjoint rolling windows, each token predicted once) and `generate_until` (batched KV-cache
-decoding that ends a row at the first stop string). Tokenization is the harness's own (TemplateLM: trailing context spaces move to the
-continuation; no special tokens added; an empty context is the BOS token if the tokenizer names one, else
+decoding that ends a row at the first stop string). Tokenization is the harness's own (TemplateLM: trailing
+context spaces move to the continuation; no special tokens added; an empty context is the BOS token if the tokenizer names one, else
 the end-of-text token, as HFLM does), so on the same model exported with `lmforge export` the numbers equal
 HFLM's (tests/test_harness.py; BENCHMARKS.md).
 """

@@ -31,6 +31,7 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model.losses import IGNORE_INDEX, linear_cross_entropy
+from lmforge.model.masks import alibi_slopes, attention_mask
 from lmforge.model.matmul import Linear
 
 POS_ENCODINGS = ("rope", "sinusoidal", "learned", "alibi")
@@ -205,20 +206,6 @@ def sinusoidal_table(n_pos: int, d: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(pos * div)
     table[:, 1::2] = torch.cos(pos * div)
     return table.float()
-
-
-def alibi_slopes(n_head: int) -> torch.Tensor:
-    """Per-head slopes of ALiBi (Press et al. 2022), including their rule for non-power-of-2 head counts."""
-
-    def power_of_2(n):
-        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
-        return [start * start**i for i in range(n)]
-
-    if math.log2(n_head).is_integer():
-        return torch.tensor(power_of_2(n_head))
-    closest = 2 ** math.floor(math.log2(n_head))
-    extra = power_of_2(2 * closest)[0::2][: n_head - closest]
-    return torch.tensor(power_of_2(closest) + extra)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -478,41 +465,10 @@ class Transformer(nn.Module):
 
     def _attn_mask(self, B, T, start, key_mask, doc_ids, device, dtype, prefix_len=None, attn_mask=None,
                    positions=None):  # fmt: skip
-        """The attention mask, or None when plain causal attention (`is_causal=True`) is exact.
-
-        With a cache, query i sits at absolute position start+i and sees keys 0..start+i.
-        `start` is the cache length: an int, or a (B,) tensor when each row holds its own length
-        (the serving engine's slots, lmforge/serve/engine.py: keys past a row's own length are
-        hidden). `key_mask` (B, start+T) marks real tokens (False for left padding). `doc_ids`
-        (B, T) makes the mask block-diagonal: packed sequences attend only within their own
-        document. `attn_mask` (B, T, T), no cache: which keys each query sees, given whole (then ALiBi reads
-        distances off `positions`). ALiBi adds -slope * distance to the scores.
-        """
-        alibi = self.cfg.pos_encoding == "alibi"
-        per_row = isinstance(start, torch.Tensor)
-        plain = key_mask is None and doc_ids is None and prefix_len is None and attn_mask is None and not alibi
-        if not per_row and plain and (start == 0 or T == 1):
-            return None
-        if attn_mask is not None:
-            allowed = attn_mask.bool()[:, None]  # (B, 1, T, T)
-            where = positions if positions is not None else torch.arange(T, device=device)[None, :]
-            q_pos, k_pos = where[:, :, None], where[:, None, :]
-        else:
-            first = start.view(-1, 1, 1) if per_row else torch.tensor(start, device=device).view(1, 1, 1)
-            q_pos = first + torch.arange(T, device=device)[None, :, None]  # (B or 1, T, 1)
-            k_pos = torch.arange((int(start.max()) if per_row else start) + T, device=device)[None, None, :]
-            allowed = (k_pos <= q_pos)[:, None]  # (B or 1, 1, T, S)
-        if prefix_len is not None:  # GLM: every token sees the whole prefix (part A), which sees only itself
-            allowed = allowed | (k_pos < prefix_len.view(-1, 1, 1))[:, None]
-        if key_mask is not None:
-            allowed = allowed & key_mask[:, None, None, :].bool()
-        if doc_ids is not None:
-            allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-        if not alibi:
-            return allowed
-        slopes = self.alibi_slopes.to(device=device, dtype=dtype)[None, :, None, None]
-        bias = -slopes * (q_pos - k_pos)[:, None].clamp(min=0)  # (B or 1, H, T, S)
-        return bias.masked_fill(~allowed, float("-inf"))
+        """attention_mask (lmforge/model/masks.py) with this model's ALiBi slopes, if it uses ALiBi."""
+        slopes = self.alibi_slopes.to(device=device, dtype=dtype) if self.cfg.pos_encoding == "alibi" else None
+        return attention_mask(T, start, device, key_mask=key_mask, doc_ids=doc_ids, prefix_len=prefix_len,
+                              attn_mask=attn_mask, positions=positions, alibi_slopes=slopes)  # fmt: skip
 
     def forward(
         self,
