@@ -4,7 +4,8 @@
 
 Part 1, for the model's projection shapes: every layer's weights as distinct tensors (so they stream from
 DRAM, as in decoding, not from cache), one row times each, fp32 (`x @ W^T` in the layout the decode step
-uses) and int8 (ATen's `_weight_int8pack_mm`, bf16 activation): ms per token and GB/s. Part 2, per model:
+uses) and int8 (ATen's `_weight_int8pack_mm`, bf16 activation): ms per token and GB/s; then all fp32 products
+in the step's own order (on a CPU whose cache holds one shape's 30 weights, the per-shape figures are low). Part 2, per model:
 tok/s of `generate` at batch 1 (the decode steps only: the time between the first and the last streamed
 token) and the top operators of 32 decode steps by torch.profiler. The difference between part 2's
 ms per token and part 1's sum is the per-op overhead (norms, RoPE, attention, casts, Python).
@@ -38,9 +39,10 @@ def products(cfg) -> None:
               ("o", cfg.d_model, cfg.n_head * hd, cfg.n_layer), ("gate+up", 2 * cfg.d_ff, cfg.d_model, cfg.n_layer),
               ("down", cfg.d_model, cfg.d_ff, cfg.n_layer), ("head", cfg.vocab_size, cfg.d_model, 1)]  # fmt: skip
     total = {"fp32": 0.0, "int8": 0.0}
+    kept = {}
     for name, N, K, L in shapes:
         qs = [torch.randint(-127, 128, (N, K), dtype=torch.int8) for _ in range(L)]
-        wts = [q.float().t().contiguous() for q in qs]
+        wts = kept[name] = [q.float().t().contiguous() for q in qs]
         scales, xb = torch.rand(N).bfloat16(), torch.randn(1, K).bfloat16()
         x = xb.float()
         fp32 = best_ms(lambda: [x @ w for w in wts])  # noqa: B023 (called right here)
@@ -50,6 +52,12 @@ def products(cfg) -> None:
         print(f"  {name:8s} {N}x{K} x{L}: fp32 {fp32:.2f} ms ({N * K * L * 4 / fp32 / 1e6:.1f} GB/s), "
               f"int8 {int8:.2f} ms ({N * K * L / int8 / 1e6:.1f} GB/s)")  # fmt: skip
     print(f"  products per token: fp32 {total['fp32']:.1f} ms, int8 {total['int8']:.1f} ms")
+    # The same fp32 products in the decode step's own order (layer by layer, then the head): nothing of one shape
+    # is still cached when its turn comes again, as in a real step.
+    x, h = torch.randn(1, cfg.d_model), torch.randn(1, cfg.d_ff)
+    layers = list(zip(kept["qkv"], kept["o"], kept["gate+up"], kept["down"]))
+    in_order = best_ms(lambda: ([(x @ a, x @ b, x @ c, h @ d) for a, b, c, d in layers], x @ kept["head"][0]))
+    print(f"  fp32 products in the step's order: {in_order:.1f} ms a token")
 
 
 def whole_step(path: str, new: int) -> None:

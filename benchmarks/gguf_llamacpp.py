@@ -1,6 +1,8 @@
 """lmforge models exported to GGUF and run by llama.cpp: same tokens? perplexity of f32 vs q8_0? decode speed?
 
     python -m pip install llama-cpp-python            # builds llama.cpp from source (10-20 min on 2 cores)
+    # a CPU with AMX may die with 'Illegal instruction' on q8_0 from that native build: build without AMX,
+    # CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON ..." (BENCHMARKS.md has the full line)
     python benchmarks/gguf_llamacpp.py                 # /tmp/smol (SmolLM2-135M-Instruct) and /tmp/demo-run/sft
     python benchmarks/gguf_llamacpp.py --model models/smollm2 --threads 2 --repeats 3 --md out.md
 

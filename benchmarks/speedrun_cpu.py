@@ -63,6 +63,8 @@ VARIANTS = {
     "moe8top2": ["model.n_experts=8", "model.experts_top_k=2", "model.d_ff=352"],
     # bf16 autocast on a CPU with AVX-512 BF16 (oneDNN's bf16 products; fp32 weights, optimizer and loss).
     "bf16": ["dtype=bfloat16"],
+    # The same with warmup-stable-decay (flat lr, then linear to lr/10 over the last 30% of the steps) for cosine.
+    "bf16wsd": ["dtype=bfloat16", "schedule=wsd", "decay_fraction=0.3"],
 }
 
 

@@ -15,7 +15,7 @@ from lmforge.cli import main
 from lmforge.errors import LmforgeError
 from lmforge.model import quant
 from lmforge.model.quant import QuantLinear
-from lmforge.model.transformer import ModelConfig, Transformer
+from lmforge.model.transformer import KVCache, ModelConfig, Transformer
 from lmforge.serve.generate import FusedDecoder, generate
 from lmforge.train import checkpoint as ckpt
 
@@ -131,6 +131,35 @@ def test_quantized_checkpoint_round_trip(tmp_path, name, method, group):
     assert fused == plain
     size = (tmp_path / "q" / "model.safetensors").stat().st_size
     assert size < 0.45 * (ckpt.list_checkpoints(tmp_path / "run")[-1] / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("method,group", [("int8", None), ("int4", 32)])
+def test_fused_decode_calls_the_kernels_bare(name, method, group):
+    """The decode step calls the quantized kernels with nothing around them (no QuantLinear.forward, the residual added
+    to the bf16 product): the same logits bit for bit as through QuantLinear.forward, and the model's own forward's
+    within float rounding."""
+    if not quant._has("_weight_int8pack_mm" if method == "int8" else "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no CPU weight-only kernel")
+    cfg = CONFIGS[name]
+    model = quant.quantize_model(_trained_like(cfg), quant.quant_config(method, group))
+    idx = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    tok = torch.tensor([3, 7])
+    with torch.inference_mode():
+        dec = FusedDecoder(model, 2)
+        projs = [p for layer in dec.layers for p in layer[3:7]] + [dec.head]
+        qkv = [layer[3] for layer in dec.layers]
+        # a projection with a bias (q/k/v with qkv_bias) keeps QuantLinear.forward; every other one is bare
+        assert all((p.kernel is None) == (cfg.qkv_bias and p in qkv) for p in projs)
+        caches = [KVCache(cfg, 2, 8) for _ in range(3)]
+        for c in caches:
+            model(idx, cache=c)
+        fast = dec(tok, caches[0])
+        for p in projs:
+            p.kernel = None
+        assert torch.equal(fast, dec(tok, caches[1]))
+        own = model(tok[:, None], cache=caches[2])[0][:, -1]
+        assert torch.allclose(fast, own, atol=1e-4, rtol=1e-5)
 
 
 def test_quantized_model_serves_and_evaluates(base_run, tmp_path):

@@ -29,6 +29,8 @@ measured as the alternative: on CPU it dequantizes on every call and ran 4-8x sl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -188,6 +190,19 @@ class QuantLinear(nn.Module):
             args = (packed, torch.stack(self._bf16_scales_zeros(), dim=-1).contiguous())  # (K/G, N, 2)
         self._kernel = (device, args)
         return args
+
+    def row_kernel(self, device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """x (at most KERNEL_MAX_ROWS rows, in_features) -> the kernel's bf16 product, with nothing around it (no
+        reshape, bias or cast back): the decode step's fast path, the same numbers as `forward` before its cast.
+        None where no kernel applies or a bias would be needed."""
+        args = self._kernel_args(torch.device(device))
+        if args is None or self.bias is not None:
+            return None
+        if self.method == "int8":
+            weight, scales = args
+            return lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scales)
+        packed, scales_zeros, group = *args, self.group_size
+        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group, scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Both paths compute the same function: activations rounded to bf16, the kernel's weight, fp32 sums, a bf16

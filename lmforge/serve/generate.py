@@ -26,7 +26,7 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.model.lora import LoraLinear
 from lmforge.model.matmul import Linear
-from lmforge.model.quant import QuantLinear
+from lmforge.model.quant import KERNEL_MAX_ROWS, QuantLinear
 from lmforge.model.transformer import KVCache, Transformer, apply_rope
 from lmforge.serve.sampling import apply_repetition_penalty, pick
 
@@ -58,9 +58,12 @@ class _Proj:
     """
 
     def __init__(self, linears: list[nn.Linear], batch: int):
-        self.quant = None
+        self.quant = self.kernel = None
         if isinstance(linears[0], QuantLinear):  # weight-only quantized: its own kernels, the rows side by side
             self.quant = QuantLinear.cat(linears)
+            # The bare kernel skips QuantLinear.forward's reshape, checks and casts (~20 us a call, ~2.5 ms a token on
+            # SmolLM2); a residual is added to its bf16 product directly, which is the same sum as after a cast.
+            self.kernel = self.quant.row_kernel(self.quant.qweight.device)
             return
         w = torch.cat([_weight(m) for m in linears]) if len(linears) > 1 else _weight(linears[0])
         self.b = None
@@ -74,6 +77,9 @@ class _Proj:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T + b, plus `residual` when given (folded into the product where the kernel allows)."""
+        if self.kernel is not None and x.shape[0] <= KERNEL_MAX_ROWS:
+            y = self.kernel(x)
+            return y.to(x.dtype) if residual is None else residual + y
         if self.quant is not None:
             y = self.quant(x)
             return y if residual is None else residual + y

@@ -1,0 +1,91 @@
+"""Which CPU kernel multiplies one token by int8 weights fastest? The candidates torch offers, on decode's shapes.
+
+    python benchmarks/int8_kernels.py                          # SmolLM2-135M's projections, 30 layers, 2 threads
+    python benchmarks/int8_kernels.py --no-inductor            # skip inductor's (slow to compile) candidate
+
+For each projection shape (out x in), `--layers` distinct int8 weights (so they stream from memory as in
+decoding, not from cache), one row times each, median of 9 timings of the whole set, ms per token:
+- aten: `_weight_int8pack_mm` (bf16 activations, per-row scales): what `lmforge quantize` int8 runs (lmforge/model/quant.py);
+- fbgemm: `quantized::linear_dynamic` (activations quantized per tensor on the fly: W8A8, one scale per call,
+  so a row's result depends on its batch);
+- int_mm: `torch._int_mm` on int8 activations (the product alone; quantizing the activations not counted);
+- inductor: `torch.compile(mode="max-autotune")` with freezing on the linear of `w.to(bf16)` times the scales
+  (inductor's weight-only int8 pattern).
+The fastest CPU engine users know (llama.cpp's q8_0) is in benchmarks/gguf_llamacpp.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate+up": (3072, 576), "down": (576, 1536)}
+
+
+def median_s(fn, n: int = 9) -> float:
+    fn()
+    ts = []
+    for _ in range(n):
+        s = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - s)
+    return sorted(ts)[n // 2]
+
+
+class WeightOnly(torch.nn.Module):
+    """Every layer's linear as inductor's weight-only int8 pattern matches it."""
+
+    def __init__(self, qs: list[torch.Tensor], scales: list[torch.Tensor]):
+        super().__init__()
+        self.q = torch.nn.ParameterList([torch.nn.Parameter(q, requires_grad=False) for q in qs])
+        self.s = torch.nn.ParameterList([torch.nn.Parameter(s, requires_grad=False) for s in scales])
+
+    def forward(self, x):
+        return [torch.nn.functional.linear(x, q.to(x.dtype)) * s for q, s in zip(self.q, self.s)]
+
+
+@torch.no_grad()
+def time_shape(o: int, i: int, layers: int, inductor: bool) -> dict[str, float]:
+    """Seconds for one row times `layers` distinct (o, i) int8 weights, by each kernel."""
+    g = torch.Generator().manual_seed(0)
+    qs = [torch.randint(-127, 128, (o, i), dtype=torch.int8, generator=g) for _ in range(layers)]
+    scales = [torch.rand(o, generator=g).bfloat16() / 100 for _ in range(layers)]
+    x = torch.randn(1, i, generator=g)
+    xb, xi = x.bfloat16(), torch.randint(-127, 128, (1, i), dtype=torch.int8, generator=g)
+    packed = []
+    for q, s in zip(qs, scales):
+        qw = torch._make_per_channel_quantized_tensor(q, s.double(), torch.zeros(o, dtype=torch.long), 0)
+        packed.append(torch.ops.quantized.linear_prepack(qw, None))
+    row = {
+        "aten": median_s(lambda: [torch._weight_int8pack_mm(xb, q, s) for q, s in zip(qs, scales)]),
+        "fbgemm": median_s(lambda: [torch.ops.quantized.linear_dynamic(x, p) for p in packed]),
+        "int_mm": median_s(lambda: [torch._int_mm(xi, q.t()) for q in qs]),
+    }
+    if inductor:
+        compiled = torch.compile(WeightOnly(qs, scales).eval(), mode="max-autotune")
+        compiled(xb)
+        row["inductor"] = median_s(lambda: compiled(xb))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-inductor", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch._inductor.config.freezing = True
+    totals: dict[str, float] = {}
+    for name, (o, i) in SHAPES.items():
+        row = time_shape(o, i, a.layers, not a.no_inductor)
+        for k, v in row.items():
+            totals[k] = totals.get(k, 0.0) + v
+        print(f"{name:8s} {o}x{i} x{a.layers}: " + "  ".join(f"{k} {v * 1e3:.2f} ms ({o * i * a.layers / v / 1e9:.0f} GB/s)" for k, v in row.items()), flush=True)  # fmt: skip
+    print("all four projections, ms per token: " + "  ".join(f"{k} {v * 1e3:.2f}" for k, v in totals.items()))
+
+
+if __name__ == "__main__":
+    main()
