@@ -290,6 +290,8 @@ def train_tokenizer(
     counts = held.counts()
     if counts["train_docs"] == 0:
         raise LmforgeError(f"{', '.join(map(str, inputs))}: no documents to train on")
+    if model == "wordpiece":
+        tok = wp.canonical_ids(tok)  # the trainer's own ids change from one process to the next
     check_special_ids(tok, wp.WORDPIECE_SPECIAL_TOKENS if model == "wordpiece" else SPECIAL_TOKENS)
     if model == "wordpiece":
         wp.add_post_processor(tok)

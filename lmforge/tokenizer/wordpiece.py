@@ -51,6 +51,27 @@ def wordpiece_trainer(vocab_size: int, min_frequency: int = 2, show_progress: bo
     )  # fmt: skip
 
 
+def canonical_ids(tok):
+    """The trained tokenizer with its ids in a fixed order: the special tokens at 0..4, then single characters (a
+    `##` continuation or not), then longer pieces, each sorted by text.
+
+    tokenizers' WordPiece trainer orders the `##` alphabet and merges of equal count by hash-map iteration, which
+    changes from one process to the next: the same corpus gave the same vocabulary under different ids, so an
+    encoder's embedding rows, and its losses, changed from run to run. WordPiece encodes by the longest match on
+    the text, so which id a piece has means nothing, and a fixed order costs nothing."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    rest = sorted(
+        (t for t in vocab if t not in WORDPIECE_SPECIAL_TOKENS), key=lambda t: (len(t.removeprefix(PREFIX)) > 1, t)
+    )
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(WORDPIECE_SPECIAL_TOKENS + rest)}
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def wordpiece_config(model_max_length: int, lowercase: bool) -> dict:
     """tokenizer_config.json for transformers' BertTokenizerFast."""
     from lmforge.tokenizer.train import added_tokens_decoder
