@@ -9,16 +9,21 @@ in the step's own order (on a CPU whose cache holds one shape's 30 weights, the 
 tok/s of `generate` at batch 1 (the decode steps only: the time between the first and the last streamed
 token) and the top operators of 32 decode steps by torch.profiler. The difference between part 2's
 ms per token and part 1's sum is the per-op overhead (norms, RoPE, attention, casts, Python).
+Part 3, per quantized model: the fused decode step with its int8/int4 kernels called bare (as generation runs
+them) against the same step through QuantLinear.forward, `--rounds` interleaved rounds of 30 steps, median ms
+per step of each, and whether the logits are bit-identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 
-from lmforge.serve.generate import generate
+from lmforge.model.transformer import KVCache
+from lmforge.serve.generate import FusedDecoder, generate
 from lmforge.train.checkpoint import load_for_inference
 
 
@@ -75,16 +80,47 @@ def whole_step(path: str, new: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
 
 
+@torch.inference_mode()
+def bare_kernels(path: str, rounds: int) -> None:
+    model = load_for_inference(path)[0].eval()
+    dec = FusedDecoder(model, 1)
+    projs = [p for layer in dec.layers for p in layer[3:7]] + [dec.head]
+    kernels = [p.kernel for p in projs]
+    if not any(kernels):
+        return
+    cache = KVCache(model.cfg, 1, 200)
+    model(torch.arange(1, 101)[None] % model.cfg.vocab_size, cache=cache, last_only=True)
+    tok, times, logits = torch.tensor([5]), {"bare": [], "QuantLinear.forward": []}, {}
+    for _ in range(rounds):
+        for name, ms in times.items():
+            for p, k in zip(projs, kernels):
+                p.kernel = k if name == "bare" else None
+            ts = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                logits[name] = dec(tok, cache)
+                ts.append(time.perf_counter() - t0)
+            cache.length = 100
+            ms.append(statistics.median(ts) * 1e3)
+    same = torch.equal(*logits.values())
+    print(f"{path}: decode step, kernels bare {statistics.median(times['bare']):.2f} ms, through QuantLinear.forward "
+          f"{statistics.median(times['QuantLinear.forward']):.2f} ms (medians of {rounds} rounds); per round "
+          f"{[round(b / a, 3) for a, b in zip(*times.values())]}x; logits bit-identical: {same}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, help="a model folder (repeat: fp32, int8, ...)")
     ap.add_argument("--new", type=int, default=128, help="new tokens for the tok/s figure")
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds of part 3")
     args = ap.parse_args()
     cfg = load_for_inference(args.model[0])[0].cfg
     print(f"matrix products of one token, {torch.get_num_threads()} threads (weights from DRAM):")
     products(cfg)
     for path in args.model:
         whole_step(path, args.new)
+    for path in args.model:
+        bare_kernels(path, args.rounds)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from lmforge.serve.generate import FusedDecoder
 from lmforge.train.checkpoint import load_for_inference
 
 
-def make_step(model, dec: FusedDecoder, T: int, compile_layer: bool, compile_whole: bool):
-    """step(tok (1,), pos (1,) long, k, v) -> logits (1, V): the static-cache decode step, as configured."""
+def make_step(model, dec: FusedDecoder, T: int, whole: bool):
+    """step(tok (1,), pos (1,) long, k, v) -> logits (1, V): the static-cache decode step, compiled one layer at a
+    time, or as one graph when `whole`."""
     cfg = model.cfg
     H, Hk, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
     layers = [(blk.input_layernorm.weight, qkv.wt, o.wt, blk.post_attention_layernorm.weight, up.wt, down.wt)
@@ -43,7 +44,7 @@ def make_step(model, dec: FusedDecoder, T: int, compile_layer: bool, compile_who
         gate, up = (F.rms_norm(x, (x.shape[-1],), n2, eps) @ wup).chunk(2, dim=-1)
         return torch.addmm(x, F.silu(gate) * up, wdown)
 
-    layer_fn = torch.compile(layer, fullgraph=True, dynamic=False) if compile_layer else layer
+    layer_fn = layer if whole else torch.compile(layer, fullgraph=True, dynamic=False)
 
     def step(tok, pos, k, v):
         x = model.embed_tokens.weight.index_select(0, tok)
@@ -53,7 +54,7 @@ def make_step(model, dec: FusedDecoder, T: int, compile_layer: bool, compile_who
             x = layer_fn(x, cos, sin, valid, pos, k[i], v[i], *weights)
         return dec.head(dec.norm(x))
 
-    return torch.compile(step, fullgraph=True, dynamic=False) if compile_whole else step
+    return torch.compile(step, fullgraph=True, dynamic=False) if whole else step
 
 
 def main() -> None:
@@ -82,7 +83,7 @@ def main() -> None:
         )
         k, v = cache.k.clone(), cache.v.clone()
         tok = torch.tensor([7])
-        compiled = make_step(model, dec, T, compile_layer=not a.whole, compile_whole=a.whole)
+        compiled = make_step(model, dec, T, a.whole)
         t0 = time.perf_counter()
         got = compiled(tok, torch.tensor([P]), k, v)
         print(f"compile: {time.perf_counter() - t0:.1f} s")

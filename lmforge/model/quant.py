@@ -191,6 +191,12 @@ class QuantLinear(nn.Module):
         self._kernel = (device, args)
         return args
 
+    def _kernel_product(self, xb: torch.Tensor, args) -> torch.Tensor:
+        """xb (rows, in_features) bf16 times the weight, through the ATen kernel whose operands `args` are."""
+        if self.method == "int8":
+            return torch.ops.aten._weight_int8pack_mm(xb, *args)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, args[0], self.group_size, args[1])
+
     def row_kernel(self, device) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """x (at most KERNEL_MAX_ROWS rows, in_features) -> the kernel's bf16 product, with nothing around it (no
         reshape, bias or cast back): the decode step's fast path, the same numbers as `forward` before its cast.
@@ -198,11 +204,7 @@ class QuantLinear(nn.Module):
         args = self._kernel_args(torch.device(device))
         if args is None or self.bias is not None:
             return None
-        if self.method == "int8":
-            weight, scales = args
-            return lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scales)
-        packed, scales_zeros, group = *args, self.group_size
-        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group, scales_zeros)
+        return lambda x: self._kernel_product(x.to(torch.bfloat16), args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Both paths compute the same function: activations rounded to bf16, the kernel's weight, fp32 sums, a bf16
@@ -211,10 +213,8 @@ class QuantLinear(nn.Module):
         args = self._kernel_args(x.device) if xb.shape[0] <= KERNEL_MAX_ROWS else None
         if args is None:
             y = linear(xb.float(), self._kernel_weight()).to(torch.bfloat16)
-        elif self.method == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(xb, *args)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, args[0], self.group_size, args[1])
+            y = self._kernel_product(xb, args)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
