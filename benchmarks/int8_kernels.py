@@ -5,21 +5,28 @@
 
 For each projection shape (out x in), `--layers` distinct int8 weights (so they stream from memory as in
 decoding, not from cache), one row times each, median of 9 timings of the whole set, ms per token:
-- aten: `_weight_int8pack_mm` (bf16 activations, per-row scales): what `lmforge quantize` int8 runs (lmforge/model/quant.py);
+- lmforge: lmforge's own kernel (lmforge/model/int8_gemm.c: bf16-rounded activations, per-row scales, weights
+  prefetched far ahead): what `lmforge quantize` int8 runs where it builds (lmforge/model/quant.py);
+- aten: `_weight_int8pack_mm` (bf16 activations, per-row scales): what int8 runs where lmforge's kernel does not build;
 - fbgemm: `quantized::linear_dynamic` (activations quantized per tensor on the fly: W8A8, one scale per call,
   so a row's result depends on its batch);
 - int_mm: `torch._int_mm` on int8 activations (the product alone; quantizing the activations not counted);
 - inductor: `torch.compile(mode="max-autotune")` with freezing on the linear of `w.to(bf16)` times the scales
   (inductor's weight-only int8 pattern).
+Then lmforge and aten on every weight of a decode step in the step's order (each layer's four, then the output
+head, 49152 x 576: ~135 MB, more than the per-shape sets, as decoding streams them), interleaved rounds, medians.
 The fastest CPU engine users know (llama.cpp's q8_0) is in benchmarks/gguf_llamacpp.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
+
+from lmforge.model import int8_gemm
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate+up": (3072, 576), "down": (576, 1536)}
 
@@ -58,7 +65,10 @@ def time_shape(o: int, i: int, layers: int, inductor: bool) -> dict[str, float]:
     for q, s in zip(qs, scales):
         qw = torch._make_per_channel_quantized_tensor(q, s.double(), torch.zeros(o, dtype=torch.long), 0)
         packed.append(torch.ops.quantized.linear_prepack(qw, None))
+    own = int8_gemm.kernel() is not None
+    fs = [s.float() for s in scales]
     row = {
+        **({"lmforge": median_s(lambda: [int8_gemm.int8_gemm(x, q, s) for q, s in zip(qs, fs)])} if own else {}),
         "aten": median_s(lambda: [torch._weight_int8pack_mm(xb, q, s) for q, s in zip(qs, scales)]),
         "fbgemm": median_s(lambda: [torch.ops.quantized.linear_dynamic(x, p) for p in packed]),
         "int_mm": median_s(lambda: [torch._int_mm(xi, q.t()) for q in qs]),
@@ -70,11 +80,31 @@ def time_shape(o: int, i: int, layers: int, inductor: bool) -> dict[str, float]:
     return row
 
 
+@torch.no_grad()
+def step_order(layers: int, rounds: int) -> dict[str, list[float]]:
+    """ms for one row times every int8 weight of a SmolLM2-shaped decode step, in the step's order, per round."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [shape for _ in range(layers) for shape in SHAPES.values()] + [(49152, 576)]
+    qs = [torch.randint(-127, 128, shape, dtype=torch.int8, generator=g) for shape in shapes]
+    scales = [torch.rand(shape[0], generator=g).bfloat16() / 100 for shape in shapes]
+    xs = [torch.randn(1, shape[1], generator=g) for shape in shapes]
+    fs, xbs = [s.float() for s in scales], [x.bfloat16() for x in xs]
+    fns = {"aten": lambda: [torch._weight_int8pack_mm(xb, q, s) for xb, q, s in zip(xbs, qs, scales)]}
+    if int8_gemm.kernel() is not None:
+        fns["lmforge"] = lambda: [int8_gemm.int8_gemm(x, q, s) for x, q, s in zip(xs, qs, fs)]
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            out[k].append(median_s(fn, 5) * 1e3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-inductor", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the step-order comparison")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch._inductor.config.freezing = True
@@ -85,6 +115,13 @@ def main() -> None:
             totals[k] = totals.get(k, 0.0) + v
         print(f"{name:8s} {o}x{i} x{a.layers}: " + "  ".join(f"{k} {v * 1e3:.2f} ms ({o * i * a.layers / v / 1e9:.0f} GB/s)" for k, v in row.items()), flush=True)  # fmt: skip
     print("all four projections, ms per token: " + "  ".join(f"{k} {v * 1e3:.2f}" for k, v in totals.items()))
+    print(f"lmforge's kernel: {int8_gemm.status()}")
+    order = step_order(a.layers, a.rounds)
+    med = {k: statistics.median(v) for k, v in order.items()}
+    print("a decode step's int8 products in order, ms (median of rounds): " + "  ".join(f"{k} {v:.2f}" for k, v in med.items()))  # fmt: skip
+    print("  rounds: " + "  ".join(f"{k} {[round(t, 2) for t in v]}" for k, v in order.items()))
+    if "lmforge" in med:
+        print(f"  lmforge / aten: {med['aten'] / med['lmforge']:.2f}x faster")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
 
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
-from lmforge.model import quant
+from lmforge.model import int8_gemm, quant
 from lmforge.model.quant import QuantLinear
 from lmforge.model.transformer import KVCache, ModelConfig, Transformer
 from lmforge.serve.generate import FusedDecoder, generate
@@ -72,6 +73,47 @@ def test_kernel_matches_dequantized_product(method, group, bias):
     many = m(x.repeat(10, 1))  # 30 rows: the dequantized fp32 product, computing the same function
     assert ((many[:3] - y).norm() / y.norm()).item() < 4e-3  # bf16 rounding of the results apart
     assert ((m.weight - w).norm() / w.norm()).item() < (0.01 if method == "int8" else 0.12)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize("n,k", [(96, 128), (7, 40), (13, 100), (5, 17), (4, 576)])
+def test_own_int8_kernel_is_the_dequantized_function(rows, n, k):
+    """lmforge's int8 kernel (int8_gemm.c): bf16(s * sum bf16(x) q) equals the dequantized path's bf16(bf16(x) @ (q s))
+    to within one bf16 rounding, for widths with a vector tail, rows that are not a multiple of its 4-row block and
+    1-16 activation rows (one to four passes over each weight block)."""
+    if int8_gemm.kernel() is None:
+        pytest.skip(int8_gemm.status())
+    torch.manual_seed(rows * 1000 + n + k)
+    m = QuantLinear.from_weight(torch.randn(n, k), None, "int8")
+    x = torch.randn(rows, k) * 3
+    ref = torch.nn.functional.linear(x.to(torch.bfloat16).float(), m._kernel_weight())
+    y = int8_gemm.int8_gemm(x, m.qweight, m.scales.to(torch.bfloat16).float())
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    assert torch.allclose(y.float(), ref, rtol=2**-7, atol=1e-6)  # one bf16 step apart at most
+    assert (y == ref.to(torch.bfloat16)).float().mean() > 0.9  # mostly the same bf16 value: same function
+    assert torch.equal(m(x), y.float())  # QuantLinear runs it for <= KERNEL_MAX_ROWS rows
+
+
+def test_own_int8_kernel_falls_back_in_one_line(tmp_path):
+    """A compiler that fails (or LMFORGE_NO_C_KERNELS) leaves ATen's kernel in place after one line on stderr; an int8
+    model still runs. The build goes to a fresh cache (no half-written .so is left there)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from lmforge.model import int8_gemm; from lmforge.model.quant import QuantLinear\n"
+        "m = QuantLinear.from_weight(torch.randn(8, 32), None, 'int8'); y = m(torch.randn(2, 32))\n"
+        "print(int8_gemm.status(), tuple(y.shape))"
+    )
+    for env, expect in (({"CC": "false"}, "not built: false failed"), ({"LMFORGE_NO_C_KERNELS": "1"}, "is set")):
+        env = {**os.environ, "LMFORGE_KERNEL_CACHE": str(tmp_path), **env}
+        done = subprocess.run(
+            [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        assert expect in done.stdout and "(2, 8)" in done.stdout
+        assert len(done.stderr.strip().splitlines()) <= 1
+    assert not list(tmp_path.iterdir())
 
 
 def test_cat_is_the_parts_side_by_side():

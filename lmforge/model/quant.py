@@ -17,14 +17,15 @@ precision too. Norms, biases and position tables stay float.
 Files hold this portable layout (`X.qweight`, `X.scales`, `X.mins`), not a kernel's private packing,
 so any reader can dequantize them; the kernel layout is built at load time.
 
-How it runs on CPU: up to `KERNEL_MAX_ROWS` rows (decoding, small batches) through ATen's weight-only
-kernels, `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`, which read the small weights
-directly; they take bf16 activations (their fp32 paths are 5-20x slower than an fp32 product on the
-AVX2 benchmark machine), so the activation is rounded to bf16 for the product, as llama.cpp rounds
-it to 8 bits for its q8_0 dot products. Above that (prefill, evaluation) the product is compute-bound
-and the weight is dequantized to float for one fp32 product. torchao's `Int8WeightOnlyConfig` was
-measured as the alternative: on CPU it dequantizes on every call and ran 4-8x slower than fp32
-(BENCHMARKS.md, "Quantization"). Off CPU, or where an ATen kernel is missing, the dequantized path runs.
+How it runs on CPU: up to `KERNEL_MAX_ROWS` rows (decoding, small batches) through a kernel that reads the
+small weights directly: int8 through lmforge's own (lmforge/model/int8_gemm.c, built on first use; about 2x
+ATen's `_weight_int8pack_mm` at batch 1, which stays the fallback where no C compiler is found), int4 through
+ATen's `_weight_int4pack_mm_for_cpu`. They compute with the activation rounded to bf16 (ATen's fp32 paths are
+5-20x slower than an fp32 product), as llama.cpp rounds it to 8 bits for its q8_0 dot products. Above that
+(prefill, evaluation) the product is compute-bound and the weight is dequantized to float for one fp32
+product of the same function. torchao's `Int8WeightOnlyConfig` was measured as the alternative: on CPU it
+dequantizes on every call and ran 4-8x slower than fp32 (BENCHMARKS.md, "Quantization"). Off CPU, or where
+no kernel applies, the dequantized path runs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.model import int8_gemm
 from lmforge.model.matmul import linear
 
 METHODS = ("int8", "int4")
@@ -183,19 +185,24 @@ class QuantLinear(nn.Module):
         if self._kernel is not None and self._kernel[0] == device:
             return self._kernel[1]
         args = None
-        if device.type == "cpu" and self.method == "int8" and _has("_weight_int8pack_mm"):
-            args = (self.qweight, self.scales.to(torch.bfloat16))
+        if device.type == "cpu" and self.method == "int8" and int8_gemm.kernel() is not None:
+            args = ("own", self.qweight.contiguous(), self.scales.to(torch.bfloat16).float())
+        elif device.type == "cpu" and self.method == "int8" and _has("_weight_int8pack_mm"):
+            args = ("aten", self.qweight, self.scales.to(torch.bfloat16))
         elif device.type == "cpu" and self.method == "int4" and _has("_weight_int4pack_mm_for_cpu"):
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.qweight).to(torch.int32), 1)
             args = (packed, torch.stack(self._bf16_scales_zeros(), dim=-1).contiguous())  # (K/G, N, 2)
         self._kernel = (device, args)
         return args
 
-    def _kernel_product(self, xb: torch.Tensor, args) -> torch.Tensor:
-        """xb (rows, in_features) bf16 times the weight, through the ATen kernel whose operands `args` are."""
+    def _kernel_product(self, x: torch.Tensor, args) -> torch.Tensor:
+        """x (rows, in_features) times the weight -> bf16, through the kernel whose operands `args` are: lmforge's
+        own int8 one (int8_gemm.c, which rounds x to bf16 itself) or ATen's (which take x as bf16)."""
+        if self.method == "int8" and args[0] == "own":
+            return int8_gemm.int8_gemm(x.float(), *args[1:])
         if self.method == "int8":
-            return torch.ops.aten._weight_int8pack_mm(xb, *args)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, args[0], self.group_size, args[1])
+            return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), *args[1:])
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), args[0], self.group_size, args[1])
 
     def row_kernel(self, device) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """x (at most KERNEL_MAX_ROWS rows, in_features) -> the kernel's bf16 product, with nothing around it (no
@@ -204,17 +211,17 @@ class QuantLinear(nn.Module):
         args = self._kernel_args(torch.device(device))
         if args is None or self.bias is not None:
             return None
-        return lambda x: self._kernel_product(x.to(torch.bfloat16), args)
+        return lambda x: self._kernel_product(x, args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Both paths compute the same function: activations rounded to bf16, the kernel's weight, fp32 sums, a bf16
         # result; so a prompt gets the same tokens whether it is decoded alone, batched or prefilled in chunks.
-        xb = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        args = self._kernel_args(x.device) if xb.shape[0] <= KERNEL_MAX_ROWS else None
+        x2 = x.reshape(-1, self.in_features)
+        args = self._kernel_args(x.device) if x2.shape[0] <= KERNEL_MAX_ROWS else None
         if args is None:
-            y = linear(xb.float(), self._kernel_weight()).to(torch.bfloat16)
+            y = linear(x2.to(torch.bfloat16).float(), self._kernel_weight()).to(torch.bfloat16)
         else:
-            y = self._kernel_product(xb, args)
+            y = self._kernel_product(x2, args)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
