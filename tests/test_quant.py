@@ -70,7 +70,7 @@ def test_kernel_matches_dequantized_product(method, group, bias):
     ref = x @ m.weight.t() + (m.bias if bias else 0)
     y = m(x)  # 3 rows: the kernel (where this torch has it)
     assert ((y - ref).norm() / ref.norm()).item() < 1e-2  # bf16 activations and output
-    many = m(x.repeat(10, 1))  # 30 rows: the dequantized fp32 product, computing the same function
+    many = m(x.repeat(50, 1))  # 150 rows, past every kernel's limit: the dequantized fp32 product, the same function
     assert ((many[:3] - y).norm() / y.norm()).item() < 4e-3  # bf16 rounding of the results apart
     assert ((m.weight - w).norm() / w.norm()).item() < (0.01 if method == "int8" else 0.12)
 
@@ -91,7 +91,7 @@ def test_own_int8_kernel_is_the_dequantized_function(rows, n, k):
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
     assert torch.allclose(y.float(), ref, rtol=2**-7, atol=1e-6)  # one bf16 step apart at most
     assert (y == ref.to(torch.bfloat16)).float().mean() > 0.9  # mostly the same bf16 value: same function
-    assert torch.equal(m(x), y.float())  # QuantLinear runs it for <= KERNEL_MAX_ROWS rows
+    assert torch.equal(m(x), y.float())  # QuantLinear runs it for <= OWN_KERNEL_MAX_ROWS rows
 
 
 def test_own_int8_kernel_falls_back_in_one_line(tmp_path):

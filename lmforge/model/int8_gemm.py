@@ -100,13 +100,16 @@ def status() -> str:
 
 
 def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32 contiguous, qweight (N, K) int8 contiguous, scales (N,) float32 (bf16 values) -> (M, N) bf16:
-    bf16(scales[n] * sum_k bf16(x[m, k]) * qweight[n, k]). Call only when kernel() is not None."""
+    """x (M, K) float32, qweight (N, K) int8 contiguous, scales (N,) float32 (bf16 values) -> (M, N) bf16:
+    bf16(scales[n] * sum_k bf16(x[m, k]) * qweight[n, k]). Where kernel() is None, RuntimeError."""
+    fn = kernel()
+    if fn is None:
+        raise RuntimeError(f"lmforge's int8 kernel is {status()}")
+    x = x.contiguous()
     M, K = x.shape
     N = qweight.shape[0]
     y = torch.empty(M, N, dtype=torch.bfloat16)
-    if _state["fn"](
-        x.data_ptr(), M, K, qweight.data_ptr(), scales.data_ptr(), N, y.data_ptr(), torch.get_num_threads()
-    ):
-        raise MemoryError("int8_gemm: could not allocate its activation buffer")
+    code = fn(x.data_ptr(), M, K, qweight.data_ptr(), scales.data_ptr(), N, y.data_ptr(), torch.get_num_threads())
+    if code:  # 1: no memory for the bf16-rounded activations; 2: built without a vector path (kernel() refuses those)
+        raise MemoryError(f"int8_gemm failed with code {code} (1: out of memory for {M}x{K} activations)")
     return y

@@ -26,7 +26,7 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.model.lora import LoraLinear
 from lmforge.model.matmul import Linear
-from lmforge.model.quant import KERNEL_MAX_ROWS, QuantLinear
+from lmforge.model.quant import QuantLinear
 from lmforge.model.transformer import KVCache, Transformer, apply_rope
 from lmforge.serve.sampling import apply_repetition_penalty, pick
 
@@ -64,6 +64,7 @@ class _Proj:
             # The bare kernel skips QuantLinear.forward's reshape, checks and casts (a SmolLM2 int8 decode step 1.03-1.15x
             # faster, BENCHMARKS.md); a residual is added to its bf16 product directly: the same sum as after a cast.
             self.kernel = self.quant.row_kernel(self.quant.qweight.device)
+            self.kernel_rows = self.quant.kernel_rows(self.quant.qweight.device)
             return
         w = torch.cat([_weight(m) for m in linears]) if len(linears) > 1 else _weight(linears[0])
         self.b = None
@@ -77,7 +78,7 @@ class _Proj:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T + b, plus `residual` when given (folded into the product where the kernel allows)."""
-        if self.kernel is not None and x.shape[0] <= KERNEL_MAX_ROWS:
+        if self.kernel is not None and x.shape[0] <= self.kernel_rows:
             y = self.kernel(x)
             return y.to(x.dtype) if residual is None else residual + y
         if self.quant is not None:
