@@ -15,6 +15,8 @@ decoding, not from cache), one row times each, median of 9 timings of the whole 
   (inductor's weight-only int8 pattern).
 Then lmforge and aten on every weight of a decode step in the step's order (each layer's four, then the output
 head, 49152 x 576: ~135 MB, more than the per-shape sets, as decoding streams them), interleaved rounds, medians.
+Last, rows per product (`--rows`): one 3072 x 576 weight (ten copies) times 1-512 activation rows through lmforge's
+kernel, ATen's and the dequantized fp32 product QuantLinear uses past the kernels' row limit: where the crossover is.
 The fastest CPU engine users know (llama.cpp's q8_0) is in benchmarks/gguf_llamacpp.py.
 """
 
@@ -99,12 +101,34 @@ def step_order(layers: int, rounds: int) -> dict[str, list[float]]:
     return out
 
 
+@torch.no_grad()
+def rows_sweep(rows: list[int]) -> None:
+    """ms per product of one 3072 x 576 int8 weight at each row count: lmforge's kernel, ATen's, dequantized fp32."""
+    from lmforge.model.quant import QuantLinear
+
+    g = torch.Generator().manual_seed(2)
+    layers = [QuantLinear.from_weight(torch.randn(3072, 576, generator=g), None, "int8") for _ in range(10)]
+    fs = [m.scales.to(torch.bfloat16).float() for m in layers]
+    for m in rows:
+        x = torch.randn(m, 576, generator=g)
+        xb = x.bfloat16()
+        fns = {
+            "dequantized": lambda xb=xb: [torch.nn.functional.linear(xb.float(), q._kernel_weight()) for q in layers],
+            "aten": lambda xb=xb: [torch._weight_int8pack_mm(xb, q.qweight, s.bfloat16()) for q, s in zip(layers, fs)],
+        }
+        if int8_gemm.kernel() is not None:
+            fns["lmforge"] = lambda x=x: [int8_gemm.int8_gemm(x, q.qweight, s) for q, s in zip(layers, fs)]
+        cells = "  ".join(f"{k} {median_s(fn, 5) * 1e3 / 10:.2f}" for k, fn in fns.items())
+        print(f"  {m:4d} rows, ms per product: {cells}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-inductor", action="store_true")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the step-order comparison")
+    ap.add_argument("--rows", default="1,4,16,32,64,128,192,256,512", help="row counts of the last part ('' skips)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch._inductor.config.freezing = True
@@ -122,6 +146,9 @@ def main() -> None:
     print("  rounds: " + "  ".join(f"{k} {[round(t, 2) for t in v]}" for k, v in order.items()))
     if "lmforge" in med:
         print(f"  lmforge / aten: {med['aten'] / med['lmforge']:.2f}x faster")
+    if a.rows:
+        print("one 3072 x 576 weight by rows per product:")
+        rows_sweep([int(r) for r in a.rows.split(",")])
 
 
 if __name__ == "__main__":

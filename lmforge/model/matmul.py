@@ -67,6 +67,11 @@ def set_cpu_matmul(backend: str) -> str:
     return previous
 
 
+def cpu_matmul() -> str:
+    """The fp32 CPU matmul backend this process uses ("onednn" or "aten")."""
+    return _backend
+
+
 def onednn_applies(*tensors: torch.Tensor) -> bool:
     """True when the products of these tensors run through oneDNN: CPU, fp32, no autocast."""
     if _backend != "onednn" or _LINEAR is None:

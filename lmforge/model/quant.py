@@ -41,10 +41,11 @@ from lmforge.model.matmul import linear
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel takes; K must be a multiple of G
-# Above this many rows per product the dequantized fp32 product is faster (measured crossovers, 2-core Xeon): ATen's
-# kernels at 16; lmforge's int8 kernel at ~150 (a 3072x576 weight: 4.9 ms at 128 rows against 6.1 ms dequantized).
+# Above this many rows per product the dequantized fp32 product is faster (measured crossovers, 2-core Xeon,
+# benchmarks/int8_kernels.py): ATen's kernels at 16; lmforge's int8 kernel between 64 and 128 rows (a 3072x576
+# weight at 64 rows: 1.55 against 1.95 ms dequantized; at 128: 3.62 against 2.74, in another run 4.9 against 6.1).
 KERNEL_MAX_ROWS = 16
-OWN_KERNEL_MAX_ROWS = 128
+OWN_KERNEL_MAX_ROWS = 64
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # ----------------------------------------------------------------------------- the math (pure functions)

@@ -25,13 +25,14 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model.lora import LoraLinear
-from lmforge.model.matmul import Linear
+from lmforge.model.matmul import Linear, cpu_matmul
 from lmforge.model.quant import QuantLinear
 from lmforge.model.transformer import KVCache, Transformer, apply_rope
 from lmforge.serve.sampling import apply_repetition_penalty, pick
 
 # oneDNN's prepacked linear (what inductor's freezing pass uses on CPU); a private op, so only used when present.
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+PACK_MIN = 2**19  # elements of a weight from which oneDNN's packed product pays (SmolLM2's q/k/v: 553k) under MKL
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
@@ -51,10 +52,14 @@ def _check(model, prompts, max_new_tokens) -> list[list[int]]:
 class _Proj:
     """Inference-only y = x W^T + b for one or more linears that read the same input, stacked on the output side.
 
-    A snapshot of the weights, in the layout the CPU multiplies fastest (measured on the 2-core
-    benchmark machine, fp32, tiny shape): at batch 1, W^T stored (in, out) contiguous, which MKL's
-    matrix-vector product reads about 2x faster than nn.Linear's (out, in); above batch 1, W packed
-    once by oneDNN for that batch size, about 2x faster than MKL's small-M matrix product.
+    A snapshot of the weights, in the layout the CPU multiplies fastest (fp32, measured): at batch 1, W^T
+    stored (in, out) contiguous, which MKL's matrix-vector product reads about 2x faster than nn.Linear's
+    (out, in); above batch 1, W packed once by oneDNN for that batch size, about 2x faster than MKL's
+    small-M product on the AMD benchmark machine. Where MKL is the process's matmul backend (Intel CPUs,
+    lmforge/model/matmul.py) only weights of `PACK_MIN` elements or more are packed: oneDNN's call costs
+    25-40 us whatever the shape, so a small model's 16-row step ran 1.2-1.5x faster through MKL on a 2-core
+    Xeon (the demo model), while SmolLM2-sized weights stream as fast or faster packed
+    (benchmarks/decode_products.py).
     """
 
     def __init__(self, linears: list[nn.Linear], batch: int):
@@ -71,7 +76,8 @@ class _Proj:
         if any(m.bias is not None for m in linears):
             self.b = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
         self.packed = self.wt = None
-        if _ONEDNN and batch > 1 and w.device.type == "cpu" and w.dtype == torch.float32:
+        big = cpu_matmul() == "onednn" or w.numel() >= PACK_MIN
+        if _ONEDNN and batch > 1 and big and w.device.type == "cpu" and w.dtype == torch.float32:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch)
         else:
             self.wt = w.t().contiguous()
