@@ -407,3 +407,32 @@ def test_generate_says_why_it_stopped_and_chat_wraps_the_prompt(small_shards, tm
     # Several prompts: the reason per prompt.
     assert main([*argv, "--prompt", "Again"]) == 0
     assert "prompt 2 stopped at the end token <|im_end|> after 0 tokens" in capsys.readouterr().err
+
+
+def test_fused_step_packs_only_large_weights_under_mkl(monkeypatch):
+    """Under MKL (Intel) only weights of PACK_MIN elements or more are packed by oneDNN for a batch (its call costs
+    tens of microseconds at any shape); under oneDNN every weight is; batch 1 never packs. The logits agree."""
+    from lmforge.model import matmul
+    from lmforge.serve import generate as gen
+
+    if not gen._ONEDNN:
+        pytest.skip("this torch has no oneDNN prepacked linear")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=512, n_layer=2, d_model=64, n_head=4, d_ff=128, max_seq_len=32)).eval()
+    monkeypatch.setattr(gen, "PACK_MIN", 512 * 64)  # the head (512 x 64) only: gate/up is 256 x 64
+    tok = torch.tensor([3, 5, 7])
+    logits = []
+    for backend, packed in (("aten", {"head"}), ("onednn", {"head", "layers"})):
+        previous = matmul.set_cpu_matmul(backend)
+        try:
+            dec = FusedDecoder(model, 3)
+            assert (dec.head.packed is not None) == ("head" in packed)
+            assert all((p.packed is not None) == ("layers" in packed) for layer in dec.layers for p in layer[3:7])
+            assert all(p.packed is None for layer in FusedDecoder(model, 1).layers for p in layer[3:7])
+            cache = KVCache(model.cfg, 3, 8)
+            with torch.inference_mode():
+                model(torch.tensor([[1, 2], [3, 4], [5, 6]]), cache=cache)
+                logits.append(dec(tok, cache))
+        finally:
+            matmul.set_cpu_matmul(previous)
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
