@@ -4,7 +4,7 @@
 
 Part 1, for the model's projection shapes: every layer's weights as distinct tensors (so they stream from
 DRAM, as in decoding, not from cache), one row times each, fp32 (`x @ W^T` in the layout the decode step
-uses) and int8 (ATen's `_weight_int8pack_mm`, bf16 activation, and lmforge's own kernel, lmforge/model/int8_gemm.c,
+uses) and int8 (ATen's `_weight_int8pack_mm`, bf16 activation, and lmforge's own kernel, lmforge/model/cpu_kernels.c,
 which int8 models run where it builds): ms per token and GB/s; then all fp32 products
 in the step's own order (on a CPU whose cache holds one shape's 30 weights, the per-shape figures are low). Part 2, per model:
 tok/s of `generate` at batch 1 (the decode steps only: the time between the first and the last streamed
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from lmforge.model import int8_gemm
+from lmforge.model import cpu_kernels
 from lmforge.model.transformer import KVCache
 from lmforge.serve.generate import FusedDecoder, generate
 from lmforge.train.checkpoint import load_for_inference
@@ -45,7 +45,7 @@ def products(cfg) -> None:
     shapes = [("qkv", (cfg.n_head + 2 * cfg.n_kv_head) * hd, cfg.d_model, cfg.n_layer),
               ("o", cfg.d_model, cfg.n_head * hd, cfg.n_layer), ("gate+up", 2 * cfg.d_ff, cfg.d_model, cfg.n_layer),
               ("down", cfg.d_model, cfg.d_ff, cfg.n_layer), ("head", cfg.vocab_size, cfg.d_model, 1)]  # fmt: skip
-    own = int8_gemm.kernel() is not None
+    own = cpu_kernels.loaded() is not None
     total = {"fp32": 0.0, "int8": 0.0, "own": 0.0}
     kept = {}
     for name, N, K, L in shapes:
@@ -56,7 +56,7 @@ def products(cfg) -> None:
         fp32 = best_ms(lambda: [x @ w for w in wts])  # noqa: B023 (called right here)
         int8 = best_ms(lambda: [torch.ops.aten._weight_int8pack_mm(xb, q, scales) for q in qs])  # noqa: B023
         fs = scales.float()
-        mine = best_ms(lambda: [int8_gemm.int8_gemm(x, q, fs) for q in qs]) if own else float("nan")  # noqa: B023
+        mine = best_ms(lambda: [cpu_kernels.int8_gemm(x, q, fs) for q in qs]) if own else float("nan")  # noqa: B023
         total["fp32"] += fp32
         total["int8"] += int8
         total["own"] += mine
@@ -64,7 +64,7 @@ def products(cfg) -> None:
               f"int8 ATen {int8:.2f} ms ({N * K * L / int8 / 1e6:.1f} GB/s), "
               f"int8 lmforge {mine:.2f} ms ({N * K * L / mine / 1e6:.1f} GB/s)")  # fmt: skip
     print(f"  products per token: fp32 {total['fp32']:.1f} ms, int8 ATen {total['int8']:.1f} ms, "
-          f"int8 lmforge {total['own']:.1f} ms ({int8_gemm.status()})")  # fmt: skip
+          f"int8 lmforge {total['own']:.1f} ms ({cpu_kernels.status()})")  # fmt: skip
     # The same fp32 products in the decode step's own order (layer by layer, then the head): nothing of one shape
     # is still cached when its turn comes again, as in a real step.
     x, h = torch.randn(1, cfg.d_model), torch.randn(1, cfg.d_ff)

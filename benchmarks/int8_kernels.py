@@ -5,7 +5,7 @@
 
 For each projection shape (out x in), `--layers` distinct int8 weights (so they stream from memory as in
 decoding, not from cache), one row times each, median of 9 timings of the whole set, ms per token:
-- lmforge: lmforge's own kernel (lmforge/model/int8_gemm.c: bf16-rounded activations, per-row scales, weights
+- lmforge: lmforge's own kernel (lmforge/model/cpu_kernels.c: bf16-rounded activations, per-row scales, weights
   prefetched far ahead): what `lmforge quantize` int8 runs where it builds (lmforge/model/quant.py);
 - aten: `_weight_int8pack_mm` (bf16 activations, per-row scales): what int8 runs where lmforge's kernel does not build;
 - fbgemm: `quantized::linear_dynamic` (activations quantized per tensor on the fly: W8A8, one scale per call,
@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from lmforge.model import int8_gemm
+from lmforge.model import cpu_kernels
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate+up": (3072, 576), "down": (576, 1536)}
 
@@ -67,10 +67,10 @@ def time_shape(o: int, i: int, layers: int, inductor: bool) -> dict[str, float]:
     for q, s in zip(qs, scales):
         qw = torch._make_per_channel_quantized_tensor(q, s.double(), torch.zeros(o, dtype=torch.long), 0)
         packed.append(torch.ops.quantized.linear_prepack(qw, None))
-    own = int8_gemm.kernel() is not None
+    own = cpu_kernels.loaded() is not None
     fs = [s.float() for s in scales]
     row = {
-        **({"lmforge": median_s(lambda: [int8_gemm.int8_gemm(x, q, s) for q, s in zip(qs, fs)])} if own else {}),
+        **({"lmforge": median_s(lambda: [cpu_kernels.int8_gemm(x, q, s) for q, s in zip(qs, fs)])} if own else {}),
         "aten": median_s(lambda: [torch._weight_int8pack_mm(xb, q, s) for q, s in zip(qs, scales)]),
         "fbgemm": median_s(lambda: [torch.ops.quantized.linear_dynamic(x, p) for p in packed]),
         "int_mm": median_s(lambda: [torch._int_mm(xi, q.t()) for q in qs]),
@@ -92,8 +92,8 @@ def step_order(layers: int, rounds: int) -> dict[str, list[float]]:
     xs = [torch.randn(1, shape[1], generator=g) for shape in shapes]
     fs, xbs = [s.float() for s in scales], [x.bfloat16() for x in xs]
     fns = {"aten": lambda: [torch._weight_int8pack_mm(xb, q, s) for xb, q, s in zip(xbs, qs, scales)]}
-    if int8_gemm.kernel() is not None:
-        fns["lmforge"] = lambda: [int8_gemm.int8_gemm(x, q, s) for x, q, s in zip(xs, qs, fs)]
+    if cpu_kernels.loaded() is not None:
+        fns["lmforge"] = lambda: [cpu_kernels.int8_gemm(x, q, s) for x, q, s in zip(xs, qs, fs)]
     out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
@@ -116,8 +116,8 @@ def rows_sweep(rows: list[int]) -> None:
             "dequantized": lambda xb=xb: [torch.nn.functional.linear(xb.float(), q._kernel_weight()) for q in layers],
             "aten": lambda xb=xb: [torch._weight_int8pack_mm(xb, q.qweight, s.bfloat16()) for q, s in zip(layers, fs)],
         }
-        if int8_gemm.kernel() is not None:
-            fns["lmforge"] = lambda x=x: [int8_gemm.int8_gemm(x, q.qweight, s) for q, s in zip(layers, fs)]
+        if cpu_kernels.loaded() is not None:
+            fns["lmforge"] = lambda x=x: [cpu_kernels.int8_gemm(x, q.qweight, s) for q, s in zip(layers, fs)]
         cells = "  ".join(f"{k} {median_s(fn, 5) * 1e3 / 10:.2f}" for k, fn in fns.items())
         print(f"  {m:4d} rows, ms per product: {cells}", flush=True)
 
@@ -139,7 +139,7 @@ def main() -> None:
             totals[k] = totals.get(k, 0.0) + v
         print(f"{name:8s} {o}x{i} x{a.layers}: " + "  ".join(f"{k} {v * 1e3:.2f} ms ({o * i * a.layers / v / 1e9:.0f} GB/s)" for k, v in row.items()), flush=True)  # fmt: skip
     print("all four projections, ms per token: " + "  ".join(f"{k} {v * 1e3:.2f}" for k, v in totals.items()))
-    print(f"lmforge's kernel: {int8_gemm.status()}")
+    print(f"lmforge's kernel: {cpu_kernels.status()}")
     order = step_order(a.layers, a.rounds)
     med = {k: statistics.median(v) for k, v in order.items()}
     print("a decode step's int8 products in order, ms (median of rounds): " + "  ".join(f"{k} {v:.2f}" for k, v in med.items()))  # fmt: skip

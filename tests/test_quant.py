@@ -14,7 +14,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
-from lmforge.model import int8_gemm, quant
+from lmforge.model import cpu_kernels, quant
 from lmforge.model.quant import QuantLinear
 from lmforge.model.transformer import KVCache, ModelConfig, Transformer
 from lmforge.serve.generate import FusedDecoder, generate
@@ -78,16 +78,16 @@ def test_kernel_matches_dequantized_product(method, group, bias):
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])
 @pytest.mark.parametrize("n,k", [(96, 128), (7, 40), (13, 100), (5, 17), (4, 576)])
 def test_own_int8_kernel_is_the_dequantized_function(rows, n, k):
-    """lmforge's int8 kernel (int8_gemm.c): bf16(s * sum bf16(x) q) equals the dequantized path's bf16(bf16(x) @ (q s))
+    """lmforge's int8 kernel (cpu_kernels.c): bf16(s * sum bf16(x) q) equals the dequantized path's bf16(bf16(x) @ (q s))
     to within one bf16 rounding, for widths with a vector tail, rows that are not a multiple of its 4-row block and
     1-16 activation rows (one to four passes over each weight block)."""
-    if int8_gemm.kernel() is None:
-        pytest.skip(int8_gemm.status())
+    if cpu_kernels.loaded() is None:
+        pytest.skip(cpu_kernels.status())
     torch.manual_seed(rows * 1000 + n + k)
     m = QuantLinear.from_weight(torch.randn(n, k), None, "int8")
     x = torch.randn(rows, k) * 3
     ref = torch.nn.functional.linear(x.to(torch.bfloat16).float(), m._kernel_weight())
-    y = int8_gemm.int8_gemm(x, m.qweight, m.scales.to(torch.bfloat16).float())
+    y = cpu_kernels.int8_gemm(x, m.qweight, m.scales.to(torch.bfloat16).float())
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
     assert torch.allclose(y.float(), ref, rtol=2**-7, atol=1e-6)  # one bf16 step apart at most
     assert (y == ref.to(torch.bfloat16)).float().mean() > 0.9  # mostly the same bf16 value: same function
@@ -101,9 +101,9 @@ def test_own_int8_kernel_falls_back_in_one_line(tmp_path):
     import sys
 
     code = (
-        "import torch; from lmforge.model import int8_gemm; from lmforge.model.quant import QuantLinear\n"
+        "import torch; from lmforge.model import cpu_kernels; from lmforge.model.quant import QuantLinear\n"
         "m = QuantLinear.from_weight(torch.randn(8, 32), None, 'int8'); y = m(torch.randn(2, 32))\n"
-        "print(int8_gemm.status(), tuple(y.shape))"
+        "print(cpu_kernels.status(), tuple(y.shape))"
     )
     for env, expect in (({"CC": "false"}, "not built: false failed"), ({"LMFORGE_NO_C_KERNELS": "1"}, "is set")):
         env = {**os.environ, "LMFORGE_KERNEL_CACHE": str(tmp_path), **env}

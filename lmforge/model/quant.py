@@ -18,7 +18,7 @@ Files hold this portable layout (`X.qweight`, `X.scales`, `X.mins`), not a kerne
 so any reader can dequantize them; the kernel layout is built at load time.
 
 How it runs on CPU: up to `KERNEL_MAX_ROWS` rows (decoding, small batches) through a kernel that reads the
-small weights directly: int8 through lmforge's own (lmforge/model/int8_gemm.c, built on first use; about 2x
+small weights directly: int8 through lmforge's own (lmforge/model/cpu_kernels.c, built on first use; about 2x
 ATen's `_weight_int8pack_mm` at batch 1, which stays the fallback where no C compiler is found), int4 through
 ATen's `_weight_int4pack_mm_for_cpu`. They compute with the activation rounded to bf16 (ATen's fp32 paths are
 5-20x slower than an fp32 product), as llama.cpp rounds it to 8 bits for its q8_0 dot products. Above that
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.model import int8_gemm
+from lmforge.model import cpu_kernels
 from lmforge.model.matmul import linear
 
 METHODS = ("int8", "int4")
@@ -189,7 +189,7 @@ class QuantLinear(nn.Module):
         if self._kernel is not None and self._kernel[0] == device:
             return self._kernel[1]
         args = None
-        if device.type == "cpu" and self.method == "int8" and int8_gemm.kernel() is not None:
+        if device.type == "cpu" and self.method == "int8" and cpu_kernels.loaded() is not None:
             args = ("own", self.qweight.contiguous(), self.scales.to(torch.bfloat16).float())
         elif device.type == "cpu" and self.method == "int8" and _has("_weight_int8pack_mm"):
             args = ("aten", self.qweight, self.scales.to(torch.bfloat16))
@@ -201,9 +201,9 @@ class QuantLinear(nn.Module):
 
     def _kernel_product(self, x: torch.Tensor, args) -> torch.Tensor:
         """x (rows, in_features) times the weight -> bf16, through the kernel whose operands `args` are: lmforge's
-        own int8 one (int8_gemm.c, which rounds x to bf16 itself) or ATen's (which take x as bf16)."""
+        own int8 one (cpu_kernels.c, which rounds x to bf16 itself) or ATen's (which take x as bf16)."""
         if args[0] == "own":
-            return int8_gemm.int8_gemm(x.float(), *args[1:])
+            return cpu_kernels.int8_gemm(x.float(), *args[1:])
         if self.method == "int8":
             return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), *args[1:])
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), args[1], self.group_size, args[2])

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.model import cpu_kernels
 from lmforge.model.lora import LoraLinear
 from lmforge.model.matmul import Linear, cpu_matmul
 from lmforge.model.quant import QuantLinear
@@ -107,8 +108,17 @@ def _weight(linear: nn.Linear) -> torch.Tensor:
     return linear.weight
 
 
+def _c_kernels(t: torch.Tensor | None) -> bool:
+    """Whether the decode step's C kernels (lmforge/model/cpu_kernels.c) apply to a model whose tensors are like t."""
+    return t is not None and t.device.type == "cpu" and t.dtype == torch.float32 and cpu_kernels.loaded() is not None
+
+
 def _norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The norm as a bare functional call: at one token per row, nn.Module.__call__ costs about as much as the math."""
+    """The norm as a bare functional call: at one token per row, nn.Module.__call__ costs about as much as the math.
+    An fp32 RMSNorm on CPU runs lmforge's C kernel where it is built (F.rms_norm took ~25 us a call inside the step)."""
+    if isinstance(module, nn.RMSNorm) and _c_kernels(module.weight):
+        eps = module.eps if module.eps is not None else torch.finfo(torch.float32).eps
+        return functools.partial(cpu_kernels.rms_norm, weight=module.weight.detach(), eps=eps)
     if isinstance(module, nn.RMSNorm):
         return functools.partial(
             F.rms_norm, normalized_shape=module.normalized_shape, weight=module.weight, eps=module.eps
@@ -144,6 +154,8 @@ class FusedDecoder:
             self.layers.append((block, *norms, *projs, _Proj(up, batch), _Proj([mlp.down_proj], batch), len(up) == 2))
         self.norm, self.head = _norm(model.norm), _Proj([model.lm_head], batch)
         self.table = model.position_table()
+        # SDPA costs ~60 us a call at one query per row inside the step, the C kernel a few; RoPE likewise (BENCHMARKS.md)
+        self.c_attention = _c_kernels(next(model.parameters(), None))
 
     @staticmethod
     def supports(model) -> bool:
@@ -173,12 +185,15 @@ class FusedDecoder:
         for layer, (block, norm1, norm2, qkv, o_proj, up_proj, down_proj, gated) in enumerate(self.layers):
             h = qkv(norm1(x)).view(B, H + 2 * Hk, D)
             if rope is not None and not cfg.qk_norm:  # `rotate` is apply_rope on each: here on both at once
-                qk = apply_rope(h[:, : H + Hk], *rope)
+                qk = cpu_kernels.rope(h[:, : H + Hk], *rope) if self.c_attention else apply_rope(h[:, : H + Hk], *rope)
                 q, k = qk[:, :H], qk[:, H:]
             else:
                 q, k = block.self_attn.rotate(h[:, :H], h[:, H : H + Hk], rope)
             k, v = cache.update(layer, k[:, :, None], h[:, H + Hk :, None])
-            y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=Hk != H)
+            if mask is None and self.c_attention:  # one query, every cached key: lmforge's C kernel (no mask)
+                y = cpu_kernels.decode_attention(q, k, v)
+            else:
+                y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=Hk != H)
             x = o_proj(y.view(B, H * D), residual=x)
             h = up_proj(norm2(x))
             gate, up = h.chunk(2, dim=-1) if gated else (None, h)

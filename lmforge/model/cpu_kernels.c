@@ -1,7 +1,13 @@
-/* int8 weight-only matrix product for CPU decoding: y = bf16(scale[n] * sum_k bf16(x[m, k]) * w[n, k]).
+/* lmforge's C kernels for the CPU decode step, built and loaded by lmforge/model/cpu_kernels.py (compiled once per
+ * machine with -march=native; no torch headers). Three functions, each replacing torch calls that cost more in a
+ * one-token step than their arithmetic (BENCHMARKS.md, "Compression and portability"):
+ *   lmf_int8_gemm        the int8 weight-only matrix product of `lmforge quantize`d models;
+ *   lmf_rms_norm         RMSNorm of a few rows (torch's F.rms_norm took ~25 us a call inside a decode step);
+ *   lmf_decode_attention one query per head against the KV cache (SDPA took ~60 us a call there);
+ *   lmf_rope             rotary positions on the query and key heads of one token per row (four torch ops).
+ * Built with -ffp-contract=off: no multiply-add is fused unless written as one, so lmf_rope rounds as torch does.
  *
- * Built and loaded by lmforge/model/int8_gemm.py (compiled once per machine with -march=native; no torch headers).
- * The function is the one QuantLinear computes on every path (tests/test_quant.py): the activation rounded to
+ * lmf_int8_gemm: y = bf16(scale[n] * sum_k bf16(x[m, k]) * w[n, k]). The function is the one QuantLinear computes on every path (tests/test_quant.py): the activation rounded to
  * bf16, exact products of a bf16 value and an int8 (16 significant bits fit fp32), fp32 sums, the row's scale
  * after the sum, the result rounded to bf16.
  *
@@ -16,6 +22,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -54,8 +61,8 @@ static inline float vsum(vf v) {
 #define ISA 0
 #endif
 
-/* Which vector path this build has: 512 (AVX-512), 256 (AVX2 + FMA) or 0 (none: the caller keeps ATen's kernel). */
-int lmf_int8_gemm_isa(void) { return ISA; }
+/* Which vector path this build has: 512 (AVX-512), 256 (AVX2 + FMA) or 0 (none: the caller keeps torch's ops). */
+int lmf_isa(void) { return ISA; }
 
 static inline float round_bf16(float f) {
   /* round to nearest even on the upper 16 bits, as torch's float -> bfloat16 conversion; NaN stays NaN */
@@ -147,4 +154,101 @@ int lmf_int8_gemm(const float* x, int64_t M, int64_t K, const int8_t* w, const f
   (void)x; (void)M; (void)K; (void)w; (void)scale; (void)N; (void)y; (void)threads;
   return 2;
 #endif
+}
+
+#if ISA
+static inline float dot(const float* a, const float* b, int64_t n) {
+  vf acc = vzero();
+  int64_t nv = n / VW * VW;
+  for (int64_t i = 0; i < nv; i += VW) acc = vfma(vload(a + i), vload(b + i), acc);
+  float s = vsum(acc);
+  for (int64_t i = nv; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+#endif
+
+/* y[m] = x[m] * (1 / sqrt(mean(x[m]^2) + eps)) * w, for M rows of K floats (torch's RMSNorm, fp32). */
+int lmf_rms_norm(const float* x, int64_t M, int64_t K, const float* w, float eps, float* y) {
+#if ISA
+  for (int64_t m = 0; m < M; m++) {
+    const float* xr = x + m * K;
+    float r = 1.0f / sqrtf(dot(xr, xr, K) / (float)K + eps);
+    for (int64_t k = 0; k < K; k++) y[m * K + k] = xr[k] * r * w[k];
+  }
+  return 0;
+#else
+  (void)x; (void)M; (void)K; (void)w; (void)eps; (void)y;
+  return 2;
+#endif
+}
+
+/* Softmax attention of one query per head over the first L cached positions, for B rows:
+ * q (B, H, D) contiguous; k, v (B, Hk, *, D) with strides (kb, kh, D, 1) in elements (the KV cache's layout);
+ * head h reads kv head h / (H / Hk) (grouped-query attention); out (B, H, D). scale multiplies q.k. */
+int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64_t D, const float* k, const float* v,
+                         int64_t kb, int64_t kh, int64_t L, float scale, float* out) {
+#if ISA
+  float* p = (float*)malloc((size_t)L * sizeof(float));
+  if (!p) return 1;
+  int64_t group = H / Hk;
+  for (int64_t b = 0; b < B; b++) {
+    for (int64_t h = 0; h < H; h++) {
+      const float* qh = q + (b * H + h) * D;
+      const float* kh0 = k + b * kb + (h / group) * kh;
+      const float* vh0 = v + b * kb + (h / group) * kh;
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < L; t++) {
+        p[t] = scale * dot(qh, kh0 + t * D, D);
+        if (p[t] > mx) mx = p[t];
+      }
+      float sum = 0.f;
+      for (int64_t t = 0; t < L; t++) {
+        p[t] = expf(p[t] - mx);
+        sum += p[t];
+      }
+      float* o = out + (b * H + h) * D;
+      for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+      for (int64_t t = 0; t < L; t++) {
+        const float* vt = vh0 + t * D;
+        float pt = p[t] / sum;
+        int64_t dv = D / VW * VW;
+        for (int64_t d = 0; d < dv; d += VW) {
+#if ISA == 512
+          _mm512_storeu_ps(o + d, vfma(_mm512_set1_ps(pt), vload(vt + d), vload(o + d)));
+#else
+          _mm256_storeu_ps(o + d, vfma(_mm256_set1_ps(pt), vload(vt + d), vload(o + d)));
+#endif
+        }
+        for (int64_t d = dv; d < D; d++) o[d] += pt * vt[d];
+      }
+    }
+  }
+  free(p);
+  return 0;
+#else
+  (void)q; (void)B; (void)H; (void)Hk; (void)D; (void)k; (void)v; (void)kb; (void)kh; (void)L; (void)scale; (void)out;
+  return 2;
+#endif
+}
+
+/* out[b, r] = x[b, r] * cos[b] + roll(x[b, r], D / 2) * sin[b] for R heads of D floats per row (lmforge's apply_rope:
+ * `sin` carries the rotate-half sign); x rows at stride xb (heads contiguous within a row), out (B, R, D) contiguous;
+ * cos/sin (B or 1, D): cs_stride D or 0. */
+int lmf_rope(const float* x, int64_t B, int64_t R, int64_t D, int64_t xb, const float* cos, const float* sin,
+             int64_t cs_stride, float* out) {
+  int64_t half = D / 2;
+  for (int64_t b = 0; b < B; b++) {
+    const float* c = cos + b * cs_stride;
+    const float* s = sin + b * cs_stride;
+    for (int64_t r = 0; r < R; r++) {
+      const float* xr = x + b * xb + r * D;
+      float* o = out + (b * R + r) * D;
+      for (int64_t d = 0; d < D; d++) {
+        float a = xr[d] * c[d];
+        float rot = xr[d < half ? d + half : d - half] * s[d];
+        o[d] = a + rot;
+      }
+    }
+  }
+  return 0;
 }

@@ -1,0 +1,165 @@
+"""lmforge's C kernels for the CPU decode step (cpu_kernels.c beside this file): built once per machine, called by
+QuantLinear (the int8 product) and FusedDecoder (RMSNorm, one-query attention).
+
+    python -c "from lmforge.model import cpu_kernels; print(cpu_kernels.status())"    # built? which vector path?
+
+The C file is compiled the first time it is needed (`cc -O3 -march=native -fopenmp`, under a second) into
+~/.cache/lmforge/kernels (or $LMFORGE_KERNEL_CACHE), keyed by the source, the compiler and the CPU, and loaded with
+ctypes; no torch headers, so no minute-long extension build. It links the OpenMP runtime torch has already loaded
+(pip wheels ship libgomp.so.1, and the loader reuses a loaded soname), so its threads are torch's. Where it cannot be
+built (no compiler, no AVX2, not Linux on x86-64) or with LMFORGE_NO_C_KERNELS=1, callers keep torch's own ops (ATen's
+`_weight_int8pack_mm`, F.rms_norm, SDPA), after one warning line. Why kernels of our own: cpu_kernels.c's header and
+BENCHMARKS.md ("Compression and portability"): about 2x ATen's int8 product at batch 1 on a 2-core Xeon.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_suffix(".c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
+_state: dict = {}  # "lib": the loaded library or None, "why": the reason it is None
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("LMFORGE_KERNEL_CACHE"):
+        return Path(os.environ["LMFORGE_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge" / "kernels"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and flags (a copied cache must not run on another CPU)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("LMFORGE_NO_C_KERNELS"):
+        return None, "LMFORGE_NO_C_KERNELS is set"
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"built only on Linux x86-64 (this is {sys.platform} {platform.machine()})"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None, "no C compiler (cc) found"
+    version = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_id()]).encode()).hexdigest()
+    target = _cache_dir() / f"cpu_kernels-{key[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # built beside it, then renamed: never half a file
+        os.close(fd)
+        cmd = [cc, *FLAGS[:-1], str(SOURCE), "-o", tmp, FLAGS[-1]]
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            os.unlink(tmp)
+            first = (done.stderr.strip().splitlines() or ["?"])[0]
+            return None, f"{Path(cc).name} failed on {SOURCE.name}: {first}"
+        os.replace(tmp, target)
+    lib = ctypes.CDLL(str(target))
+    if lib.lmf_isa() == 0:
+        return None, "the CPU has neither AVX-512 nor AVX2+FMA"
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    signatures = {
+        "lmf_int8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int],
+        "lmf_rms_norm": [ptr, i64, i64, ptr, f32, ptr],
+        "lmf_decode_attention": [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, f32, ptr],
+        "lmf_rope": [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr],
+    }
+    for name, args in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = ctypes.c_int, args
+    return lib, f"AVX-{lib.lmf_isa()} ({target})".replace("AVX-256", "AVX2")
+
+
+def loaded() -> ctypes.CDLL | None:
+    """The library, or None where it is not available (the reason: `status()`); built on the first call."""
+    if "lib" not in _state:
+        try:
+            lib, why = _build()
+        except (OSError, subprocess.SubprocessError) as e:  # an unwritable cache, a .so the loader refuses, a hung cc
+            lib, why = None, f"{type(e).__name__}: {e}"
+        _state.update(lib=lib, why=why)
+        if lib is None and not os.environ.get("LMFORGE_NO_C_KERNELS"):
+            print(f"lmforge: CPU kernels not built ({why}); using torch's ops (int8 decoding about 2x slower)",
+                  file=sys.stderr)  # fmt: skip
+    return _state["lib"]
+
+
+def status() -> str:
+    loaded()
+    return ("built: " if _state["lib"] else "not built: ") + _state["why"]
+
+
+def _lib():
+    lib = loaded()
+    if lib is None:
+        raise RuntimeError(f"lmforge's CPU kernels are {status()}")
+    return lib
+
+
+def _check(code: int, what: str) -> None:
+    if code:  # 1: malloc failed; 2: built without a vector path (loaded() refuses those)
+        raise MemoryError(f"{what} failed with code {code} (1: out of memory for its scratch buffer)")
+
+
+def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32, qweight (N, K) int8 contiguous, scales (N,) float32 (bf16 values) -> (M, N) bf16:
+    bf16(scales[n] * sum_k bf16(x[m, k]) * qweight[n, k])."""
+    fn = _lib().lmf_int8_gemm
+    x = x.contiguous()
+    M, K = x.shape
+    N = qweight.shape[0]
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    _check(fn(x.data_ptr(), M, K, qweight.data_ptr(), scales.data_ptr(), N, y.data_ptr(), torch.get_num_threads()),
+           "int8_gemm")  # fmt: skip
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm over the last dim of a float32 (M, K) x with a float32 weight, in one call."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _check(_lib().lmf_rms_norm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, y.data_ptr()), "rms_norm")
+    return y
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q (B, H, D) float32 against k, v (B, Hk, L, D) float32 (views of a KV cache: their last dim contiguous, the
+    same strides) -> (B, H, D): softmax(q k^T / sqrt(D)) v per head, head h reading kv head h // (H // Hk); what
+    F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True) gives with no mask."""
+    B, H, D = q.shape
+    Hk, L = k.shape[1], k.shape[2]
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    kb, kh, kt, kd = k.stride()
+    assert kd == 1 and kt == D and v.stride() == k.stride(), "k and v must be KV-cache views"
+    code = _lib().lmf_decode_attention(q.data_ptr(), B, H, Hk, D, k.data_ptr(), v.data_ptr(), kb, kh, L, D**-0.5,
+                                       out.data_ptr())  # fmt: skip
+    _check(code, "decode_attention")
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope (lmforge/model/transformer.py) on x (B, R, D) float32 (rows may be strided, heads contiguous within a
+    row) with cos / signed sin (D,), (1, D) or (B, D) -> (B, R, D) contiguous; the same numbers bit for bit."""
+    B, R, D = x.shape
+    assert x.stride(2) == 1 and x.stride(1) == D, "x's heads must be contiguous within a row"
+    cos, sin = cos.reshape(-1, D).contiguous(), sin.reshape(-1, D).contiguous()
+    out = torch.empty(B, R, D)
+    step = D if cos.shape[0] > 1 else 0
+    _lib().lmf_rope(x.data_ptr(), B, R, D, x.stride(0), cos.data_ptr(), sin.data_ptr(), step, out.data_ptr())
+    return out
