@@ -20,7 +20,8 @@ a temporary folder, then:
 - decode speed, batch 1: the same prompt, 128 new tokens (no stop), tokens/s after the first new token (prefill
   excluded; lmforge's time from `generate`'s stream callback), `--threads` for both. Rounds are interleaved
   (lmforge, llama.cpp f32, llama.cpp q8_0 in turn, `--repeats` rounds, after one warm-up round); the median and
-  the best round (on a shared machine the best is the closer estimate of what the CPU can do).
+  the best round (on a shared machine the best is the closer estimate of what the CPU can do), and lmforge's ratio to
+  llama.cpp at the same precision as the median of the rounds' ratios (steadier on a machine whose speed drifts).
 llama.cpp runs with its defaults otherwise (F16 KV cache, n_ctx 512 or the model's max_seq_len if smaller).
 """
 
@@ -182,6 +183,13 @@ def bench_model(source: str, args, work: Path) -> dict:
     res["decode_tok_s"] = {k: round(statistics.median(v), 1) for k, v in rates.items()}
     res["decode_tok_s_best"] = {k: round(max(v), 1) for k, v in rates.items()}
     res["decode_tok_s_all"] = {k: [round(x, 1) for x in v] for k, v in rates.items()}
+    # Each round runs the four back to back, so a round's ratio is measured at one speed of a drifting machine; the
+    # median of the rounds' ratios is steadier than the ratio of the medians.
+    res["ratio_per_round"] = {
+        mine: [round(a / b, 3) for a, b in zip(rates[mine], rates[theirs])]
+        for mine, theirs in (("lmforge fp32", "llama.cpp f32"), ("lmforge int8", "llama.cpp q8_0"))
+    }
+    res["ratio_median_of_rounds"] = {k: round(statistics.median(v), 3) for k, v in res["ratio_per_round"].items()}
     for llm in engines.values():
         llm.close()
     return res
@@ -241,6 +249,11 @@ def markdown(results: list[dict], header: dict) -> str:
             (
                 f"Perplexity: {r['ppl']['tokens']} tokens of {r['ppl']['text']}, windows of {r['ppl']['window']}. "
                 f"Decode rounds (tok/s): {json.dumps(r['decode_tok_s_all'])}."
+            ),
+            (
+                "lmforge / llama.cpp at the same precision, median of the rounds' ratios: "
+                + ", ".join(f"{k} {v}x" for k, v in r["ratio_median_of_rounds"].items())
+                + f" (rounds: {json.dumps(r['ratio_per_round'])})."
             ),
             f"lmforge's answer: {json.dumps(r['lmforge_answer'])}",
             f"llama.cpp q8_0's: {json.dumps(g['q8_0']['answer'])}",
