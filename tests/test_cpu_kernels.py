@@ -4,6 +4,8 @@ The int8 product is in tests/test_quant.py. Run: pytest tests/test_cpu_kernels.p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,3 +60,32 @@ def test_the_fused_step_uses_them_and_matches_the_model():
             fast = dec(tok, cache)
             ref = model(tok[:, None], cache=ref_cache)[0][:, -1]
             assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_the_avx2_build_passes_the_same_tests(tmp_path):
+    """Laptops and older servers have AVX2 without AVX-512: build the kernels as there (a compiler wrapper adding
+    -mno-avx512f) and run this file's other tests and the int8 ones on that build."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    gcc = shutil.which("gcc")
+    if gcc is None or "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("needs gcc and an AVX2 CPU")
+    wrapper = tmp_path / "cc-avx2"
+    wrapper.write_text(f'#!/bin/sh\nexec {gcc} "$@" -mno-avx512f\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "CC": str(wrapper), "LMFORGE_KERNEL_CACHE": str(tmp_path / "cache")}
+    status = subprocess.run([sys.executable, "-c", "from lmforge.model import cpu_kernels; print(cpu_kernels.status())"],
+                            env=env, capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
+    assert status.stdout.startswith("built: AVX2"), status.stdout + status.stderr
+    tests = [
+        "tests/test_cpu_kernels.py",
+        "tests/test_quant.py",
+        "-k",
+        "not avx2 and (kernel or rope or attention or norm)",
+    ]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,
+                          capture_output=True, text=True, check=False, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:]
