@@ -34,6 +34,17 @@ def test_decode_attention_is_sdpa(B, H, Hk, D, L):
     assert torch.allclose(cpu_kernels.decode_attention(q, k, v), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_decode_attention_with_row_lengths_is_masked_sdpa():
+    """The serving engine's rows, each at its own length: the same as SDPA with the keys past each row's hidden."""
+    torch.manual_seed(1)
+    B, H, Hk, D, L = 4, 6, 2, 32, 20
+    k, v, q = torch.randn(B, Hk, L + 3, D)[:, :, :L], torch.randn(B, Hk, L + 3, D)[:, :, :L], torch.randn(B, H, D)
+    lengths = torch.tensor([20, 1, 7, 13])
+    mask = torch.arange(L)[None, None, None, :] < lengths[:, None, None, None]  # (B, 1, 1, L)
+    ref = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
+    assert torch.allclose(cpu_kernels.decode_attention(q, k, v, lengths), ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("B,shared", [(1, True), (3, True), (3, False)])
 def test_rope_is_apply_rope_bit_for_bit(B, shared):
     """On the q/k heads of a fused q/k/v row (a strided view), with one position for all rows or one per row."""

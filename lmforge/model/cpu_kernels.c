@@ -182,33 +182,35 @@ int lmf_rms_norm(const float* x, int64_t M, int64_t K, const float* w, float eps
 #endif
 }
 
-/* Softmax attention of one query per head over the first L cached positions, for B rows:
- * q (B, H, D) contiguous; k, v (B, Hk, *, D) with strides (kb, kh, D, 1) in elements (the KV cache's layout);
- * head h reads kv head h / (H / Hk) (grouped-query attention); out (B, H, D). scale multiplies q.k. */
+/* Softmax attention of one query per head over the first L cached positions (or lens[b] of row b's, where lens is
+ * given: the serving engine's rows, each at its own length), for B rows: q (B, H, D) contiguous; k, v (B, Hk, *, D)
+ * with strides (kb, kh, D, 1) in elements (the KV cache's layout); head h reads kv head h / (H / Hk) (grouped-query
+ * attention); out (B, H, D). scale multiplies q.k. */
 int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64_t D, const float* k, const float* v,
-                         int64_t kb, int64_t kh, int64_t L, float scale, float* out) {
+                         int64_t kb, int64_t kh, int64_t L, const int64_t* lens, float scale, float* out) {
 #if ISA
   float* p = (float*)malloc((size_t)L * sizeof(float));
   if (!p) return 1;
   int64_t group = H / Hk;
   for (int64_t b = 0; b < B; b++) {
+    int64_t n = lens ? lens[b] : L;
     for (int64_t h = 0; h < H; h++) {
       const float* qh = q + (b * H + h) * D;
       const float* kh0 = k + b * kb + (h / group) * kh;
       const float* vh0 = v + b * kb + (h / group) * kh;
       float mx = -INFINITY;
-      for (int64_t t = 0; t < L; t++) {
+      for (int64_t t = 0; t < n; t++) {
         p[t] = scale * dot(qh, kh0 + t * D, D);
         if (p[t] > mx) mx = p[t];
       }
       float sum = 0.f;
-      for (int64_t t = 0; t < L; t++) {
+      for (int64_t t = 0; t < n; t++) {
         p[t] = expf(p[t] - mx);
         sum += p[t];
       }
       float* o = out + (b * H + h) * D;
       for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-      for (int64_t t = 0; t < L; t++) {
+      for (int64_t t = 0; t < n; t++) {
         const float* vt = vh0 + t * D;
         float pt = p[t] / sum;
         int64_t dv = D / VW * VW;
@@ -226,7 +228,7 @@ int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64
   free(p);
   return 0;
 #else
-  (void)q; (void)B; (void)H; (void)Hk; (void)D; (void)k; (void)v; (void)kb; (void)kh; (void)L; (void)scale; (void)out;
+  (void)q; (void)B; (void)H; (void)Hk; (void)D; (void)k; (void)v; (void)kb; (void)kh; (void)L; (void)lens; (void)scale; (void)out;
   return 2;
 #endif
 }

@@ -76,7 +76,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     signatures = {
         "lmf_int8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int],
         "lmf_rms_norm": [ptr, i64, i64, ptr, f32, ptr],
-        "lmf_decode_attention": [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, f32, ptr],
+        "lmf_decode_attention": [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, f32, ptr],
         "lmf_rope": [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr],
     }
     for name, args in signatures.items():
@@ -137,18 +137,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None):
     """q (B, H, D) float32 against k, v (B, Hk, L, D) float32 (views of a KV cache: their last dim contiguous, the
     same strides) -> (B, H, D): softmax(q k^T / sqrt(D)) v per head, head h reading kv head h // (H // Hk); what
-    F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True) gives with no mask."""
+    F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True) gives with no mask. `lengths` (B,) int64:
+    row b sees its first lengths[b] keys only (as a mask hiding the rest would)."""
     B, H, D = q.shape
     Hk, L = k.shape[1], k.shape[2]
     q = q.contiguous()
     out = torch.empty_like(q)
     kb, kh, kt, kd = k.stride()
     assert kd == 1 and kt == D and v.stride() == k.stride(), "k and v must be KV-cache views"
-    code = _lib().lmf_decode_attention(q.data_ptr(), B, H, Hk, D, k.data_ptr(), v.data_ptr(), kb, kh, L, D**-0.5,
-                                       out.data_ptr())  # fmt: skip
+    if lengths is not None:
+        lengths = lengths.to(torch.int64).contiguous()
+        assert lengths.shape == (B,) and 0 < int(lengths.min()) and int(lengths.max()) <= L
+    code = _lib().lmf_decode_attention(q.data_ptr(), B, H, Hk, D, k.data_ptr(), v.data_ptr(), kb, kh, L,
+                                       None if lengths is None else lengths.data_ptr(), D**-0.5, out.data_ptr())  # fmt: skip
     _check(code, "decode_attention")
     return out
 

@@ -182,6 +182,10 @@ class FusedDecoder:
         elif cfg.pos_encoding == "rope":  # (1, D) or (B, 1, D): broadcast over the heads of (B, H, D)
             rope = (m.rope_cos[pos][..., None, :], m.rope_sin[pos][..., None, :])
         mask = m._attn_mask(B, 1, start, key_mask, None, x.device, x.dtype)
+        # The serving engine's rows, each at its own length: the mask only hides keys past a row's own, which the C
+        # attention does from the lengths (left padding, a key_mask, or ALiBi's biases keep the mask and SDPA).
+        per_row = isinstance(start, torch.Tensor) and key_mask is None and cfg.pos_encoding != "alibi"
+        row_lengths = start + 1 if per_row and self.c_attention else None
         for layer, (block, norm1, norm2, qkv, o_proj, up_proj, down_proj, gated) in enumerate(self.layers):
             h = qkv(norm1(x)).view(B, H + 2 * Hk, D)
             if rope is not None and not cfg.qk_norm:  # `rotate` is apply_rope on each: here on both at once
@@ -190,8 +194,8 @@ class FusedDecoder:
             else:
                 q, k = block.self_attn.rotate(h[:, :H], h[:, H : H + Hk], rope)
             k, v = cache.update(layer, k[:, :, None], h[:, H + Hk :, None])
-            if mask is None and self.c_attention:  # one query, every cached key: lmforge's C kernel (no mask)
-                y = cpu_kernels.decode_attention(q, k, v)
+            if self.c_attention and (mask is None or row_lengths is not None):  # lmforge's C kernel
+                y = cpu_kernels.decode_attention(q, k, v, row_lengths)
             else:
                 y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=Hk != H)
             x = o_proj(y.view(B, H * D), residual=x)
