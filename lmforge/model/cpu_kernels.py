@@ -32,9 +32,17 @@ _state: dict = {}  # "lib": the loaded library or None, "why": the reason it is 
 
 
 def _cache_dir() -> Path:
+    """$LMFORGE_KERNEL_CACHE, else ~/.cache/lmforge/kernels, else (a read-only home) a per-user temporary folder."""
     if os.environ.get("LMFORGE_KERNEL_CACHE"):
         return Path(os.environ["LMFORGE_KERNEL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge" / "kernels"
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge" / "kernels"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"lmforge-kernels-{os.getuid()}"
 
 
 def _cpu_id() -> str:

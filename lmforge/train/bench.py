@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from lmforge.model import cpu_kernels
 from lmforge.model.sizes import count_params, flops_per_token
 from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.train.common import peak_flops, pick_device, tune_cpu_allocator
@@ -128,7 +129,8 @@ def bench_generate(args) -> dict:
         time_generate(model, prompts, min(8, args.new_tokens), fused=not args.no_fused)
     tps = time_generate(model, prompts, args.new_tokens, fused=not args.no_fused)
     fpt = flops_per_token(cfg, args.prompt_len + args.new_tokens) / 3  # forward only: a third of training's
-    return _result("generate", args, device, tps, params, fpt, fused=not args.no_fused)
+    extra = {"cpu_kernels": cpu_kernels.status()} if device.type == "cpu" else {}  # built, or why torch's ops run
+    return _result("generate", args, device, tps, params, fpt, fused=not args.no_fused, **extra)
 
 
 def _result(kind, args, device, tps, params, fpt, **extra) -> dict:
@@ -155,6 +157,8 @@ def _run(args) -> int:
         print(
             f"{result['bench']}: {result['tokens_per_s']:,.0f} tokens/s, {result['params']:,} params, mfu {result['mfu']}"
         )
+        if "cpu_kernels" in result:
+            print(f"lmforge's CPU kernels: {result['cpu_kernels']}")
     return 0
 
 
