@@ -91,7 +91,7 @@ def test_own_int8_kernel_is_the_dequantized_function(rows, n, k):
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
     assert torch.allclose(y.float(), ref, rtol=2**-7, atol=1e-6)  # one bf16 step apart at most
     assert (y == ref.to(torch.bfloat16)).float().mean() > 0.9  # mostly the same bf16 value: same function
-    assert torch.equal(m(x), y.float())  # QuantLinear runs it for <= OWN_KERNEL_MAX_ROWS rows
+    assert torch.equal(m(x), y.float())  # QuantLinear runs it up to OWN_KERNEL_MAX_ROWS rows
 
 
 def test_own_int8_kernel_falls_back_in_one_line(tmp_path):

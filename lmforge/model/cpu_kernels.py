@@ -107,6 +107,12 @@ def loaded() -> ctypes.CDLL | None:
     return _state["lib"]
 
 
+def isa() -> int:
+    """The built library's vector width in bits: 512 (AVX-512) or 256 (AVX2 + FMA); 0 where it is not built."""
+    lib = loaded()
+    return lib.lmf_isa() if lib is not None else 0
+
+
 def status() -> str:
     loaded()
     return ("built: " if _state["lib"] else "not built: ") + _state["why"]

@@ -42,10 +42,11 @@ from lmforge.model.matmul import linear
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel takes; K must be a multiple of G
 # Above this many rows per product the dequantized fp32 product is faster (measured crossovers, 2-core Xeon,
-# benchmarks/int8_kernels.py): ATen's kernels at 16; lmforge's int8 kernel between 64 and 128 rows (a 3072x576
-# weight at 64 rows: 1.55 against 1.95 ms dequantized; at 128: 3.62 against 2.74, in another run 4.9 against 6.1).
+# benchmarks/int8_kernels.py): ATen's kernels at 16; lmforge's int8 kernel, by its vector width, between 64 and 128
+# rows with AVX-512 (a 3072x576 weight at 64 rows: 1.55 against 1.95 ms dequantized; at 128: 3.62 against 2.74) and
+# between 16 and 64 with AVX2 (the same build without AVX-512: 0.85 against 1.34 ms at 16 rows, 3.42 against 2.46 at 64).
 KERNEL_MAX_ROWS = 16
-OWN_KERNEL_MAX_ROWS = 64
+OWN_KERNEL_MAX_ROWS = {512: 64, 256: 32}
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # ----------------------------------------------------------------------------- the math (pure functions)
@@ -211,7 +212,9 @@ class QuantLinear(nn.Module):
     def kernel_rows(self, device) -> int:
         """The most rows a product goes through the kernel on this device (more: the dequantized product); 0: none."""
         args = self._kernel_args(torch.device(device))
-        return 0 if args is None else OWN_KERNEL_MAX_ROWS if args[0] == "own" else KERNEL_MAX_ROWS
+        if args is None:
+            return 0
+        return OWN_KERNEL_MAX_ROWS[cpu_kernels.isa()] if args[0] == "own" else KERNEL_MAX_ROWS
 
     def row_kernel(self, device) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """x (at most `kernel_rows` rows, in_features) -> the kernel's bf16 product, with nothing around it (no
