@@ -1,15 +1,15 @@
 /* lmforge's C kernels for the CPU decode step, built and loaded by lmforge/model/cpu_kernels.py (compiled once per
- * machine with -march=native; no torch headers). Three functions, each replacing torch calls that cost more in a
- * one-token step than their arithmetic (BENCHMARKS.md, "Compression and portability"):
+ * machine with -march=native; no torch headers), each replacing torch calls that cost more in a
+ * one-token step than their arithmetic (BENCHMARKS.md, "Compression and portability"). Four functions:
  *   lmf_int8_gemm        the int8 weight-only matrix product of `lmforge quantize`d models;
  *   lmf_rms_norm         RMSNorm of a few rows (torch's F.rms_norm took ~25 us a call inside a decode step);
  *   lmf_decode_attention one query per head against the KV cache (SDPA took ~60 us a call there);
  *   lmf_rope             rotary positions on the query and key heads of one token per row (four torch ops).
  * Built with -ffp-contract=off: no multiply-add is fused unless written as one, so lmf_rope rounds as torch does.
  *
- * lmf_int8_gemm: y = bf16(scale[n] * sum_k bf16(x[m, k]) * w[n, k]). The function is the one QuantLinear computes on every path (tests/test_quant.py): the activation rounded to
- * bf16, exact products of a bf16 value and an int8 (16 significant bits fit fp32), fp32 sums, the row's scale
- * after the sum, the result rounded to bf16.
+ * lmf_int8_gemm: y = bf16(scale[n] * sum_k bf16(x[m, k]) * w[n, k]), the function QuantLinear computes on every
+ * path (tests/test_quant.py): the activation rounded to bf16, exact products of a bf16 value and an int8 (16
+ * significant bits fit fp32), fp32 sums, the row's scale after the sum, the result rounded to bf16.
  *
  * Why not ATen's _weight_int8pack_mm: at one row it dequantizes every weight block to bf16 and transposes it
  * before a brgemm call, and it does not prefetch far enough; a batch-1 decode step spent ~15 ms in it against
@@ -228,7 +228,8 @@ int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64
   free(p);
   return 0;
 #else
-  (void)q; (void)B; (void)H; (void)Hk; (void)D; (void)k; (void)v; (void)kb; (void)kh; (void)L; (void)lens; (void)scale; (void)out;
+  (void)q; (void)B; (void)H; (void)Hk; (void)D; (void)k; (void)v; (void)kb; (void)kh; (void)L; (void)lens;
+  (void)scale; (void)out;
   return 2;
 #endif
 }
