@@ -8,7 +8,8 @@ The C file is compiled the first time it is needed (`cc -O3 -march=native -fopen
 ctypes; no torch headers, so no minute-long extension build. It links the OpenMP runtime torch has already loaded
 (pip wheels ship libgomp.so.1, and the loader reuses a loaded soname), so its threads are torch's. Where it cannot be
 built (no compiler, no AVX2, not Linux on x86-64) or with LMFORGE_NO_C_KERNELS=1, callers keep torch's own ops (ATen's
-`_weight_int8pack_mm`, F.rms_norm, SDPA), after one warning line. Why kernels of our own: cpu_kernels.c's header and
+`_weight_int8pack_mm`, F.rms_norm, SDPA), with one stderr line where a C compiler would help. Why kernels of our own:
+cpu_kernels.c's header and
 BENCHMARKS.md ("Compression and portability"): about 2x ATen's int8 product at batch 1 on a 2-core Xeon.
 """
 
@@ -101,7 +102,9 @@ def loaded() -> ctypes.CDLL | None:
         except (OSError, subprocess.SubprocessError) as e:  # an unwritable cache, a .so the loader refuses, a hung cc
             lib, why = None, f"{type(e).__name__}: {e}"
         _state.update(lib=lib, why=why)
-        if lib is None and not os.environ.get("LMFORGE_NO_C_KERNELS"):
+        # said once where the user can do something about it (install a C compiler); not where no build applies
+        fixable = not why.startswith(("LMFORGE_NO_C_KERNELS", "built only on", "the CPU has neither"))
+        if lib is None and fixable:
             print(f"lmforge: CPU kernels not built ({why}); using torch's ops (int8 decoding about 2x slower)",
                   file=sys.stderr)  # fmt: skip
     return _state["lib"]

@@ -7,7 +7,8 @@ Prompts of different lengths are left-padded: each row gets position ids counted
 first real token and a key mask hiding its padding, so a row's tokens match what it would get
 alone. One prefill forward fills the cache with all prompts; then one decode step per new token,
 by default through `FusedDecoder` (q/k/v and gate/up each one matrix product, weights in the layout
-the CPU reads fastest; the same tokens as the model's own forward, which `fused=False` runs).
+the CPU reads fastest, RMSNorm, RoPE and attention through lmforge's C kernels where they are built,
+lmforge/model/cpu_kernels.c; the same tokens as the model's own forward, which `fused=False` runs).
 Length policy: if the longest prompt plus `max_new_tokens` exceeds `model.cfg.max_seq_len`,
 prompts are truncated from the left (the oldest tokens go), keeping the last
 `max_seq_len - max_new_tokens`; `max_new_tokens >= max_seq_len` is an LmforgeError.
