@@ -9,8 +9,7 @@ ctypes; no torch headers, so no minute-long extension build. It links the OpenMP
 (pip wheels ship libgomp.so.1, and the loader reuses a loaded soname), so its threads are torch's. Where it cannot be
 built (no compiler, no AVX2, not Linux on x86-64) or with LMFORGE_NO_C_KERNELS=1, callers keep torch's own ops (ATen's
 `_weight_int8pack_mm`, F.rms_norm, SDPA), with one stderr line where a C compiler would help. Why kernels of our own:
-cpu_kernels.c's header and
-BENCHMARKS.md ("Compression and portability"): about 2x ATen's int8 product at batch 1 on a 2-core Xeon.
+cpu_kernels.c's header and BENCHMARKS.md ("Compression and portability"): about 2x ATen's int8 product at batch 1.
 """
 
 from __future__ import annotations
