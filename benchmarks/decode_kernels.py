@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import cpu_kernels
-from lmforge.model.transformer import KVCache
+from lmforge.model.transformer import KVCache, apply_rope
 from lmforge.serve.generate import FusedDecoder
 from lmforge.train.checkpoint import load_for_inference
 
@@ -32,7 +32,7 @@ def torch_norm(module):
 def compare(path: str, rounds: int) -> None:
     model = load_for_inference(path)[0].eval()
     ours, plain = FusedDecoder(model, 1), FusedDecoder(model, 1)
-    plain.c_attention = False  # also selects apply_rope
+    plain.c_kernels, plain.rope = False, apply_rope
     plain.layers = [(b, torch_norm(b.input_layernorm), torch_norm(b.post_attention_layernorm), *rest)
                     for b, _, _, *rest in plain.layers]  # fmt: skip
     plain.norm = torch_norm(model.norm)

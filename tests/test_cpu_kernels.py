@@ -43,6 +43,9 @@ def test_decode_attention_with_row_lengths_is_masked_sdpa():
     mask = torch.arange(L)[None, None, None, :] < lengths[:, None, None, None]  # (B, 1, 1, L)
     ref = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
     assert torch.allclose(cpu_kernels.decode_attention(q, k, v, lengths), ref, rtol=1e-5, atol=1e-6)
+    for bad in ([20, 0, 7, 13], [21, 1, 7, 13]):  # past the keys given, or none: refused before reading
+        with pytest.raises(ValueError, match="row length"):
+            cpu_kernels.decode_attention(q, k, v, torch.tensor(bad))
 
 
 @pytest.mark.parametrize("B,shared", [(1, True), (3, True), (3, False)])
@@ -60,7 +63,7 @@ def test_the_fused_step_uses_them_and_matches_the_model():
     cfg = ModelConfig(vocab_size=128, n_layer=2, d_model=96, n_head=6, n_kv_head=2, d_ff=192, max_seq_len=64)
     model = Transformer(cfg).eval()
     dec = FusedDecoder(model, 1)
-    assert dec.c_attention and dec.norm.func is cpu_kernels.rms_norm
+    assert dec.c_kernels and dec.rope is cpu_kernels.rope and dec.norm.func is cpu_kernels.rms_norm
     with torch.inference_mode():
         cache, ref_cache = KVCache(cfg, 1, 32), KVCache(cfg, 1, 32)
         idx = torch.tensor([[5, 9, 2, 7, 1]])

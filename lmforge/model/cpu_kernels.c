@@ -185,7 +185,7 @@ int lmf_rms_norm(const float* x, int64_t M, int64_t K, const float* w, float eps
 /* Softmax attention of one query per head over the first L cached positions (or lens[b] of row b's, where lens is
  * given: the serving engine's rows, each at its own length), for B rows: q (B, H, D) contiguous; k, v (B, Hk, *, D)
  * with strides (kb, kh, D, 1) in elements (the KV cache's layout); head h reads kv head h / (H / Hk) (grouped-query
- * attention); out (B, H, D). scale multiplies q.k. */
+ * attention); out (B, H, D). scale multiplies q.k. Returns 3, before reading any key, for a length outside 1..L. */
 int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64_t D, const float* k, const float* v,
                          int64_t kb, int64_t kh, int64_t L, const int64_t* lens, float scale, float* out) {
 #if ISA
@@ -194,6 +194,10 @@ int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64
   int64_t group = H / Hk;
   for (int64_t b = 0; b < B; b++) {
     int64_t n = lens ? lens[b] : L;
+    if (n < 1 || n > L) {
+      free(p);
+      return 3;
+    }
     for (int64_t h = 0; h < H; h++) {
       const float* qh = q + (b * H + h) * D;
       const float* kh0 = k + b * kb + (h / group) * kh;

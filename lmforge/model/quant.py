@@ -105,6 +105,13 @@ def _has(op: str) -> bool:
     return hasattr(torch.ops.aten, op)
 
 
+def _max_rows(args) -> int:
+    """The row limit of the kernel whose operands `args` are (QuantLinear._kernel_args); 0 where there is none."""
+    if args is None:
+        return 0
+    return OWN_KERNEL_MAX_ROWS[cpu_kernels.isa()] if args[0] == "own" else KERNEL_MAX_ROWS
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b with W stored int8 (per row) or int4 (per group); a drop-in for the model's Linear.
 
@@ -211,10 +218,7 @@ class QuantLinear(nn.Module):
 
     def kernel_rows(self, device) -> int:
         """The most rows a product goes through the kernel on this device (more: the dequantized product); 0: none."""
-        args = self._kernel_args(torch.device(device))
-        if args is None:
-            return 0
-        return OWN_KERNEL_MAX_ROWS[cpu_kernels.isa()] if args[0] == "own" else KERNEL_MAX_ROWS
+        return _max_rows(self._kernel_args(torch.device(device)))
 
     def row_kernel(self, device) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """x (at most `kernel_rows` rows, in_features) -> the kernel's bf16 product, with nothing around it (no
@@ -229,7 +233,9 @@ class QuantLinear(nn.Module):
         # Both paths compute the same function: activations rounded to bf16, the kernel's weight, fp32 sums, a bf16
         # result; so a prompt gets the same tokens whether it is decoded alone, batched or prefilled in chunks.
         x2 = x.reshape(-1, self.in_features)
-        args = self._kernel_args(x.device) if x2.shape[0] <= self.kernel_rows(x.device) else None
+        args = self._kernel_args(x.device)
+        if x2.shape[0] > _max_rows(args):
+            args = None
         if args is None:
             y = linear(x2.to(torch.bfloat16).float(), self._kernel_weight()).to(torch.bfloat16)
         else:

@@ -156,7 +156,8 @@ class FusedDecoder:
         self.norm, self.head = _norm(model.norm), _Proj([model.lm_head], batch)
         self.table = model.position_table()
         # SDPA costs ~60 us a call at one query per row inside the step, the C kernel a few; RoPE likewise (BENCHMARKS.md)
-        self.c_attention = _c_kernels(next(model.parameters(), None))
+        self.c_kernels = _c_kernels(next(model.parameters(), None))
+        self.rope = cpu_kernels.rope if self.c_kernels else apply_rope
 
     @staticmethod
     def supports(model) -> bool:
@@ -182,20 +183,20 @@ class FusedDecoder:
             x = x + self.table[pos]
         elif cfg.pos_encoding == "rope":  # (1, D) or (B, 1, D): broadcast over the heads of (B, H, D)
             rope = (m.rope_cos[pos][..., None, :], m.rope_sin[pos][..., None, :])
-        mask = m._attn_mask(B, 1, start, key_mask, None, x.device, x.dtype)
-        # The serving engine's rows, each at its own length: the mask only hides keys past a row's own, which the C
+        # The serving engine's rows, each at its own length: their mask only hides keys past a row's own, which the C
         # attention does from the lengths (left padding, a key_mask, or ALiBi's biases keep the mask and SDPA).
         per_row = isinstance(start, torch.Tensor) and key_mask is None and cfg.pos_encoding != "alibi"
-        row_lengths = start + 1 if per_row and self.c_attention else None
+        row_lengths = start + 1 if per_row and self.c_kernels else None
+        mask = None if row_lengths is not None else m._attn_mask(B, 1, start, key_mask, None, x.device, x.dtype)
         for layer, (block, norm1, norm2, qkv, o_proj, up_proj, down_proj, gated) in enumerate(self.layers):
             h = qkv(norm1(x)).view(B, H + 2 * Hk, D)
             if rope is not None and not cfg.qk_norm:  # `rotate` is apply_rope on each: here on both at once
-                qk = cpu_kernels.rope(h[:, : H + Hk], *rope) if self.c_attention else apply_rope(h[:, : H + Hk], *rope)
+                qk = self.rope(h[:, : H + Hk], *rope)
                 q, k = qk[:, :H], qk[:, H:]
             else:
                 q, k = block.self_attn.rotate(h[:, :H], h[:, H : H + Hk], rope)
             k, v = cache.update(layer, k[:, :, None], h[:, H + Hk :, None])
-            if self.c_attention and (mask is None or row_lengths is not None):  # lmforge's C kernel
+            if self.c_kernels and mask is None:  # lmforge's C kernel: every cached key, or each row's own
                 y = cpu_kernels.decode_attention(q, k, v, row_lengths)
             else:
                 y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=Hk != H)
