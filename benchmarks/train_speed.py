@@ -4,6 +4,7 @@
     python benchmarks/train_speed.py --json          # one JSON line per model, then a summary line
     python benchmarks/train_speed.py --no-compile    # eager models only (skips the inductor builds)
     python benchmarks/train_speed.py --no-compile --only "as shipped,tiny (as,bf16"   # bf16 autocast rows
+    python benchmarks/train_speed.py --only "as shipped,bf16"   # bf16 autocast, eager and compiled
 
 Every model trains on the same random batch with the same AdamW (weight decay on matrices,
 betas 0.9/0.95), timed by `lmforge.train.bench.time_train_steps` (forward + backward +
@@ -83,12 +84,20 @@ def hf_llama(a):
     return HFCausalLM(LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa"))
 
 
-def lmforge_tiny(a):
+def lmforge_tiny(a, **variant):
     cfg = ModelConfig(
         vocab_size=a.vocab_size, n_layer=a.n_layer, d_model=a.d_model, n_head=a.n_head, d_ff=a.d_ff,
-        max_seq_len=a.seq_len,
+        max_seq_len=a.seq_len, **variant,
     )  # fmt: skip
     return Transformer(cfg)
+
+
+def lmforge_qknorm(a):
+    return lmforge_tiny(a, qk_norm=True)
+
+
+def lmforge_untied(a):
+    return lmforge_tiny(a, tie_embeddings=False)
 
 
 def lmforge_gpt2(a):
@@ -134,6 +143,11 @@ ROWS = [
     ("nanoGPT, compiled, fused AdamW", nanogpt, True, True, SHIPPED, False),
     ("lmforge tiny, compiled", lmforge_tiny, True, True, SHIPPED, False),
     (f"lmforge tiny, compiled, other backend ({OTHER})", lmforge_tiny, True, True, OTHER, False),
+    ("lmforge tiny, bf16 autocast, compiled", lmforge_tiny, True, True, SHIPPED, True),
+    ("nanoGPT, bf16 autocast, compiled, fused AdamW", nanogpt, True, True, SHIPPED, True),
+    # The speedrun's architecture variants (benchmarks/speedrun_cpu.py), to tell their step time from the machine's drift.
+    ("lmforge tiny + qk_norm, bf16 autocast, compiled", lmforge_qknorm, True, True, SHIPPED, True),
+    ("lmforge tiny, untied head, bf16 autocast, compiled", lmforge_untied, True, True, SHIPPED, True),
 ]
 
 

@@ -157,6 +157,14 @@ def test_unreachable_process_group_is_one_line_error(small_shards, tmp_path):
     ]
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_mps_asked_where_there_is_none_is_one_line_error(small_shards, tmp_path):
+    p = cli(*_args(small_shards, tmp_path / "run", 3), "--device", "mps", check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines() == ["lmforge: error: device 'mps' requested, but MPS is not available here"]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
 def test_time_budget_exits_0_and_says_rerun_resumes(small_shards, tmp_path, capsys):
     from lmforge.cli import main
 
