@@ -162,6 +162,28 @@ def test_qkv_bias_weights_are_permuted_like_their_rows(tok_dir, tmp_path):
     torch.testing.assert_close(logits(back, ids), logits(model, ids), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype,tol", [("f32", 0.0), ("q8_0", 0.03)])
+def test_experts_are_written_as_llama_cpp_reads_mixtral(dtype, tol, tok_dir, tmp_path):
+    """A mixture of experts: expert metadata, the F32 router, the experts stacked (ggml lists (E, ff, d) as
+    [d, ff, E]); lmforge's import reads it back (exactly in f32). llama.cpp's own run of it: the test below."""
+    run, model = make_run(tmp_path / "run", tok_dir, d_ff=64, n_experts=4, experts_top_k=2, init_std=0.05)
+    meta, tensors = fields_of(export(run, tmp_path / "m.gguf", "--dtype", dtype))
+    assert (meta["llama.expert_count"], meta["llama.expert_used_count"]) == (4, 2)
+    kind = "F32" if dtype == "f32" else "Q8_0"
+    assert tensors["blk.0.ffn_gate_inp.weight"] == ((64, 4), "F32")
+    assert tensors["blk.1.ffn_gate_exps.weight"] == ((64, 64, 4), kind)
+    assert tensors["blk.1.ffn_down_exps.weight"] == ((64, 64, 4), kind)
+    assert not any(".ffn_gate.weight" in n or ".ffn_up.weight" in n for n in tensors)
+    back, _ = imported(tmp_path / "m.gguf")
+    assert (back.cfg.n_experts, back.cfg.experts_top_k) == (4, 2)
+    ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    want, got = logits(model, ids), logits(back, ids)
+    if dtype == "f32":
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    else:
+        assert 0 < ((got - want).abs().max() / want.abs().max()).item() < tol
+
+
 # ----------------------------------------------------------------------------- quantized
 
 
@@ -391,7 +413,11 @@ def llama_cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="needs llama-cpp-python")
-@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "qkv_bias": True}], ids=["tied", "qkv-bias"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"tie_embeddings": False, "qkv_bias": True}, {"n_experts": 4, "experts_top_k": 2, "d_ff": 64}],
+    ids=["tied", "qkv-bias", "experts"],
+)
 def test_llama_cpp_runs_the_export(overrides, tok_dir, tmp_path):
     from lmforge.serve.generate import generate
 

@@ -92,10 +92,13 @@ def test_permute_hand_example_and_inverse():
         assert np.array_equal(unpermute_qk(permute_qk(w.numpy(), n_head), n_head), w.numpy())
 
 
-@pytest.mark.parametrize("tie,qkv_bias,n_kv_head", [(True, False, 2), (False, True, 4), (False, False, 1)])
-def test_expected_shapes_are_the_models(tie, qkv_bias, n_kv_head):
+@pytest.mark.parametrize(
+    "tie,qkv_bias,n_kv_head,experts",
+    [(True, False, 2, 0), (False, True, 4, 0), (False, False, 1, 0), (True, False, 2, 3)],
+)
+def test_expected_shapes_are_the_models(tie, qkv_bias, n_kv_head, experts):
     cfg = ModelConfig(vocab_size=100, n_layer=2, d_model=32, n_head=4, n_kv_head=n_kv_head, d_ff=48,
-                      tie_embeddings=tie, qkv_bias=qkv_bias)  # fmt: skip
+                      tie_embeddings=tie, qkv_bias=qkv_bias, n_experts=experts)  # fmt: skip
     real = {k: tuple(v.shape) for k, v in model_tensors(Transformer(cfg).state_dict(), tie).items()}
     assert expected_shapes(cfg) == real
 
@@ -107,6 +110,10 @@ HF_CASES = {
     "llama-untied-mha": ("LlamaForCausalLM", {"tie_word_embeddings": False, "num_key_value_heads": 4}),
     "qwen2-qkv-bias": ("Qwen2ForCausalLM", {"tie_word_embeddings": False}),
     "mistral-window": ("MistralForCausalLM", {"tie_word_embeddings": False, "sliding_window": 24}),
+    "mixtral-experts": (
+        "MixtralForCausalLM",
+        {"tie_word_embeddings": False, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
 }
 
 
@@ -157,13 +164,16 @@ def test_hf_import_and_export_match_transformers(case, tok_dir, tmp_path, cli_ma
     assert eos == ("<|im_end|>" if case == "qwen2-qkv-bias" else "<|endoftext|>")
     if case == "mistral-window":  # exact within the window: the context is capped there, and the summary says so
         assert model.cfg.max_seq_len == 24 and "capped at 24" in summary
+    if case == "mixtral-experts":  # lmforge's own MoE, the experts stacked (no per-expert modules)
+        assert (model.cfg.n_experts, model.cfg.experts_top_k) == (4, 2)
+        assert model.layers[0].mlp.up_proj.shape == (4, 96, 64)
     ids = torch.randint(0, 576, (2, min(24, model.cfg.max_seq_len)), generator=torch.Generator().manual_seed(1))
     want = logits_of(ref, ids)
     torch.testing.assert_close(logits_of(model, ids), want, atol=1e-5, rtol=0)
 
     assert cli_main(["export", str(tmp_path / "imported"), "--format", "hf", "--out", str(tmp_path / "out")]) == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(back).__name__ == ("Qwen2ForCausalLM" if arch == "Qwen2ForCausalLM" else "LlamaForCausalLM")
+    assert type(back).__name__ == (arch if arch in ("Qwen2ForCausalLM", "MixtralForCausalLM") else "LlamaForCausalLM")
     torch.testing.assert_close(logits_of(back, ids), want, atol=1e-5, rtol=0)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] == model.cfg.tie_embeddings
     assert ("lm_head.weight" in safetensors_keys(tmp_path / "out" / "model.safetensors")) == (
@@ -426,6 +436,7 @@ def expect_error(cli_main, capsys, argv: list[str], message: str) -> None:
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"attention_bias": True}, "attention_bias=true"),
         ({"num_hidden_layers": None}, "num_hidden_layers is missing"),
+        ({"architectures": ["MixtralForCausalLM"], "num_experts_per_tok": 2}, "num_local_experts is missing"),
     ],
 )
 def test_import_refuses_unsupported_configs(change, message, tmp_path, cli_main, capsys):
@@ -488,6 +499,28 @@ def test_export_refuses_what_hf_llama_cannot_compute(tok_dir, tmp_path, cli_main
     argv = ["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]
     expect_error(cli_main, capsys, argv, "model.pos_encoding='alibi' cannot be exported")
     assert not (tmp_path / "hf").exists()
+
+
+def test_experts_that_mixtral_cannot_hold_or_a_missing_expert_are_one_line_errors(tok_dir, tmp_path, cli_main,
+                                                                                  capsys):  # fmt: skip
+    cfg = ModelConfig(vocab_size=576, n_layer=1, d_model=32, n_head=4, d_ff=48, max_seq_len=32, n_experts=4,
+                      qkv_bias=True)  # fmt: skip
+    meta = {"model_config": cfg.to_dict(), "tokenizer": {"dir": str(tok_dir), "hash": "x"}}
+    save_checkpoint(tmp_path / "run", 1, model_tensors(Transformer(cfg).state_dict(), True), meta)
+    argv = ["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]
+    expect_error(cli_main, capsys, argv, "model.qkv_bias=True with n_experts=4 cannot be exported")
+    assert not (tmp_path / "hf").exists()
+    # A Mixtral folder with one expert's matrix missing: named, nothing written.
+    src = save_hf(hf_model("MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2), tmp_path / "src", tok_dir)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()  # transformers' progress bars
+    expect_error(cli_main, capsys, ["import", str(src), "--out", str(tmp_path / "out")],
+                 "weight model.layers.1.block_sparse_moe.experts.2.w3.weight is missing (1 of layer 1's 4 experts' w3)")  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_out_must_not_replace_an_unrelated_folder(lmforge_run, tmp_path, cli_main, capsys):

@@ -1,5 +1,6 @@
 """The mixture-of-experts MLP (model.n_experts): routing, the batched experts against a per-token reference, the
-balance loss, training, generation, FLOPs of active parameters, and what refuses an MoE model."""
+balance loss, training, generation, FLOPs of active parameters, and what refuses an MoE model. Export and import
+(Mixtral's layout in Hugging Face folders and GGUF files): tests/test_hub.py, tests/test_gguf_export.py."""
 
 import dataclasses
 
@@ -134,15 +135,16 @@ def test_flops_count_active_experts_and_config_errors():
         dataclasses.replace(CFG, moe_aux_coef=-1.0).validate()
 
 
-def test_export_and_quantize_refuse_an_moe_model_in_one_line(tmp_path):
-    from lmforge.hub.export_cmd import open_checkpoint
+def test_quantize_refuses_an_moe_model_in_one_line(tmp_path):
+    from lmforge.hub.quantize_cmd import QuantizeConfig, quantize
     from lmforge.train import checkpoint as ckpt
 
     model = Transformer(CFG)
     meta = {"model_config": CFG.to_dict(), "tokenizer": {"dir": "tok", "hash": "x"}}
     path = ckpt.save_checkpoint(tmp_path / "run", 1, ckpt.model_tensors(model.state_dict(), True), meta)
-    with pytest.raises(LmforgeError, match="mixture-of-experts"):
-        open_checkpoint(path)
+    with pytest.raises(LmforgeError, match="mixture-of-experts model; quantize does not quantize experts"):
+        quantize(QuantizeConfig(model=str(path), out=str(tmp_path / "q")))
+    assert not (tmp_path / "q").exists()
     loaded, _, _ = ckpt.load_model(path)  # the checkpoint itself round-trips
     assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(), model.state_dict().values(),
                                                  strict=True))  # fmt: skip

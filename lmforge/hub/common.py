@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.model.transformer import ModelConfig
+from lmforge.model.transformer import GATED, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -50,6 +50,14 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 shapes[f"{p}self_attn.{name}_proj.bias"] = (rows,)
         shapes[p + "self_attn.o_proj.weight"] = (d, cfg.n_head * hd)
         shapes[p + "post_attention_layernorm.weight"] = (d,)
+        if cfg.n_experts:  # a mixture of experts: the router and the experts' stacked matrices (transformer.MoE)
+            E = cfg.n_experts
+            shapes[p + "mlp.gate.weight"] = (E, d)
+            if cfg.mlp in GATED:
+                shapes[p + "mlp.gate_proj"] = (E, ff, d)
+            shapes[p + "mlp.up_proj"] = (E, ff, d)
+            shapes[p + "mlp.down_proj"] = (E, d, ff)
+            continue
         shapes[p + "mlp.gate_proj.weight"] = (ff, d)
         shapes[p + "mlp.up_proj.weight"] = (ff, d)
         shapes[p + "mlp.down_proj.weight"] = (d, ff)

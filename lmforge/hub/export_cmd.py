@@ -6,8 +6,8 @@
 
 A LoRA run is exported with its adapter merged into the base (`checkpoint_tensors`, shared by both formats); a
 bottleneck-adapter run (`--adapter`) is refused: its adapters are nonlinear layers no Llama or GGUF layout has.
-`--format hf` writes model.safetensors (HF names, `lm_head` left out when tied), config.json (LlamaForCausalLM, or
-Qwen2ForCausalLM for q/k/v biases), generation_config.json (stopping at EOS and the chat turn end),
+`--format hf` writes model.safetensors (HF names, `lm_head` left out when tied), config.json (LlamaForCausalLM,
+Qwen2ForCausalLM for q/k/v biases, MixtralForCausalLM for a mixture of experts), generation_config.json (stopping at EOS and the chat turn end),
 tokenizer.json, tokenizer_config.json (with a chat template) and special_tokens_map.json; transformers
 loads the folder with no extra arguments. Models HF Llama cannot compute (ALiBi or other position
 encodings, LayerNorm, GELU, QK-norm, biases on every linear) are refused, naming the field.
@@ -54,9 +54,6 @@ def open_checkpoint(source: str | Path):
     if meta.get("quantization"):
         raise LmforgeError(f"{ckpt} is quantized ({meta['quantization'].get('method')}); export its float source")
     cfg = ModelConfig.from_dict(meta["model_config"])
-    if cfg.n_experts:
-        raise LmforgeError(f"{ckpt}: a mixture-of-experts model (n_experts={cfg.n_experts}); export does not write "
-                           "expert layouts (Mixtral, Qwen-MoE) yet")  # fmt: skip
     return ckpt, meta, cfg
 
 

@@ -13,6 +13,9 @@ q/k rows and biases through `permute_qk`, no `output.weight` when the head is ti
 - q4_0: what llama-quantize's Q4_0 does, except one step: it keeps the output matrix (the embedding when
   tied) at Q6_K, which the `gguf` package cannot write, so it is Q8_0 here (more precise, ~30% larger);
 - a weight whose rows are not a multiple of the 32-value block falls back to F16, as in both tools.
+A mixture of experts (`n_experts`) is written as the converter writes Mixtral: `llama.expert_count` and
+`expert_used_count`, the router `ffn_gate_inp` (always F32, as there) and each layer's experts stacked in
+`ffn_{gate,up,down}_exps`, as lmforge stacks them.
 The default is f32: the export is lossless (llama.cpp computes the same function lmforge does), and a
 smaller type is a choice the user makes, as `--format hf --dtype auto` keeps the checkpoint's dtype.
 Llama's graph in llama.cpp has optional q/k/v biases, so Qwen2-style `qkv_bias` models are written too
@@ -50,7 +53,15 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.hub.common import TURN_END_TOKENS, expected_shapes, n_params, token_text
-from lmforge.hub.gguf_import import CONTROL, LAYER_NAMES, PRE_TOKENIZERS, TOP_NAMES, USER_DEFINED, permute_qk
+from lmforge.hub.gguf_import import (
+    CONTROL,
+    EXPERT_NAMES,
+    LAYER_NAMES,
+    PRE_TOKENIZERS,
+    TOP_NAMES,
+    USER_DEFINED,
+    permute_qk,
+)
 from lmforge.tokenizer.special import IM_END, IM_START, bytes_to_unicode
 
 # --dtype -> (general.file_type, the type of 2-D weights); the numbers are gguf.LlamaFileType's.
@@ -61,6 +72,7 @@ NORMAL, UNUSED = 1, 5
 LLAMA_CPP_PRE = {"gpt2": "gpt-2", "smollm": "smollm", "llama-bpe": "llama-bpe", "qwen2": "qwen2"}
 _TOP = {v: k for k, v in TOP_NAMES.items()}
 _LAYER = {v: k for k, v in LAYER_NAMES.items()}
+_EXPERTS = {v: k for k, v in EXPERT_NAMES.items()}
 
 # ----------------------------------------------------------------------------- weights
 
@@ -70,13 +82,15 @@ def gguf_name(name: str) -> str:
     if name in _TOP:
         return _TOP[name]
     _, i, rest = name.split(".", 2)
+    if rest in _EXPERTS:  # a mixture of experts' stacked matrices, stacked the same way in GGUF
+        return f"blk.{i}.{_EXPERTS[rest]}.weight"
     inner, kind = rest.rsplit(".", 1)
     return f"blk.{i}.{_LAYER[inner]}.{kind}"
 
 
 def tensor_type(gname: str, shape: tuple[int, ...], dtype: str, tied: bool) -> str:
     """The GGML type a tensor is stored in (see the module docstring for the rules and where they come from)."""
-    if len(shape) == 1:
+    if len(shape) == 1 or ".ffn_gate_inp." in gname:  # the router stays F32, as llama.cpp's converter keeps it
         return "F32"
     want = FILE_TYPES[dtype][1]
     if dtype == "q4_0" and (gname == "output.weight" or (tied and gname == "token_embd.weight")):
@@ -404,6 +418,9 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f32", modelfi
         w.add_rope_dimension_count(cfg.head_dim)
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_layer_norm_rms_eps(cfg.norm_eps)
+        if cfg.n_experts:
+            w.add_expert_count(cfg.n_experts)
+            w.add_expert_used_count(cfg.experts_top_k)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(tok["pre"])
         w.add_token_list(tok["tokens"])

@@ -176,7 +176,10 @@ LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "ffn_gate_inp": "mlp.gate",  # a mixture of experts' router
 }
+# A mixture of experts' matrices, stacked over the experts in GGUF as in lmforge (transformer.MoE; no `.weight`).
+EXPERT_NAMES = {"ffn_gate_exps": "mlp.gate_proj", "ffn_up_exps": "mlp.up_proj", "ffn_down_exps": "mlp.down_proj"}
 TOP_NAMES = {
     "token_embd.weight": "embed_tokens.weight",
     "output_norm.weight": "norm.weight",
@@ -192,6 +195,8 @@ def lmforge_name(gguf_name: str) -> str | None:
     m = _BLOCK.fullmatch(gguf_name)
     if m and m.group(2) in LAYER_NAMES:
         return f"layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in EXPERT_NAMES and m.group(3) == "weight":
+        return f"layers.{m.group(1)}.{EXPERT_NAMES[m.group(2)]}"
     return None
 
 
@@ -221,8 +226,11 @@ def config_from_gguf(meta: dict, where: Path, vocab_rows: int, tied: bool, qkv_b
             raise LmforgeError(f"{where}: metadata llama.{key} is missing")
         return value
 
-    if get("expert_count", 0):
-        raise LmforgeError(f"{where}: llama.expert_count={get('expert_count')}: mixture-of-experts is not supported")
+    experts = {}
+    if get("expert_count", 0):  # Mixtral as llama.cpp's converter writes it: softmax routing, top-k renormalized
+        if get("expert_gating_func", 1) != 1 or get("expert_shared_count", 0):
+            raise LmforgeError(f"{where}: only Mixtral-style experts are supported (softmax gating, no shared experts)")
+        experts = {"n_experts": int(get("expert_count")), "experts_top_k": int(get("expert_used_count"))}
     scaling = meta.get("llama.rope.scaling.type")
     if scaling not in (None, "none"):
         raise LmforgeError(f"{where}: llama.rope.scaling.type={scaling!r} is not supported (plain RoPE only)")
@@ -235,7 +243,7 @@ def config_from_gguf(meta: dict, where: Path, vocab_rows: int, tied: bool, qkv_b
         vocab_size=vocab_rows, n_layer=int(get("block_count")), d_model=d, n_head=n_head,
         n_kv_head=int(get("attention.head_count_kv", n_head)), d_ff=int(get("feed_forward_length")),
         max_seq_len=int(get("context_length")), rope_theta=_f32(get("rope.freq_base", 10000.0)),
-        norm_eps=_f32(get("attention.layer_norm_rms_epsilon")), tie_embeddings=tied, qkv_bias=qkv_bias,
+        norm_eps=_f32(get("attention.layer_norm_rms_epsilon")), tie_embeddings=tied, qkv_bias=qkv_bias, **experts,
     )  # fmt: skip
     try:
         return cfg.validate()

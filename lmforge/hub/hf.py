@@ -5,7 +5,9 @@
 
 lmforge's parameter names are HF Llama's without the leading `model.`, and its RoPE is HF's
 rotate-half layout, so weights map one to one: only names, the tied head and the config differ.
-Llama, Mistral and Qwen2 (q/k/v biases) are the same network for lmforge's purposes; anything
+Llama, Mistral and Qwen2 (q/k/v biases) are the same network for lmforge's purposes, and Mixtral is Mistral
+with lmforge's mixture-of-experts MLP (`n_experts`; Mixtral stores each expert's w1/w3/w2 matrices apart, lmforge
+stacks them: `moe_from_hf` / `moe_to_hf`); anything
 the lmforge model cannot compute exactly (RoPE scaling, a head_dim that is not hidden/heads, a
 non-SiLU MLP, an o_proj bias, a sliding window shorter than the context) is refused with a
 one-line error, except the sliding window, which caps `max_seq_len` (see `_sliding_window`).
@@ -25,7 +27,8 @@ from lmforge.hub.common import TURN_END_TOKENS, Imported, token_text
 from lmforge.model.transformer import ModelConfig
 from lmforge.tokenizer.special import CHAT_TEMPLATE, IM_END, IM_START
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "MixtralForCausalLM": "mixtral"}  # fmt: skip
 # Tokenizer files copied along with a model; anything else in the folder (READMEs, .bin, vocab.txt) is not.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -80,7 +83,7 @@ def config_from_hf(hf: dict, where: Path) -> tuple[ModelConfig, str, list[str]]:
     archs = hf.get("architectures") or [hf.get("model_type", "unknown")]
     arch = archs[0]
     if arch not in ARCHITECTURES:
-        raise LmforgeError(f"{where}: unsupported architecture {arch}; lmforge imports Llama, Mistral, Qwen2")
+        raise LmforgeError(f"{where}: unsupported architecture {arch}; lmforge imports Llama, Mistral, Qwen2, Mixtral")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if not isinstance(hf.get(key), int):
             raise LmforgeError(f"{where}: {key} is missing or not an integer")
@@ -107,13 +110,61 @@ def config_from_hf(hf: dict, where: Path) -> tuple[ModelConfig, str, list[str]]:
         pos_encoding="rope", rope_theta=_rope_theta(hf, where), norm="rmsnorm",
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="swiglu",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=arch == "Qwen2ForCausalLM",
-        init_std=float(hf.get("initializer_range", 0.02)),
+        init_std=float(hf.get("initializer_range", 0.02)), **_experts_from_hf(hf, arch, where),
     )  # fmt: skip
     try:
         cfg.validate()
     except LmforgeError as e:
         raise LmforgeError(f"{where}: {e}") from None
     return cfg, arch, notes
+
+
+def _experts_from_hf(hf: dict, arch: str, where: Path) -> dict:
+    """Mixtral's expert fields as ModelConfig fields ({} for a dense architecture)."""
+    if arch != "MixtralForCausalLM":
+        return {}
+    for key in ("num_local_experts", "num_experts_per_tok"):
+        if not isinstance(hf.get(key), int) or hf[key] < 1:
+            raise LmforgeError(f"{where}: {key} is missing or not a positive integer")
+    return {"n_experts": hf["num_local_experts"], "experts_top_k": hf["num_experts_per_tok"],
+            "moe_aux_coef": float(hf.get("router_aux_loss_coef", 0.02))}  # fmt: skip
+
+
+def moe_from_hf(tensors: dict[str, torch.Tensor], n_layer: int, n_experts: int, where: Path) -> dict[str, torch.Tensor]:
+    """Mixtral's expert weights as the hub stores them (and transformers 4 and 5 save them), `block_sparse_moe.gate`
+    and `block_sparse_moe.experts.{j}.w1/w3/w2` (each expert's gate, up, down), -> lmforge's stacked ones."""
+    out = dict(tensors)
+    for i in range(n_layer):
+        hf, mine = f"layers.{i}.block_sparse_moe.", f"layers.{i}.mlp."
+        if hf + "gate.weight" in out:
+            out[mine + "gate.weight"] = out.pop(hf + "gate.weight")
+        for hf_name, name in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            keys = [f"{hf}experts.{j}.{hf_name}.weight" for j in range(n_experts)]
+            missing = [k for k in keys if k not in out]
+            if len(missing) == len(keys):  # none of them: check_tensors names the stacked weight
+                continue
+            if missing:
+                raise LmforgeError(f"{where}: weight model.{missing[0]} is missing ({len(missing)} of layer {i}'s "
+                                   f"{n_experts} experts' {hf_name})")  # fmt: skip
+            out[mine + name] = torch.stack([out.pop(k) for k in keys])
+    return out
+
+
+def moe_to_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """lmforge's stacked expert weights -> Mixtral's hub layout (one w1/w3/w2 per expert), which transformers 4 and
+    5 and llama.cpp's converter all read; other tensors pass through."""
+    out = {}
+    for name, t in tensors.items():
+        layer, _, rest = name.partition(".mlp.")
+        if rest == "gate.weight":
+            out[f"{layer}.block_sparse_moe.gate.weight"] = t
+        elif rest in ("gate_proj", "up_proj", "down_proj") and t.dim() == 3:
+            hf_name = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}[rest]
+            for j in range(t.shape[0]):
+                out[f"{layer}.block_sparse_moe.experts.{j}.{hf_name}.weight"] = t[j].contiguous()
+        else:
+            out[name] = t
+    return out
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -220,6 +271,8 @@ def read_hf_folder(folder: Path) -> Imported:
     cfg, arch, notes = config_from_hf(hf, folder / "config.json")
     tokenizer_files = read_hf_tokenizer(folder, hf, cfg.vocab_size)  # first: cheap, so its errors come fast
     tensors = read_hf_tensors(folder, cfg.tie_embeddings)
+    if cfg.n_experts:
+        tensors = moe_from_hf(tensors, cfg.n_layer, cfg.n_experts, folder)
     source = {"kind": "hf", "path": str(folder.resolve()), "architecture": arch}
     return Imported(cfg, tensors, tokenizer_files, source, notes)
 
@@ -236,12 +289,15 @@ def unsupported_for_hf(cfg: ModelConfig) -> str | None:
     for name, value in defaults.items():
         if getattr(cfg, name) != value:
             return f"model.{name}={getattr(cfg, name)!r}"
+    if cfg.n_experts and cfg.qkv_bias:  # Mixtral, the one expert layout written, has no q/k/v biases
+        return f"model.qkv_bias=True with n_experts={cfg.n_experts}"
     return None
 
 
 def hf_config(cfg: ModelConfig, dtype_name: str, special_ids: dict[str, int | None]) -> tuple[dict, str]:
-    """(config.json dict, architecture): LlamaForCausalLM, or Qwen2ForCausalLM for q/k/v biases."""
-    arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    """(config.json dict, architecture): LlamaForCausalLM, Qwen2ForCausalLM for q/k/v biases, MixtralForCausalLM
+    for a mixture of experts."""
+    arch = "MixtralForCausalLM" if cfg.n_experts else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
     config = {
         "architectures": [arch],
         "model_type": ARCHITECTURES[arch],
@@ -270,14 +326,17 @@ def hf_config(cfg: ModelConfig, dtype_name: str, special_ids: dict[str, int | No
     }
     if arch == "LlamaForCausalLM":
         config.update(attention_bias=False, mlp_bias=False)
+    elif arch == "MixtralForCausalLM":
+        config.update(sliding_window=None, num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_top_k,
+                      router_aux_loss_coef=cfg.moe_aux_coef, output_router_logits=False, router_jitter_noise=0.0)  # fmt: skip
     else:
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
     return config, arch
 
 
 def hf_tensors(tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    """lmforge names -> HF names (`model.` prefix; `lm_head.weight` only when untied)."""
-    out = {("" if name == "lm_head.weight" else "model.") + name: t for name, t in tensors.items()}
+    """lmforge names -> HF names (`model.` prefix; `lm_head.weight` only when untied; experts as Mixtral's)."""
+    out = {("" if name == "lm_head.weight" else "model.") + name: t for name, t in moe_to_hf(tensors).items()}
     if tied:
         out.pop("lm_head.weight", None)
     return out
