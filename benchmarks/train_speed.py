@@ -26,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -92,14 +93,6 @@ def lmforge_tiny(a, **variant):
     return Transformer(cfg)
 
 
-def lmforge_qknorm(a):
-    return lmforge_tiny(a, qk_norm=True)
-
-
-def lmforge_untied(a):
-    return lmforge_tiny(a, tie_embeddings=False)
-
-
 def lmforge_gpt2(a):
     cfg = ModelConfig(
         vocab_size=a.vocab_size, n_layer=a.n_layer, d_model=a.d_model, n_head=a.n_head, max_seq_len=a.seq_len,
@@ -146,8 +139,8 @@ ROWS = [
     ("lmforge tiny, bf16 autocast, compiled", lmforge_tiny, True, True, SHIPPED, True),
     ("nanoGPT, bf16 autocast, compiled, fused AdamW", nanogpt, True, True, SHIPPED, True),
     # The speedrun's architecture variants (benchmarks/speedrun_cpu.py), to tell their step time from the machine's drift.
-    ("lmforge tiny + qk_norm, bf16 autocast, compiled", lmforge_qknorm, True, True, SHIPPED, True),
-    ("lmforge tiny, untied head, bf16 autocast, compiled", lmforge_untied, True, True, SHIPPED, True),
+    ("lmforge + qk_norm, bf16 autocast, compiled", partial(lmforge_tiny, qk_norm=True), True, True, SHIPPED, True),
+    ("lmforge untied, bf16 autocast, compiled", partial(lmforge_tiny, tie_embeddings=False), True, True, SHIPPED, True),
 ]
 
 

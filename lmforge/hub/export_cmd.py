@@ -7,8 +7,8 @@
 A LoRA run is exported with its adapter merged into the base (`checkpoint_tensors`, shared by both formats); a
 bottleneck-adapter run (`--adapter`) is refused: its adapters are nonlinear layers no Llama or GGUF layout has.
 `--format hf` writes model.safetensors (HF names, `lm_head` left out when tied), config.json (LlamaForCausalLM,
-Qwen2ForCausalLM for q/k/v biases, MixtralForCausalLM for a mixture of experts), generation_config.json (stopping at EOS and the chat turn end),
-tokenizer.json, tokenizer_config.json (with a chat template) and special_tokens_map.json; transformers
+Qwen2ForCausalLM for q/k/v biases, MixtralForCausalLM for a mixture of experts), generation_config.json
+(stopping at EOS and the chat turn end), tokenizer.json, tokenizer_config.json (with a chat template) and special_tokens_map.json; transformers
 loads the folder with no extra arguments. Models HF Llama cannot compute (ALiBi or other position
 encodings, LayerNorm, GELU, QK-norm, biases on every linear) are refused, naming the field.
 The embedding keeps its padded rows (lmforge rounds the vocabulary up to a multiple of 64):

@@ -29,6 +29,8 @@ from lmforge.tokenizer.special import CHAT_TEMPLATE, IM_END, IM_START
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "MixtralForCausalLM": "mixtral"}  # fmt: skip
+# lmforge's stacked expert matrices -> Mixtral's per-expert names (w1: gate, w3: up, w2: down).
+MIXTRAL_EXPERTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 # Tokenizer files copied along with a model; anything else in the folder (READMEs, .bin, vocab.txt) is not.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -138,7 +140,7 @@ def moe_from_hf(tensors: dict[str, torch.Tensor], n_layer: int, n_experts: int, 
         hf, mine = f"layers.{i}.block_sparse_moe.", f"layers.{i}.mlp."
         if hf + "gate.weight" in out:
             out[mine + "gate.weight"] = out.pop(hf + "gate.weight")
-        for hf_name, name in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+        for name, hf_name in MIXTRAL_EXPERTS.items():
             keys = [f"{hf}experts.{j}.{hf_name}.weight" for j in range(n_experts)]
             missing = [k for k in keys if k not in out]
             if len(missing) == len(keys):  # none of them: check_tensors names the stacked weight
@@ -158,10 +160,9 @@ def moe_to_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         layer, _, rest = name.partition(".mlp.")
         if rest == "gate.weight":
             out[f"{layer}.block_sparse_moe.gate.weight"] = t
-        elif rest in ("gate_proj", "up_proj", "down_proj") and t.dim() == 3:
-            hf_name = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}[rest]
+        elif rest in MIXTRAL_EXPERTS and t.dim() == 3:
             for j in range(t.shape[0]):
-                out[f"{layer}.block_sparse_moe.experts.{j}.{hf_name}.weight"] = t[j].contiguous()
+                out[f"{layer}.block_sparse_moe.experts.{j}.{MIXTRAL_EXPERTS[rest]}.weight"] = t[j].contiguous()
         else:
             out[name] = t
     return out
