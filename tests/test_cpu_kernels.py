@@ -48,6 +48,37 @@ def test_decode_attention_with_row_lengths_is_masked_sdpa():
             cpu_kernels.decode_attention(q, k, v, torch.tensor(bad))
 
 
+def test_decode_attention_reads_each_query_rows_slot():
+    """The engine's packed step: query rows of several cache slots, each at its own length (a prompt's tokens share
+    their slot at growing lengths), the same as SDPA on that slot's keys with the rest masked; a bad slot refused."""
+    torch.manual_seed(3)
+    S, H, Hk, D, L = 5, 6, 2, 32, 24
+    k, v = torch.randn(S, Hk, L + 3, D)[:, :, :L], torch.randn(S, Hk, L + 3, D)[:, :, :L]
+    slots, lengths = torch.tensor([3, 0, 3, 3, 4]), torch.tensor([9, 24, 10, 11, 1])
+    q = torch.randn(len(slots), H, D)
+    mask = torch.arange(L)[None, None, None, :] < lengths[:, None, None, None]
+    ref = F.scaled_dot_product_attention(q[:, :, None], k[slots], v[slots], attn_mask=mask, enable_gqa=True)[:, :, 0]
+    assert torch.allclose(cpu_kernels.decode_attention(q, k, v, lengths, slots), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="slot"):
+        cpu_kernels.decode_attention(q, k, v, lengths, torch.tensor([3, 0, 5, 3, 4]))
+
+
+def test_decode_attention_threads_split_rows_and_heads_exactly():
+    """Enough work to wake the OpenMP threads (B * H pairs split between them): the same numbers as one thread."""
+    torch.manual_seed(2)
+    B, H, Hk, D, L = 16, 9, 3, 64, 120
+    k, v, q = torch.randn(B, Hk, L + 5, D)[:, :, :L], torch.randn(B, Hk, L + 5, D)[:, :, :L], torch.randn(B, H, D)
+    lengths = torch.randint(1, L + 1, (B,))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.decode_attention(q, k, v, lengths)
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(cpu_kernels.decode_attention(q, k, v, lengths), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("B,shared", [(1, True), (3, True), (3, False)])
 def test_rope_is_apply_rope_bit_for_bit(B, shared):
     """On the q/k heads of a fused q/k/v row (a strided view), with one position for all rows or one per row."""

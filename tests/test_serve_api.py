@@ -358,3 +358,11 @@ def test_serve_command_refuses_bad_settings_in_one_line(base_run, capsys):
         assert main(["serve", str(base_run), "--port", str(busy.getsockname()[1])]) == 2
     err = capsys.readouterr().err
     assert "cannot listen on 127.0.0.1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_auto_threads_gives_big_models_every_core():
+    from lmforge.serve.serve_cmd import auto_threads
+
+    assert auto_threads(2, 135_000_000) == 2  # SmolLM2-135M: the products decide a step
+    assert auto_threads(2, 4_300_000) == 1  # the demo model: the HTTP side needs the other core
+    assert auto_threads(1, 4_300_000) == 1 and auto_threads(16, 1_000_000) == 15

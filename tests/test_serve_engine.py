@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.model import cpu_kernels
 from lmforge.serve.engine import Engine, QueueFull, Request, Sampling
 from lmforge.serve.generate import generate
 from tests.test_generate import PROMPTS, VARIANTS, tiny, variant
@@ -53,11 +54,16 @@ def request(prompt, sink=None, **sampling):
 
 
 @pytest.mark.parametrize("pos", ["rope", "learned", "alibi", "sinusoidal"])
-@pytest.mark.parametrize("fused", [True, False])
-def test_greedy_equals_generate_alone_when_batched_chunked_and_admitted_midway(pos, fused):
+@pytest.mark.parametrize("mode", ["packed", "fused", "unfused"])
+def test_greedy_equals_generate_alone_when_batched_chunked_and_admitted_midway(pos, mode):
+    """packed: decode rows and prompt chunks in one pass (the default where the C kernels run; ALiBi falls back to
+    the next); fused: a prefill forward, then the fused decode step; unfused: the model's own forward for both."""
     model = tiny(pos)
     for max_batch, chunk, stagger in ((2, 4, 0), (3, 5, 3), (8, 256, 1)):
-        engine = Engine(model, max_batch=max_batch, max_context=64, prefill_chunk=chunk, fused=fused)
+        engine = Engine(model, max_batch=max_batch, max_context=64, prefill_chunk=chunk, fused=mode != "unfused",
+                        packed=mode == "packed")  # fmt: skip
+        if mode == "packed" and cpu_kernels.loaded() is not None:
+            assert engine.packed == (pos != "alibi")
         reqs = [request(p, max_tokens=10 + i, temperature=0) for i, p in enumerate(MORE)]
         run(engine, reqs, stagger)
         for i, (p, r) in enumerate(zip(MORE, reqs)):

@@ -183,25 +183,41 @@ int lmf_rms_norm(const float* x, int64_t M, int64_t K, const float* w, float eps
 }
 
 /* Softmax attention of one query per head over the first L cached positions (or lens[b] of row b's, where lens is
- * given: the serving engine's rows, each at its own length), for B rows: q (B, H, D) contiguous; k, v (B, Hk, *, D)
- * with strides (kb, kh, D, 1) in elements (the KV cache's layout); head h reads kv head h / (H / Hk) (grouped-query
- * attention); out (B, H, D). scale multiplies q.k. Returns 3, before reading any key, for a length outside 1..L. */
+ * given: the serving engine's rows, each at its own length), for B rows: q (B, H, D) contiguous; k, v (*, Hk, *, D)
+ * with strides (kb, kh, D, 1) in elements (the KV cache's layout); query row b reads cache row b, or slots[b] where
+ * slots is given (the engine's packed step: decode rows and prompt tokens of several slots in one call, each prompt
+ * token at its own length); head h reads kv head h / (H / Hk) (grouped-query attention); out (B, H, D). scale
+ * multiplies q.k. Returns 3, before reading any key, for a length outside 1..L, 4 for a slot outside 0..S-1.
+ * The B * H (row, head) pairs are split over `threads` OpenMP threads when there is enough work to pay for waking
+ * them (a SmolLM2 16-row step: 144 pairs over ~100 keys each); each pair's arithmetic is the same either way. */
 int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64_t D, const float* k, const float* v,
-                         int64_t kb, int64_t kh, int64_t L, const int64_t* lens, float scale, float* out) {
+                         int64_t kb, int64_t kh, int64_t L, const int64_t* lens, const int64_t* slots, int64_t S,
+                         float scale, float* out, int threads) {
 #if ISA
-  float* p = (float*)malloc((size_t)L * sizeof(float));
-  if (!p) return 1;
-  int64_t group = H / Hk;
+  int64_t group = H / Hk, keys = 0;
   for (int64_t b = 0; b < B; b++) {
     int64_t n = lens ? lens[b] : L;
-    if (n < 1 || n > L) {
-      free(p);
-      return 3;
+    if (n < 1 || n > L) return 3;
+    if (slots && (slots[b] < 0 || slots[b] >= S)) return 4;
+    keys += n;
+  }
+  int fail = 0;
+  int par = threads > 1 && keys * H * D >= (1 << 16);
+#pragma omp parallel num_threads(threads) if (par)
+  {
+    float* p = (float*)malloc((size_t)L * sizeof(float));
+    if (!p) {
+#pragma omp atomic write
+      fail = 1;
     }
-    for (int64_t h = 0; h < H; h++) {
-      const float* qh = q + (b * H + h) * D;
-      const float* kh0 = k + b * kb + (h / group) * kh;
-      const float* vh0 = v + b * kb + (h / group) * kh;
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+      if (!p) continue;
+      int64_t b = bh / H, h = bh % H;
+      int64_t n = lens ? lens[b] : L, row = slots ? slots[b] : b;
+      const float* qh = q + bh * D;
+      const float* kh0 = k + row * kb + (h / group) * kh;
+      const float* vh0 = v + row * kb + (h / group) * kh;
       float mx = -INFINITY;
       for (int64_t t = 0; t < n; t++) {
         p[t] = scale * dot(qh, kh0 + t * D, D);
@@ -212,7 +228,7 @@ int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64
         p[t] = expf(p[t] - mx);
         sum += p[t];
       }
-      float* o = out + (b * H + h) * D;
+      float* o = out + bh * D;
       for (int64_t d = 0; d < D; d++) o[d] = 0.f;
       for (int64_t t = 0; t < n; t++) {
         const float* vt = vh0 + t * D;
@@ -228,12 +244,12 @@ int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64
         for (int64_t d = dv; d < D; d++) o[d] += pt * vt[d];
       }
     }
+    free(p);
   }
-  free(p);
-  return 0;
+  return fail;
 #else
   (void)q; (void)B; (void)H; (void)Hk; (void)D; (void)k; (void)v; (void)kb; (void)kh; (void)L; (void)lens;
-  (void)scale; (void)out;
+  (void)slots; (void)S; (void)scale; (void)out; (void)threads;
   return 2;
 #endif
 }

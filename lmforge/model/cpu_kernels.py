@@ -83,11 +83,11 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib = ctypes.CDLL(str(target))
     if lib.lmf_isa() == 0:
         return None, "the CPU has neither AVX-512 nor AVX2+FMA"
-    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     signatures = {
-        "lmf_int8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int],
+        "lmf_int8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
         "lmf_rms_norm": [ptr, i64, i64, ptr, f32, ptr],
-        "lmf_decode_attention": [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, f32, ptr],
+        "lmf_decode_attention": [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, i64, f32, ptr, i32],
         "lmf_rope": [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr],
     }
     for name, args in signatures.items():
@@ -133,6 +133,8 @@ def _lib():
 def _check(code: int, what: str) -> None:
     if code == 3:
         raise ValueError(f"{what}: a row length outside 1..the keys given")
+    if code == 4:
+        raise ValueError(f"{what}: a slot outside the cache's rows")
     if code:  # 1: malloc failed; 2: built without a vector path (loaded() refuses those)
         raise MemoryError(f"{what} failed with code {code} (1: out of memory for its scratch buffer)")
 
@@ -158,13 +160,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None):
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+) -> torch.Tensor:
     """q (B, H, D) float32 against k, v (B, Hk, L, D) float32 (views of a KV cache: their last dim contiguous, the
     same strides) -> (B, H, D): softmax(q k^T / sqrt(D)) v per head, head h reading kv head h // (H // Hk); what
     F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True) gives with no mask. `lengths` (B,) int64:
-    row b sees its first lengths[b] keys only (as a mask hiding the rest would)."""
+    row b sees its first lengths[b] keys only (as a mask hiding the rest would). `slots` (B,) int64: query row b reads
+    cache row slots[b] of k, v (S, Hk, L, D) instead of row b (the serving engine's packed step)."""
     B, H, D = q.shape
-    Hk, L = k.shape[1], k.shape[2]
+    S, Hk, L = k.shape[0], k.shape[1], k.shape[2]
     q = q.contiguous()
     out = torch.empty_like(q)
     kb, kh, kt, kd = k.stride()
@@ -172,8 +181,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     if lengths is not None:  # each in 1..L: checked by the kernel (code 3), without a sync per layer here
         lengths = lengths.to(torch.int64).contiguous()
         assert lengths.shape == (B,)
+    if slots is not None:  # each in 0..S-1: checked by the kernel (code 4)
+        slots = slots.to(torch.int64).contiguous()
+        assert slots.shape == (B,)
+    else:
+        assert S == B, "one cache row per query row, or slots"
     code = _lib().lmf_decode_attention(q.data_ptr(), B, H, Hk, D, k.data_ptr(), v.data_ptr(), kb, kh, L,
-                                       None if lengths is None else lengths.data_ptr(), D**-0.5, out.data_ptr())  # fmt: skip
+                                       None if lengths is None else lengths.data_ptr(),
+                                       None if slots is None else slots.data_ptr(), S, D**-0.5, out.data_ptr(),
+                                       torch.get_num_threads())  # fmt: skip
     _check(code, "decode_attention")
     return out
 

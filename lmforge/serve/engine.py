@@ -128,14 +128,19 @@ class _Rows:
     def __init__(self, cache: SlotCache, n: int, first: int = 0, T: int = 1):
         self.cache, self.first, self.n = cache, first, n
         self.length = cache.lengths[first : first + n].clone()  # the model reads it as `start`, adds T after
-        self._rows = torch.arange(first, first + n, device=self.length.device)[:, None]
-        self._cols = self.length[:, None] + torch.arange(T, device=self.length.device)  # (n, T)
-        self._end = int(self.length.max()) + T
+        dev, (_, _, Hk, L, D) = self.length.device, cache.k.shape
+        rows = torch.arange(first, first + n, device=dev)[:, None, None]
+        cols = self.length[:, None, None] + torch.arange(T, device=dev)  # (n, 1, T)
+        # Where each new (row, kv head, position) lands in a layer's cache seen as (slots * Hk * L, D) rows: one
+        # index_copy_ per layer instead of an advanced-index assignment (which rebuilds its indices on every call).
+        self._at = ((rows * Hk + torch.arange(Hk, device=dev)[:, None]) * L + cols).reshape(-1)
+        self._end, self._D = int(self.length.max()) + T, D
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (n, kv heads, T, head dim) -> the rows' keys and values so far (views of the cache)."""
         c, rows = self.cache, slice(self.first, self.first + self.n)
-        c.k[layer, self._rows, :, self._cols] = k.transpose(1, 2)  # (n, T, kv heads, head dim)
-        c.v[layer, self._rows, :, self._cols] = v.transpose(1, 2)
+        c.k[layer].view(-1, self._D).index_copy_(0, self._at, k.reshape(-1, self._D))
+        c.v[layer].view(-1, self._D).index_copy_(0, self._at, v.reshape(-1, self._D))
         return c.k[layer, rows, :, : self._end], c.v[layer, rows, :, : self._end]
 
 
@@ -192,7 +197,7 @@ class Engine:
 
     def __init__(self, model: Transformer, *, max_batch: int = 16, max_context: int | None = None,
                  prefill_chunk: int = 256, max_queue: int = 256, prefix_cache: int = 4096,
-                 fused: bool = True):  # fmt: skip
+                 fused: bool = True, packed: bool = True):  # fmt: skip
         max_context = max_context or model.cfg.max_seq_len
         if not 1 <= max_context <= model.cfg.max_seq_len:
             raise LmforgeError(f"--max-context ({max_context}) must be in 1..{model.cfg.max_seq_len} (the model's)")
@@ -211,6 +216,9 @@ class Engine:
         # run the same kernels at any batch: no second layout.
         small = weight_bytes(model) <= 1 << 30 and not is_quantized(model)
         self.decoder1 = FusedDecoder(model, 1) if use_fused and max_batch > 1 and small else None
+        # One pass per step for decode rows and prompt chunks together where the C attention kernel runs (the rest:
+        # a prefill forward, then a decode step)
+        self.packed = packed and self.decoder is not None and self.decoder.supports_packed()
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # running[i] holds slot i
         self.lock = threading.Lock()
@@ -312,17 +320,56 @@ class Engine:
                 self.running.append(req)
         if not self.running:
             return False
-        self._prefill()
-        ready = [r for r in self.running if r.next_token is not None]
-        if ready:
-            self._decode()
+        if self.packed:
+            self._packed_step()
+        else:
+            self._prefill()
+            if any(r.next_token is not None for r in self.running):
+                self._decode()
         self.stats["steps"] += 1
         if self.on_step is not None:
             self.on_step(len(self.running), time.perf_counter() - t0)
         return True
 
-    def _prefill(self) -> None:
-        """Prefill up to `prefill_chunk` prompt tokens: prompts in consecutive slots in one forward each run."""
+    def _packed_step(self) -> None:
+        """Decode every ready row and prefill up to `prefill_chunk` prompt tokens in one pass (`FusedDecoder.packed`):
+        each matrix product reads its weights once for both, where the two-forward step read them twice (a SmolLM2
+        step is bound by that) and ran the prefill through the model's unfused forward (most of a tiny model's step)."""
+        ready = [r for r in self.running if r.next_token is not None]
+        work = self._prefill_work()
+        lengths = self.cache.lengths.tolist()
+        tok = [r.next_token for r in ready]
+        slots = [r.slot for r in ready]
+        pos = [lengths[r.slot] for r in ready]
+        logits_at, finished = list(range(len(ready))), []
+        for req, chunk in work:
+            tok += chunk
+            slots += [req.slot] * len(chunk)
+            pos += range(req.prefilled, req.prefilled + len(chunk))
+            req.prefilled += len(chunk)
+            self.cache.lengths[req.slot] = req.prefilled
+            if req.prefilled == len(req.prompt):
+                logits_at.append(len(tok) - 1)
+                finished.append(req)
+        dev = self.device
+        decoder = self.decoder1 if len(tok) == 1 and self.decoder1 is not None else self.decoder
+        logits = decoder.packed(torch.tensor(tok, device=dev), torch.tensor(slots, device=dev),
+                                     torch.tensor(pos, device=dev), self.cache.k, self.cache.v,
+                                     torch.tensor(logits_at, dtype=torch.long, device=dev))  # fmt: skip
+        for r in ready:
+            self.cache.lengths[r.slot] += 1
+            r.next_token = None
+        self.stats["decode_rows"] += len(ready)
+        self.stats["prefill_tokens"] += len(tok) - len(ready)
+        for req in finished:
+            if self.prefixes is not None:
+                self.prefixes.store(req.prompt, self.cache, req.slot)
+            self._start_penalties(req)
+        self._emit(ready + finished, logits)
+
+    def _prefill_work(self) -> list[tuple[Request, list[int]]]:
+        """The prompt chunks this step prefills, at most `prefill_chunk` tokens in all, in slot order; a prompt whose
+        start is in the prefix cache gets it copied into its slot first and prefills only the rest."""
         budget, work = self.prefill_chunk, []
         for req in self.running:
             if budget == 0:
@@ -339,7 +386,11 @@ class Engine:
             chunk = req.prompt[req.prefilled : req.prefilled + budget]
             budget -= len(chunk)
             work.append((req, chunk))
-        work.sort(key=lambda w: w[0].slot)
+        return sorted(work, key=lambda w: w[0].slot)
+
+    def _prefill(self) -> None:
+        """Prefill this step's prompt chunks (no packed step): prompts in consecutive slots in one forward each run."""
+        work = self._prefill_work()
         runs = [[work[0]]] if work else []
         for w in work[1:]:
             if w[0].slot == runs[-1][-1][0].slot + 1:

@@ -173,9 +173,62 @@ class FusedDecoder:
         positions (B,): position ids (left-padded rows); key_mask (B, cache.length + 1): True at real tokens.
         """
         m, cfg = self.model, self.cfg
-        B, H, Hk, D = tok.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
         start = cache.length
-        pos = start if positions is None else positions
+        x, rope = self._embed(tok, start if positions is None else positions)
+        # The serving engine's rows, each at its own length: their mask only hides keys past a row's own, which the C
+        # attention does from the lengths (left padding, a key_mask, or ALiBi's biases keep the mask and SDPA).
+        per_row = isinstance(start, torch.Tensor) and key_mask is None and cfg.pos_encoding != "alibi"
+        row_lengths = start + 1 if per_row and self.c_kernels else None
+        mask = None if row_lengths is not None else m._attn_mask(len(tok), 1, start, key_mask, None, x.device, x.dtype)
+
+        def attend(layer, q, k, v):
+            k, v = cache.update(layer, k[:, :, None], v[:, :, None])
+            if self.c_kernels and mask is None:  # lmforge's C kernel: every cached key, or each row's own
+                return cpu_kernels.decode_attention(q, k, v, row_lengths)
+            return F.scaled_dot_product_attention(
+                q[:, :, None], k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
+            )
+
+        x = self._layers(x, rope, attend)
+        cache.length += 1
+        return self.head(self.norm(x))
+
+    def packed(
+        self,
+        tok: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        logits_at: torch.Tensor,
+    ) -> torch.Tensor:
+        """Tokens of several KV-cache slots in one pass, each at its own position: the serving engine's step, where
+        the decode rows' next tokens and the chunks of prompts being prefilled share every matrix product.
+
+        tok, slots, positions (N,); k_cache, v_cache (n_layer, slots, Hk, L, D), written at (slot, position) for
+        every token before the layer's attention, so a prompt token sees its slot's earlier keys, its own chunk's
+        included (causal), and no other slot's. Returns the logits (len(logits_at), V) of the rows `logits_at`.
+        Needs the C attention kernel and no ALiBi (`supports_packed`).
+        """
+        x, rope = self._embed(tok, positions)
+        Hk, L, D = k_cache.shape[2:]
+        at = ((slots[:, None] * Hk + torch.arange(Hk, device=tok.device)) * L + positions[:, None]).reshape(-1)
+        lengths = positions + 1
+
+        def attend(layer, q, k, v):
+            k_cache[layer].view(-1, D).index_copy_(0, at, k.reshape(-1, D))
+            v_cache[layer].view(-1, D).index_copy_(0, at, v.reshape(-1, D))
+            return cpu_kernels.decode_attention(q, k_cache[layer], v_cache[layer], lengths, slots)
+
+        x = self._layers(x, rope, attend)
+        return self.head(self.norm(x[logits_at]))
+
+    def supports_packed(self) -> bool:
+        return self.c_kernels and self.cfg.pos_encoding != "alibi"
+
+    def _embed(self, tok: torch.Tensor, pos) -> tuple[torch.Tensor, tuple | None]:
+        """Token embeddings (B, d) (plus the position table's rows) and RoPE's cos/sin for positions `pos`."""
+        m, cfg = self.model, self.cfg
         emb = m.embed_tokens  # (B, d): one token per row, no time axis
         x = emb.weight.index_select(0, tok) if isinstance(emb, nn.Embedding) else emb(tok)
         rope = None
@@ -183,11 +236,13 @@ class FusedDecoder:
             x = x + self.table[pos]
         elif cfg.pos_encoding == "rope":  # (1, D) or (B, 1, D): broadcast over the heads of (B, H, D)
             rope = (m.rope_cos[pos][..., None, :], m.rope_sin[pos][..., None, :])
-        # The serving engine's rows, each at its own length: their mask only hides keys past a row's own, which the C
-        # attention does from the lengths (left padding, a key_mask, or ALiBi's biases keep the mask and SDPA).
-        per_row = isinstance(start, torch.Tensor) and key_mask is None and cfg.pos_encoding != "alibi"
-        row_lengths = start + 1 if per_row and self.c_kernels else None
-        mask = None if row_lengths is not None else m._attn_mask(B, 1, start, key_mask, None, x.device, x.dtype)
+        return x, rope
+
+    def _layers(self, x: torch.Tensor, rope, attend: Callable) -> torch.Tensor:
+        """The blocks on x (B, d), one token per row; attend(layer, q, k, v) with q (B, H, D), k and v (B, Hk, D)
+        stores the keys and values where they belong and returns the attention's output (B, H, D)."""
+        cfg = self.cfg
+        B, H, Hk, D = x.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
         for layer, (block, norm1, norm2, qkv, o_proj, up_proj, down_proj, gated) in enumerate(self.layers):
             h = qkv(norm1(x)).view(B, H + 2 * Hk, D)
             if rope is not None and not cfg.qk_norm:  # `rotate` is apply_rope on each: here on both at once
@@ -195,17 +250,12 @@ class FusedDecoder:
                 q, k = qk[:, :H], qk[:, H:]
             else:
                 q, k = block.self_attn.rotate(h[:, :H], h[:, H : H + Hk], rope)
-            k, v = cache.update(layer, k[:, :, None], h[:, H + Hk :, None])
-            if self.c_kernels and mask is None:  # lmforge's C kernel: every cached key, or each row's own
-                y = cpu_kernels.decode_attention(q, k, v, row_lengths)
-            else:
-                y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=Hk != H)
-            x = o_proj(y.view(B, H * D), residual=x)
+            y = attend(layer, q, k, h[:, H + Hk :])
+            x = o_proj(y.reshape(B, H * D), residual=x)
             h = up_proj(norm2(x))
             gate, up = h.chunk(2, dim=-1) if gated else (None, h)
             x = down_proj(block.mlp.act(gate, up), residual=x)
-        cache.length += 1
-        return self.head(self.norm(x))
+        return x
 
 
 def _sampler(temperature, top_k, top_p, repetition_penalty, generator):

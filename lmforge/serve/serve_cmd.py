@@ -47,7 +47,7 @@ class ServeConfig:
     prefix_cache: int = 4096
     max_body: int = 1 << 20  # largest request body in bytes (larger: 413)
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, mps
-    # CPU threads for the model's math (0 = all cores but one, which the HTTP side and local clients need)
+    # CPU threads for the model's math (0 = auto: all cores for a model of 32M+ parameters, all but one below)
     threads: int = 0
     log_level: str = "info"  # uvicorn's: critical, error, warning, info, debug
     # a retrieval index (lmforge rag index): each chat request's last user turn gets its top passages, numbered for
@@ -85,8 +85,6 @@ def serve(cfg: ServeConfig) -> int:
     from lmforge.serve.api import create_app, load_served
 
     cfg = cfg.validate()
-    # With every core in the model's thread pool, each matrix product waits on the thread that the HTTP loop or a
-    # client has preempted: on 2 cores, one thread served 15-20% more tokens/s at 16 clients (BENCHMARKS.md).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
     torch.set_num_threads(cfg.threads or max(1, cores - 1))
     key = cfg.api_key or os.environ.get("LMFORGE_API_KEY") or None
@@ -95,6 +93,8 @@ def serve(cfg: ServeConfig) -> int:
                          max_queue=cfg.max_queue, prefix_cache=cfg.prefix_cache, api_key=key,
                          max_body=cfg.max_body, rag=cfg.rag, rag_k=cfg.rag_k)  # fmt: skip
     eng = served.engine
+    if not cfg.threads:
+        torch.set_num_threads(auto_threads(cores, sum(p.numel() for p in eng.model.parameters())))
     mib = 2 * eng.cache.k.numel() * eng.cache.k.element_size() / 2**20
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -111,3 +111,14 @@ def serve(cfg: ServeConfig) -> int:
     config = uvicorn.Config(create_app(served), log_level=cfg.log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def auto_threads(cores: int, params: int) -> int:
+    """The model's thread count for `--threads 0`: all cores when its matrix products decide a step, all but one when
+    the per-token work of the HTTP side and of local clients does.
+
+    Measured on a 2-core Xeon at 16 streaming clients (BENCHMARKS.md, "Serving"): SmolLM2-135M served 1.36-1.41x
+    more tokens/s with 2 threads than with 1 (a 16-row step is ~4 GFLOP of products); the 4.3M-parameter demo model
+    5% fewer (its step is ~1 ms, and the spare core runs the HTTP loop and the clients).
+    """
+    return cores if params >= 32_000_000 else max(1, cores - 1)
