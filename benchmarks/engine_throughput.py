@@ -1,12 +1,15 @@
 """The serving engine's own throughput, without HTTP: `--clients` requests kept in flight, tokens/s.
 
     python benchmarks/engine_throughput.py --model runs/demo/sft --requests 160 --max-tokens 8 --rounds 5
+    python benchmarks/engine_throughput.py --model /tmp/smol --requests 32 --max-tokens 56 --threads 2 --rounds 3
 
-What `lmforge serve` can give at most on one core (the server runs the engine on cores - 1 threads; here 1), and an
-A/B of the fused decode step's product layout: "pack all" packs every fp32 weight with oneDNN for the batch (the
-layout before session 18), "rule" is `_Proj`'s rule (lmforge/serve/generate.py: under MKL, only weights of at least
-`PACK_MIN` elements). Prompts: 30 fixed token ids each, distinct per request (so the prefix cache stores but does
-not hit); greedy, no stop tokens, so every request decodes exactly --max-tokens. Interleaved rounds, medians.
+What `lmforge serve` can give at most on `--threads` threads, and A/Bs of the engine step: "packed" is the default
+step (decode rows and prompt chunks in one pass, lmforge/serve/engine.py `_packed_step`), "two-pass" the step before
+session 20 (a prefill forward through the model, then the fused decode step), "pack all" the two-pass step with every
+fp32 weight packed by oneDNN (the layout before session 18; "rule" packs only weights of `PACK_MIN` elements or more
+under MKL, lmforge/serve/generate.py `_Proj`). Prompts: 30 fixed token ids each, distinct per request (so the prefix
+cache stores but does not hit); greedy, no stop tokens, so every request decodes exactly --max-tokens. Interleaved
+rounds, medians.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from lmforge.serve.engine import Engine, Request, Sampling
 from lmforge.train.checkpoint import load_for_inference
 
 
-def tokens_per_s(model, requests: int, clients: int, max_tokens: int, pack_min: int, max_batch: int) -> float:
+def tokens_per_s(model, requests: int, clients: int, max_tokens: int, pack_min: int, packed: bool,
+                 max_batch: int) -> float:  # fmt: skip
     gen.PACK_MIN = pack_min  # read when the engine builds its FusedDecoder
-    engine = Engine(model, max_batch=max_batch, max_context=min(256, model.cfg.max_seq_len))
+    engine = Engine(model, max_batch=max_batch, max_context=min(1024, model.cfg.max_seq_len), packed=packed)
     V = model.cfg.vocab_size
     got: list[int] = []
 
@@ -51,17 +55,20 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", default="two-pass,packed", help="of: pack all, two-pass, packed (the first: 1x)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = load_for_inference(a.model)[0].eval()
-    variants = {"pack all": 0, "rule": gen.PACK_MIN}
-    res: dict[str, list[float]] = {k: [] for k in variants}
+    variants = {"pack all": (0, False), "two-pass": (gen.PACK_MIN, False), "packed": (gen.PACK_MIN, True)}
+    chosen = {k: variants[k] for k in a.variants.split(",")}
+    res: dict[str, list[float]] = {k: [] for k in chosen}
     for _ in range(a.rounds):
-        for k, pack_min in variants.items():
-            res[k].append(tokens_per_s(model, a.requests, a.clients, a.max_tokens, pack_min, a.max_batch))
+        for k, (pack_min, packed) in chosen.items():
+            res[k].append(tokens_per_s(model, a.requests, a.clients, a.max_tokens, pack_min, packed, a.max_batch))
+    base = statistics.median(next(iter(res.values())))
     for k, v in res.items():
-        print(f"{k}: {statistics.median(v):.1f} tok/s (rounds {[round(x) for x in v]})")
-    print(f"rule / pack all: {statistics.median(res['rule']) / statistics.median(res['pack all']):.2f}x")
+        med = statistics.median(v)
+        print(f"{k}: {med:.1f} tok/s (rounds {[round(x) for x in v]}), {med / base:.2f}x")
 
 
 if __name__ == "__main__":

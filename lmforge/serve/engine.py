@@ -22,8 +22,13 @@ keys, at its own positions). Each step:
      cache (`PrefixCache`) prefills only the rest;
   3. runs one decode step for every row whose prompt is in, samples each row with its own settings
      and generator, and retires rows that hit a stop token, a stop string, max_tokens or the context.
-A row still being prefilled rides along in the decode forward (its output is ignored and the key it
-writes is overwritten by its next chunk), which keeps the batch contiguous.
+Where the fused decode step and lmforge's C attention kernel run (CPU, float32, no ALiBi), steps 2 and 3 are
+one pass (`_packed_step`, `FusedDecoder.packed`): the decode rows' next tokens and the prompt chunks go
+through every matrix product together, each token writing its key and value at its own slot and position
+and attending to its own slot only, so the weights are read once per step (as vLLM's chunked prefill
+mixes prefill and decode in one batch). Elsewhere the prefill is its own forward (prompts in consecutive
+slots right-padded into one), and a row still being prefilled rides along in the decode forward (its
+output is ignored and the key it writes is overwritten by its next chunk), which keeps the batch contiguous.
 
 A request alone gives the same tokens as `lmforge generate` with the same seed and settings (greedy:
 identical tokens, tests/test_serve_engine.py), batched or not, up to float rounding in batched matmuls.
