@@ -88,6 +88,7 @@ class Request:
     stop_check: Callable[[int], bool] | None = None
     # engine state
     slot: int = -1
+    seq: int = 0  # admission order
     prefilled: int = 0
     output: list[int] = field(default_factory=list)
     next_token: int | None = None  # sampled, not yet fed back
@@ -226,6 +227,7 @@ class Engine:
         self.packed = packed and self.decoder is not None and self.decoder.supports_packed()
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # running[i] holds slot i
+        self.admitted = itertools.count()
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
@@ -313,15 +315,23 @@ class Engine:
             # Admit only what this step's prefill budget covers (at least one request): a row admitted and not yet
             # prefilled would ride along in every decode step for nothing (a burst of 64 requests cost a 64-row
             # decode per step while they were prefilled a few at a time).
+            # A prompt's cached start is copied in at admission, so the budget counts only what is left to prefill.
             budget = self.prefill_chunk - sum(len(r.prompt) - r.prefilled for r in self.running)
             while self.waiting and len(self.running) < self.max_batch:
                 req = self.waiting[0]
-                if len(req.prompt) > budget and budget < self.prefill_chunk:
+                cached = self.prefixes.lookup(req.prompt) if self.prefixes is not None else None
+                todo = len(req.prompt) - (cached[2] if cached is not None else 0)
+                if todo > budget and budget < self.prefill_chunk:
                     break
                 self.waiting.popleft()
-                budget -= len(req.prompt)
-                req.slot, req.prefilled = len(self.running), 0
+                budget -= todo
+                req.slot, req.prefilled, req.seq = len(self.running), 0, next(self.admitted)
                 self.cache.lengths[req.slot] = 0
+                if cached is not None:
+                    k, v, n = cached
+                    self.cache.k[:, req.slot, :, :n] = k
+                    self.cache.v[:, req.slot, :, :n] = v
+                    self.cache.lengths[req.slot] = req.prefilled = n
                 self.running.append(req)
         if not self.running:
             return False
@@ -373,21 +383,12 @@ class Engine:
         self._emit(ready + finished, logits)
 
     def _prefill_work(self) -> list[tuple[Request, list[int]]]:
-        """The prompt chunks this step prefills, at most `prefill_chunk` tokens in all, in slot order; a prompt whose
-        start is in the prefix cache gets it copied into its slot first and prefills only the rest."""
+        """The prompt chunks this step prefills, at most `prefill_chunk` tokens in all, oldest admission first (slots
+        get reordered as requests retire), returned in slot order."""
         budget, work = self.prefill_chunk, []
-        for req in self.running:
+        for req in sorted((r for r in self.running if r.prefilled < len(r.prompt)), key=lambda r: r.seq):
             if budget == 0:
                 break
-            if req.prefilled == len(req.prompt):
-                continue
-            if req.prefilled == 0 and self.prefixes is not None:
-                found = self.prefixes.lookup(req.prompt)
-                if found is not None:  # the prompt's start is cached: copy it, prefill the rest
-                    k, v, n = found
-                    self.cache.k[:, req.slot, :, :n] = k
-                    self.cache.v[:, req.slot, :, :n] = v
-                    self.cache.lengths[req.slot] = req.prefilled = n
             chunk = req.prompt[req.prefilled : req.prefilled + budget]
             budget -= len(chunk)
             work.append((req, chunk))
