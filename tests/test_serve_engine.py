@@ -197,15 +197,16 @@ def test_the_engine_thread_serves_concurrent_submitters():
 
 def test_a_cached_prompt_start_is_reused_and_gives_the_same_tokens():
     model = tiny()
-    system = list(range(3, 40))  # a 37-token "system prompt": two 16-token blocks are cached
-    prompts = [system + [50, 51], system + [60], system[:20] + [70, 71, 72], [9] + system]
+    system = list(range(3, 40))  # a 37-token "system prompt"
+    prompts = [system + [50, 51], system + [60], system[:20] + [70, 71, 72], [9] + system, system + [60]]
     engine = Engine(model, max_batch=2, max_context=64, prefill_chunk=8)
     reqs = [request(p, max_tokens=10, temperature=0) for p in prompts]
     run(engine, reqs, stagger=4)
     assert [r.on_event.tokens for r in reqs] == [generate(model, [p], 10, temperature=0)[0] for p in prompts]
     cache = engine.prefixes
-    assert (cache.hits, cache.hit_tokens) == (2, 32 + 16)  # the second prompt: 32 tokens; the third: 16; the last: 0
-    assert engine.stats["prefill_tokens"] == sum(map(len, prompts)) - 48
+    # the second prompt: the 37 it shares; the third: 20; the fourth: none; the fifth, a repeat: all but its last
+    assert (cache.hits, cache.hit_tokens) == (3, 37 + 20 + 37)
+    assert engine.stats["prefill_tokens"] == sum(map(len, prompts)) - 94
 
 
 def test_the_prefix_cache_keeps_its_token_budget_and_a_consistent_index():
@@ -220,3 +221,15 @@ def test_the_prefix_cache_keeps_its_token_budget_and_a_consistent_index():
         assert all(eid in cache.entries for eid, _ in cache.index.values())
     assert cache.lookup([4] * 40)[2] == 32 and cache.lookup([0] * 40) is None
     assert cache.lookup([4] * 20)[2] == 16  # a shorter prompt finds the start it shares
+
+
+def test_a_prefix_cache_hash_collision_is_a_miss():
+    """The index is by hashes of the tokens; a hit is checked against the stored tokens before any keys are copied."""
+    from lmforge.serve.engine import PrefixCache, SlotCache
+
+    slots = SlotCache(tiny(), 1, 64)
+    cache = PrefixCache(max_tokens=64)
+    cache.store([5] * 30, slots, 0)
+    other = [6] * 30
+    cache.index[cache._chain(other)[-1]] = next(iter(cache.index.values()))  # as if other's hash collided
+    assert cache.lookup(other) is None and cache.lookup([5] * 31)[2] == 29

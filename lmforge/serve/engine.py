@@ -152,49 +152,69 @@ class _Rows:
 
 class PrefixCache:
     """Keys and values of recent prompts' starts, by their tokens: a new prompt that begins the same way (the same
-    system prompt, or the same conversation one turn later) copies them into its slot and prefills only the rest.
+    system prompt, the same conversation one turn later, the same question again) copies them into its slot and
+    prefills only the rest.
 
-    Automatic prefix caching as in vLLM (block hashes) with fixed slots: a finished prefill is stored once and found
-    under every multiple of `block` tokens of its prompt; the least recently used prompts go first when the stored
-    tokens pass `max_tokens`. Keys and values depend only on the tokens before them, so a copy is what the prefill
-    would have computed (up to float rounding of a different chunking, as any chunked prefill).
+    Automatic prefix caching with fixed slots: a finished prefill is stored once and found under every multiple of
+    `block` tokens of its prompt (1: any length, as SGLang's radix cache; vLLM's paged cache works in blocks of 16), by
+    a chain of hashes (each block's hash covers every token before it), so the index holds one key per block rather
+    than the prompt's every start; a hit is checked against the stored tokens, so a hash collision is a miss, never
+    another prompt's keys. The least recently used prompts go first when the stored tokens pass `max_tokens`. Keys and
+    values depend only on the tokens before them, so a copy is what the prefill would have computed (up to float
+    rounding of a different chunking, as any chunked prefill).
     """
 
-    def __init__(self, max_tokens: int, block: int = 16):
+    def __init__(self, max_tokens: int, block: int = 1):
         self.max_tokens, self.block = max_tokens, block
-        self.entries: collections.OrderedDict[int, tuple[torch.Tensor, torch.Tensor, list[tuple]]] = (
+        # entry id -> (keys, values, its tokens, its chain hashes)
+        self.entries: collections.OrderedDict[int, tuple[torch.Tensor, torch.Tensor, tuple, list[int]]] = (
             collections.OrderedDict())  # fmt: skip
-        self.index: dict[tuple, tuple[int, int]] = {}  # prompt start -> (entry, its length)
+        self.index: dict[int, tuple[int, int]] = {}  # chain hash of a prompt start -> (entry, the start's length)
         self.tokens = 0
         self.ids = itertools.count()
         self.hits = self.hit_tokens = 0
 
+    def _chain(self, prompt: list[int]) -> list[int]:
+        """Hashes of prompt[:block], prompt[:2 block], ... up to the longest start that leaves a token to prefill."""
+        h, out, b = 0, [], self.block
+        for m in range(b, (len(prompt) - 1) // b * b + 1, b):
+            h = hash((h, *prompt[m - b : m]))
+            out.append(h)
+        return out
+
     def lookup(self, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """(k, v, n) for the longest stored start of `prompt`, leaving at least one token to prefill."""
-        for n in range((len(prompt) - 1) // self.block * self.block, 0, -self.block):
-            found = self.index.get(tuple(prompt[:n]))
-            if found is not None:
-                self.entries.move_to_end(found[0])
-                k, v, _ = self.entries[found[0]]
+        chain = self._chain(prompt)
+        for i in range(len(chain) - 1, -1, -1):
+            found = self.index.get(chain[i])
+            if found is None:
+                continue
+            eid, n = found
+            k, v, tokens, _ = self.entries[eid]
+            if tokens[:n] == tuple(prompt[:n]):
+                self.entries.move_to_end(eid)
                 self.hits, self.hit_tokens = self.hits + 1, self.hit_tokens + n
                 return k[:, :, :n], v[:, :, :n], n
         return None
 
     def store(self, prompt: list[int], cache: SlotCache, slot: int) -> None:
-        n = (len(prompt) - 1) // self.block * self.block
-        if n == 0 or n > self.max_tokens or tuple(prompt[:n]) in self.index:
+        chain = self._chain(prompt)
+        n = len(chain) * self.block
+        if n == 0 or n > self.max_tokens:
             return
+        found = self.index.get(chain[-1])
+        if found is not None and found[1] == n and self.entries[found[0]][2][:n] == tuple(prompt[:n]):
+            return  # stored already
         while self.tokens + n > self.max_tokens:
-            old, (k, _, keys) = self.entries.popitem(last=False)
+            old, (k, _, _, hashes) = self.entries.popitem(last=False)
             self.tokens -= k.shape[2]
-            for key in keys:
-                if self.index.get(key, (None,))[0] == old:  # not since taken over by a later prompt's entry
-                    del self.index[key]
+            for h in hashes:
+                if self.index.get(h, (None,))[0] == old:  # not since taken over by a later prompt's entry
+                    del self.index[h]
         eid = next(self.ids)
-        keys = [tuple(prompt[:m]) for m in range(self.block, n + 1, self.block)]
-        self.entries[eid] = (cache.k[:, slot, :, :n].clone(), cache.v[:, slot, :, :n].clone(), keys)
-        for m, key in zip(range(self.block, n + 1, self.block), keys):
-            self.index[key] = (eid, m)
+        self.entries[eid] = (cache.k[:, slot, :, :n].clone(), cache.v[:, slot, :, :n].clone(), tuple(prompt[:n]), chain)
+        for i, h in enumerate(chain):
+            self.index[h] = (eid, (i + 1) * self.block)
         self.tokens += n
 
 
