@@ -5,7 +5,9 @@
 Per model: two FusedDecoders at batch 1 (lmforge/serve/generate.py), one as generation builds it (cpu_kernels.c's
 rms_norm, rope and decode_attention where they are built), one with F.rms_norm, apply_rope and SDPA put back; the
 matrix products are the same in both. Logits of one step compared (max abs difference), then ms per step at a
-100-token context, `--rounds` interleaved rounds of 10 steps, medians and the ratio.
+100-token context, `--rounds` interleaved rounds of 10 steps, medians and the ratio. Then greedy picks: torch.argmax
+against cpu_kernels.argmax on 16 rows of logits at each model's vocabulary (the serving engine's temperature-0 rows, the
+scorer's is-greedy check), the same indices, microseconds a call.
 """
 
 from __future__ import annotations
@@ -69,6 +71,24 @@ def main() -> None:
     print(f"kernels: {cpu_kernels.status()}, threads {torch.get_num_threads()}")
     for path in a.model:
         compare(path, a.rounds)
+        argmax(load_for_inference(path)[0].cfg.vocab_size, a.rounds)
+
+
+def argmax(vocab: int, rounds: int, rows: int = 16, calls: int = 200) -> None:
+    x = torch.randn(rows, vocab)
+    assert torch.equal(cpu_kernels.argmax(x), x.argmax(-1))
+    times: dict[str, list[float]] = {"torch.argmax": [], "lmf_argmax": []}
+    for _ in range(rounds):
+        for name, f in (("torch.argmax", lambda: x.argmax(-1)), ("lmf_argmax", lambda: cpu_kernels.argmax(x))):
+            t = time.perf_counter()
+            for _ in range(calls):
+                f()
+            times[name].append((time.perf_counter() - t) / calls * 1e6)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"  argmax of ({rows}, {vocab}) logits: torch {med['torch.argmax']:.1f} us, lmforge {med['lmf_argmax']:.1f} us, "
+        f"{med['torch.argmax'] / med['lmf_argmax']:.1f}x"
+    )
 
 
 if __name__ == "__main__":

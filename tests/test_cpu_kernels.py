@@ -63,6 +63,25 @@ def test_decode_attention_reads_each_query_rows_slot():
         cpu_kernels.decode_attention(q, k, v, lengths, torch.tensor([3, 0, 5, 3, 4]))
 
 
+@pytest.mark.parametrize("V", [7, 16, 33, 8192, 49152])
+def test_argmax_is_torchs_first_maximum_or_first_nan(V):
+    """Greedy decoding and the scorer's is-greedy check: the same index as torch.argmax, ties and NaNs included."""
+    torch.manual_seed(V)
+    x = torch.randn(6, V + 3)
+    j = torch.randint(0, V, (3,)).tolist()
+    x[1, j[0]] = x[1].max() + 1
+    x[1, j[1]] = x[1, j[0]]  # a tie: the first of the two
+    x[2, j[2]] = float("nan")
+    x[2, (j[2] + 1) % V] = float("nan")
+    x[3] = x[3].round()  # many ties
+    x[4] = float("-inf")
+    x[5, -1] = 1e30
+    for rows in (x, x[:, 3:]):  # contiguous, and strided rows
+        assert torch.equal(cpu_kernels.argmax(rows), rows.argmax(-1))
+        assert torch.equal(cpu_kernels.greedy(rows), rows.argmax(-1))
+    assert torch.equal(cpu_kernels.greedy(x.double()), x.double().argmax(-1))  # other dtypes: torch's own
+
+
 def test_decode_attention_threads_split_rows_and_heads_exactly():
     """Enough work to wake the OpenMP threads (B * H pairs split between them): the same numbers as one thread."""
     torch.manual_seed(2)

@@ -39,6 +39,7 @@ import torch
 from lmforge.data.readers import JSONL_SUFFIXES
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import wilson_interval
+from lmforge.model import cpu_kernels
 
 LETTERS = "ABCDEFGHIJ"
 PACK_TOKENS = 256  # score_groups fills rows with groups up to this (attention runs over whole rows: keep them short)
@@ -312,7 +313,7 @@ def _sum_logp(logp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
     """(sum of log P of `cont`'s tokens, whether each is the argmax) from their rows of log-probabilities."""
     target = torch.tensor(cont, device=logp.device)
     ll = float(logp.gather(1, target[:, None]).double().sum())  # a float32 sum of ~1,000 nats is off by 1e-4
-    return ll, bool((logp.argmax(-1) == target).all())
+    return ll, bool((cpu_kernels.greedy(logp) == target).all())
 
 
 @torch.no_grad()
@@ -449,7 +450,7 @@ def _score_packed(model, rows) -> list[list[list[tuple[float, bool]]]]:
     for s in range(0, len(target), HEAD_ROWS):
         logp = torch.log_softmax(_at_least_fp32(model.lm_head(hidden[s : s + HEAD_ROWS])), -1)
         token_ll.append(logp.gather(1, target[s : s + HEAD_ROWS, None])[:, 0].double())
-        token_greedy.append(logp.argmax(-1) == target[s : s + HEAD_ROWS])
+        token_greedy.append(cpu_kernels.greedy(logp) == target[s : s + HEAD_ROWS])
     owner = torch.tensor(owners, device=device)
     # a float32 sum of ~1,000 nats is off by 1e-4: sum in float64
     ll = torch.zeros(n_conts, dtype=torch.float64, device=device).index_add_(0, owner, torch.cat(token_ll))

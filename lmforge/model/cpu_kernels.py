@@ -89,6 +89,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         "lmf_rms_norm": [ptr, i64, i64, ptr, f32, ptr],
         "lmf_decode_attention": [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, i64, f32, ptr, i32],
         "lmf_rope": [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr],
+        "lmf_argmax": [ptr, i64, i64, i64, ptr],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)
@@ -204,3 +205,19 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     step = D if cos.shape[0] > 1 else 0
     _lib().lmf_rope(x.data_ptr(), B, R, D, x.stride(0), cos.data_ptr(), sin.data_ptr(), step, out.data_ptr())
     return out
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, dim=-1) of a float32 (M, N) x (rows may be strided, each contiguous): the first maximum of each
+    row, or its first NaN; int64 (M,)."""
+    assert x.dim() == 2 and x.dtype == torch.float32 and x.stride(1) == 1
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _check(_lib().lmf_argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr()), "argmax")
+    return out
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1), through lmf_argmax where it applies (a 2-D float32 CPU tensor, the kernels built)."""
+    if logits.dim() == 2 and logits.device.type == "cpu" and logits.dtype == torch.float32 and loaded() is not None:
+        return argmax(logits if logits.stride(1) == 1 else logits.contiguous())
+    return logits.argmax(dim=-1)

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.model import cpu_kernels
 from lmforge.model.quant import is_quantized, weight_bytes
 from lmforge.model.transformer import KVCache, Transformer
 from lmforge.serve.generate import FusedDecoder
@@ -557,7 +558,7 @@ def sample_rows(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], l
     for (temperature, top_k, top_p), idx in groups.items():
         lg = torch.stack([rows[i] for i in idx])
         if temperature == 0:
-            picked = lg.argmax(dim=-1).tolist()
+            picked = cpu_kernels.greedy(lg).tolist()
         else:
             lg = apply_top_p(apply_top_k(apply_temperature(lg.float(), temperature), top_k or None), top_p)
             probs = lg.softmax(dim=-1)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.model import cpu_kernels
+
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Penalize tokens already in the sequence (CTRL, Keskar et al. 2019, as Hugging Face applies it).
@@ -67,7 +69,7 @@ def pick(
 ) -> torch.Tensor:
     """One token id per row (batch,): argmax when temperature is 0, else a draw after temperature/top-k/top-p."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return cpu_kernels.greedy(logits)
     logits = apply_top_p(apply_top_k(apply_temperature(logits.float(), temperature), top_k), top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
