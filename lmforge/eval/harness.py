@@ -41,7 +41,7 @@ class LmforgeLM(TemplateLM):
     """An lmforge model as an lm-evaluation-harness `LM`. `pretrained`: run, checkpoint or imported model folder."""
 
     def __init__(self, pretrained: str, device: str = "auto", batch_size: int | str = 8, max_gen_toks: int = 256,
-                 seed: int = 0, token_budget: int = 8192, dtype: str = "float32", loaded: tuple | None = None,
+                 seed: int = 0, token_budget: int = 0, dtype: str = "float32", loaded: tuple | None = None,
                  **_ignored) -> None:  # fmt: skip
         from lmforge.train.checkpoint import load_for_inference
         from lmforge.train.common import pick_device
@@ -54,7 +54,8 @@ class LmforgeLM(TemplateLM):
         self.tok = load_tokenizer(tok_dir)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> 8
         self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
-        self.token_budget = int(token_budget)  # loglikelihood: rows x tokens of one forward (score_groups)
+        # loglikelihood: rows x tokens of one forward (score_groups; 0: mc.BATCH_TOKENS for the device)
+        self.token_budget = int(token_budget) or None
         self._device = next(self.model.parameters()).device
         special = _special_tokens(Path(tok_dir))
         self._eot = self._token_id(special.get("eos_token") or EOT)
