@@ -210,7 +210,7 @@ def test_a_cached_prompt_start_is_reused_and_gives_the_same_tokens():
 
 
 def test_the_prefix_cache_keeps_its_token_budget_and_a_consistent_index():
-    from lmforge.serve.engine import PrefixCache, SlotCache
+    from lmforge.serve.kv_slots import PrefixCache, SlotCache
 
     model = tiny()
     slots = SlotCache(model, 1, 64)
@@ -225,7 +225,7 @@ def test_the_prefix_cache_keeps_its_token_budget_and_a_consistent_index():
 
 def test_a_prefix_cache_hash_collision_is_a_miss():
     """The index is by hashes of the tokens; a hit is checked against the stored tokens before any keys are copied."""
-    from lmforge.serve.engine import PrefixCache, SlotCache
+    from lmforge.serve.kv_slots import PrefixCache, SlotCache
 
     slots = SlotCache(tiny(), 1, 64)
     cache = PrefixCache(max_tokens=64)
