@@ -6,7 +6,7 @@
 The built-in cloze sets (chatterbot-en and chatterbot-zh, the first --items of each, 0-shot) tokenized once, then
 score_pairs (lmforge/eval/mc.py) at each --budgets (rows x longest row per forward), interleaved rounds (the order
 reversed every other round), seconds, medians; the scores are checked equal across budgets. The default on a CPU is
-mc.BATCH_TOKENS["cpu"].
+mc.CPU_BATCH_TOKENS.
 """
 
 from __future__ import annotations

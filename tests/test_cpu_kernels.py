@@ -24,7 +24,9 @@ def test_rms_norm_is_torchs(rows, width):
     assert torch.allclose(cpu_kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (width,), w, 1e-5), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("B,H,Hk,D,L", [(1, 9, 3, 64, 1), (1, 9, 3, 64, 70), (2, 4, 4, 24, 13), (3, 8, 2, 20, 5), (2, 40, 2, 16, 9)])
+@pytest.mark.parametrize(
+    "B,H,Hk,D,L", [(1, 9, 3, 64, 1), (1, 9, 3, 64, 70), (2, 4, 4, 24, 13), (3, 8, 2, 20, 5), (2, 40, 2, 16, 9)]
+)
 def test_decode_attention_is_sdpa(B, H, Hk, D, L):
     """One query per head against the first L positions of a KV cache (a strided view), grouped heads included."""
     torch.manual_seed(L)

@@ -54,7 +54,7 @@ class LmforgeLM(TemplateLM):
         self.tok = load_tokenizer(tok_dir)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> 8
         self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
-        # loglikelihood: rows x tokens of one forward (score_groups; 0: mc.BATCH_TOKENS for the device)
+        # loglikelihood: rows x tokens of one forward (score_groups; 0: mc's default for the device)
         self.token_budget = int(token_budget) or None
         self._device = next(self.model.parameters()).device
         special = _special_tokens(Path(tok_dir))

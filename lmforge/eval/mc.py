@@ -45,11 +45,11 @@ LETTERS = "ABCDEFGHIJ"
 PACK_TOKENS = 256  # score_groups fills rows with groups up to this (attention runs over whole rows: keep them short)
 SPLIT_TOKENS = 1024  # a group longer than this is split over rows (many choices), unless one continuation needs more
 HEAD_ROWS = 1024  # scored positions per output-head product: the (rows x vocabulary) log-probabilities at once
-# Tokens (rows x longest row) of one scoring forward: on a CPU the activations of 2,048 tokens stay in cache between the
-# norms, RoPE, SwiGLU and attention, and 600 demo-model items scored 19% faster than with 8,192, SmolLM2's 13%
-# (BENCHMARKS.md, "lm-evaluation-harness"); an accelerator wants the larger batches.
-BATCH_TOKENS = {"cpu": 2048}
-BATCH_TOKENS_ELSEWHERE = 8192
+# Tokens (rows x longest row) of one scoring forward. On a CPU the activations of 2,048 tokens stay in cache between the
+# norms, RoPE, SwiGLU and attention: 600 demo-model items scored 1.30x faster than with 8,192, SmolLM2's 1.15x
+# (benchmarks/score_batch.py, BENCHMARKS.md); an accelerator wants the larger batches.
+CPU_BATCH_TOKENS = 2048
+BATCH_TOKENS = 8192
 
 
 @dataclass
@@ -330,14 +330,14 @@ def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], budget:
     A group is packed as its context followed by every continuation but its last token, with an attention mask
     that lets each continuation see its context and itself and nothing else (_score_packed). Groups are packed
     into rows of PACK_TOKENS (best fit, longest first; a longer group has a row of its own), so rows carry
-    little padding, and rows are batched while rows x longest row stays under `budget` tokens (None: BATCH_TOKENS
-    for the model's device). A group with
+    little padding, and rows are batched while rows x longest row stays under `budget` tokens (None: CPU_BATCH_TOKENS on
+    a CPU, BATCH_TOKENS elsewhere). A group with
     many choices is split over pieces of at most SPLIT_TOKENS, each with its own copy of the context. A group
     whose context + continuation do not fit max_seq_len is scored pair by pair with score_pair's truncation,
     as the harness does. `done(n)` is called with the number of continuations scored.
     """
     max_len = model.cfg.max_seq_len
-    budget = budget or BATCH_TOKENS.get(next(model.parameters()).device.type, BATCH_TOKENS_ELSEWHERE)
+    budget = budget or (CPU_BATCH_TOKENS if next(model.parameters()).device.type == "cpu" else BATCH_TOKENS)
     out: list[list] = [[None] * len(conts) for _, conts in groups]
     pieces: list[tuple[int, int, list[int]]] = []  # (tokens, group, the continuations packed with its context)
     for g, (ctx, conts) in enumerate(groups):

@@ -271,11 +271,11 @@ class Engine:
                 finished.append(req)
         dev = self.device
         decoder = self.decoder1 if len(tok) == 1 and self.decoder1 is not None else self.decoder
-        logits = decoder.packed(torch.tensor(tok, device=dev), torch.tensor(slots, device=dev),
-                                     torch.tensor(pos, device=dev), self.cache.k, self.cache.v,
-                                     torch.tensor(logits_at, dtype=torch.long, device=dev))  # fmt: skip
+        slots_t = torch.tensor(slots, device=dev)
+        logits = decoder.packed(torch.tensor(tok, device=dev), slots_t, torch.tensor(pos, device=dev), self.cache.k,
+                                self.cache.v, torch.tensor(logits_at, dtype=torch.long, device=dev))  # fmt: skip
+        self.cache.lengths[slots_t[: len(ready)]] += 1  # the ready rows' slots are distinct
         for r in ready:
-            self.cache.lengths[r.slot] += 1
             r.next_token = None
         self.stats["decode_rows"] += len(ready)
         self.stats["prefill_tokens"] += len(tok) - len(ready)

@@ -30,6 +30,7 @@ from lmforge.model.lora import LoraLinear
 from lmforge.model.matmul import Linear, cpu_matmul
 from lmforge.model.quant import QuantLinear
 from lmforge.model.transformer import KVCache, Transformer, apply_rope
+from lmforge.serve.kv_slots import flat_rows, write_kv
 from lmforge.serve.sampling import apply_repetition_penalty, pick
 
 # oneDNN's prepacked linear (what inductor's freezing pass uses on CPU); a private op, so only used when present.
@@ -211,13 +212,11 @@ class FusedDecoder:
         Needs the C attention kernel and no ALiBi (`supports_packed`).
         """
         x, rope = self._embed(tok, positions)
-        Hk, L, D = k_cache.shape[2:]
-        at = ((slots[:, None] * Hk + torch.arange(Hk, device=tok.device)) * L + positions[:, None]).reshape(-1)
+        at = flat_rows(slots, positions[:, None], k_cache.shape[2], k_cache.shape[3])
         lengths = positions + 1
 
         def attend(layer, q, k, v):
-            k_cache[layer].view(-1, D).index_copy_(0, at, k.reshape(-1, D))
-            v_cache[layer].view(-1, D).index_copy_(0, at, v.reshape(-1, D))
+            write_kv(k_cache, v_cache, layer, at, k, v)
             return cpu_kernels.decode_attention(q, k_cache[layer], v_cache[layer], lengths, slots)
 
         x = self._layers(x, rope, attend)

@@ -19,6 +19,22 @@ import torch
 from lmforge.model.transformer import KVCache, Transformer
 
 
+def flat_rows(slots: torch.Tensor, positions: torch.Tensor, kv_heads: int, max_len: int) -> torch.Tensor:
+    """slots (n,), positions (n, T) -> where each (slot, kv head, position) lands in one layer's cache seen as
+    (slots * kv_heads * max_len, head dim) rows, in (slot, head, position) order: what `write_kv` indexes."""
+    heads = torch.arange(kv_heads, device=slots.device)[None, :, None]
+    return ((slots[:, None, None] * kv_heads + heads) * max_len + positions[:, None, :]).reshape(-1)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, at: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:  # fmt: skip
+    """Store k, v (n, kv heads, [T,] head dim) at the rows `at` (`flat_rows`) of a layer: one index_copy_ each, where
+    an advanced-index assignment rebuilds its indices on every call."""
+    D = k_cache.shape[-1]
+    k_cache[layer].view(-1, D).index_copy_(0, at, k.reshape(-1, D))
+    v_cache[layer].view(-1, D).index_copy_(0, at, v.reshape(-1, D))
+
+
 class SlotCache:
     """`slots` rows of keys and values, `max_len` positions each, for every layer; row lengths kept apart."""
 
@@ -54,19 +70,15 @@ class _Rows:
     def __init__(self, cache: SlotCache, n: int, first: int = 0, T: int = 1):
         self.cache, self.first, self.n = cache, first, n
         self.length = cache.lengths[first : first + n].clone()  # the model reads it as `start`, adds T after
-        dev, (_, _, Hk, L, D) = self.length.device, cache.k.shape
-        rows = torch.arange(first, first + n, device=dev)[:, None, None]
-        cols = self.length[:, None, None] + torch.arange(T, device=dev)  # (n, 1, T)
-        # Where each new (row, kv head, position) lands in a layer's cache seen as (slots * Hk * L, D) rows: one
-        # index_copy_ per layer instead of an advanced-index assignment (which rebuilds its indices on every call).
-        self._at = ((rows * Hk + torch.arange(Hk, device=dev)[:, None]) * L + cols).reshape(-1)
-        self._end, self._D = int(self.length.max()) + T, D
+        dev, (_, _, Hk, L, _) = self.length.device, cache.k.shape
+        cols = self.length[:, None] + torch.arange(T, device=dev)  # (n, T)
+        self._at = flat_rows(torch.arange(first, first + n, device=dev), cols, Hk, L)
+        self._end = int(self.length.max()) + T
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (n, kv heads, T, head dim) -> the rows' keys and values so far (views of the cache)."""
         c, rows = self.cache, slice(self.first, self.first + self.n)
-        c.k[layer].view(-1, self._D).index_copy_(0, self._at, k.reshape(-1, self._D))
-        c.v[layer].view(-1, self._D).index_copy_(0, self._at, v.reshape(-1, self._D))
+        write_kv(c.k, c.v, layer, self._at, k, v)
         return c.k[layer, rows, :, : self._end], c.v[layer, rows, :, : self._end]
 
 

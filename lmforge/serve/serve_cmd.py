@@ -85,16 +85,14 @@ def serve(cfg: ServeConfig) -> int:
     from lmforge.serve.api import create_app, load_served
 
     cfg = cfg.validate()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    torch.set_num_threads(cfg.threads or max(1, cores - 1))
     key = cfg.api_key or os.environ.get("LMFORGE_API_KEY") or None
     served = load_served(cfg.model, name=cfg.name or None, device=cfg.device, max_batch=cfg.max_batch,
                          max_context=cfg.max_context or None, prefill_chunk=cfg.prefill_chunk,
                          max_queue=cfg.max_queue, prefix_cache=cfg.prefix_cache, api_key=key,
                          max_body=cfg.max_body, rag=cfg.rag, rag_k=cfg.rag_k)  # fmt: skip
     eng = served.engine
-    if not cfg.threads:
-        torch.set_num_threads(auto_threads(cores, sum(p.numel() for p in eng.model.parameters())))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    torch.set_num_threads(cfg.threads or auto_threads(cores, sum(p.numel() for p in eng.model.parameters())))
     mib = 2 * eng.cache.k.numel() * eng.cache.k.element_size() / 2**20
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
