@@ -4,9 +4,9 @@
     python benchmarks/score_batch.py --model /tmp/smol --items 50 --rounds 2
 
 The built-in cloze sets (chatterbot-en and chatterbot-zh, the first --items of each, 0-shot) tokenized once, then
-score_pairs (lmforge/eval/mc.py) at each --budgets (rows x longest row per forward), interleaved rounds (the order
+score_pairs (lmforge/eval/scoring.py) at each --budgets (rows x longest row per forward), interleaved rounds (the order
 reversed every other round), seconds, medians; the scores are checked equal across budgets. The default on a CPU is
-mc.CPU_BATCH_TOKENS.
+scoring.CPU_BATCH_TOKENS.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from lmforge.eval.mc import _checked_pairs, prompts_for, score_pairs
+from lmforge.eval.mc import _checked_pairs, prompts_for
+from lmforge.eval.scoring import score_pairs
 from lmforge.eval.tasks import task_items
 from lmforge.tokenizer.special import load_tokenizer
 from lmforge.train.checkpoint import load_for_inference

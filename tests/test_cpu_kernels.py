@@ -17,7 +17,7 @@ from lmforge.serve.generate import FusedDecoder
 pytestmark = pytest.mark.skipif(cpu_kernels.loaded() is None, reason=f"CPU kernels {cpu_kernels.status()}")
 
 
-@pytest.mark.parametrize("rows,width", [(1, 576), (3, 256), (5, 17)])
+@pytest.mark.parametrize("rows,width", [(1, 576), (3, 256), (5, 17), (300, 576)])  # 300 rows: split over threads
 def test_rms_norm_is_torchs(rows, width):
     torch.manual_seed(width)
     x, w = torch.randn(rows, width) * 4, torch.randn(width)
@@ -65,6 +65,38 @@ def test_decode_attention_reads_each_query_rows_slot():
         cpu_kernels.decode_attention(q, k, v, lengths, torch.tensor([3, 0, 5, 3, 4]))
 
 
+@pytest.mark.parametrize("H,Hk,D", [(9, 3, 64), (4, 4, 16), (4, 2, 32), (2, 1, 128), (3, 3, 20), (6, 2, 24)])
+def test_span_attention_is_sdpa_with_the_mask_of_its_spans(H, Hk, D):
+    """The scorer's flat batches: each query over two spans of a flat sequence's keys (k and v strided views of one
+    q/k/v product, heads grouped), the same as SDPA (in float64) with a mask that shows those keys only; scores far apart (a
+    softmax weight underflows) included; a span past the keys, spans that overlap, or a query with no key, refused
+    before reading."""
+    torch.manual_seed(D)
+    T = 37
+    qkv = torch.randn(T, H + 2 * Hk, D) * 3
+    q, k, v = qkv[:, :H], qkv[:, H : H + Hk], qkv[:, H + Hk :]
+    spans = []
+    for t in range(T):
+        a = int(torch.randint(0, t + 1, ()))
+        spans.append([a, t + 1 - a, 0, 0] if t % 3 == 0 else [0, min(a, t - t // 2), t - t // 2, t // 2 + 1])
+    spans[5] = [0, 0, 2, 4]  # the first span empty
+    spans_t = torch.tensor(spans)
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    for t, (a, n, b, m) in enumerate(spans):
+        mask[t, a : a + n] = True
+        mask[t, b : b + m] = True
+    q = q.clone()
+    q[7] *= 40  # softmax weights below e^-87
+    # in float64: float32 SDPA is itself off by up to ~8e-5 here (scores up to ~600), the kernel by ~5e-6
+    qd, kd, vd = (t.double().transpose(0, 1)[None] for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+    got = cpu_kernels.span_attention(q, k, v, spans_t)
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=2e-5)
+    for bad in ([0, T + 1, 0, 0], [0, 0, 0, 0], [-1, 2, 0, 0], [0, 1, T - 1, 2], [0, 5, 4, 2]):  # [0, 5, 4, 2]: overlap
+        with pytest.raises(ValueError, match="span"):
+            cpu_kernels.span_attention(q[:1], k, v, torch.tensor([bad]))
+
+
 @pytest.mark.parametrize("V", [7, 16, 33, 8192, 49152])
 def test_argmax_is_torchs_first_maximum_or_first_nan(V):
     """Greedy decoding and the scorer's is-greedy check: the same index as torch.argmax, ties and NaNs included."""
@@ -84,6 +116,30 @@ def test_argmax_is_torchs_first_maximum_or_first_nan(V):
     assert torch.equal(cpu_kernels.greedy(x.double()), x.double().argmax(-1))  # other dtypes: torch's own
 
 
+@pytest.mark.parametrize("V", [7, 33, 4096, 49152])
+def test_target_logprob_is_log_softmax_gathered_and_the_argmax_check(V):
+    """The scorer's per-token numbers: log_softmax(x)[target] (within float32 rounding of torch's) and whether the
+    target is torch's argmax, on ties, a NaN row, -inf logits, strided rows, many rows (threads); a target outside the
+    vocabulary refused."""
+    torch.manual_seed(V)
+    x = torch.randn(300, V + 5) * 6
+    x[1, 3] = x[1].max() + 1
+    x[1, 5] = x[1, 3]  # a tie: 3 is the argmax, 5 is not
+    x[2, 4] = float("nan")
+    x[3, : V // 2] = float("-inf")
+    target = torch.randint(0, V, (300,))
+    target[:4] = torch.tensor([0, 5, 4, V - 1])
+    target[10:20] = x[10:20, :V].argmax(-1)
+    for rows in (x[:, 5:].contiguous(), x[:, :V]):
+        ll, hit = cpu_kernels.target_logprob(rows, target)
+        ref = torch.log_softmax(rows.double(), -1).gather(1, target[:, None])[:, 0]
+        assert torch.allclose(ll.double(), ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert torch.equal(hit, rows.argmax(-1) == target)
+    assert hit[10:20].all() and not hit[1] and ll[2].isnan()  # x[:, :V]: the rows set up above
+    with pytest.raises(ValueError, match="target"):
+        cpu_kernels.target_logprob(x[:2, :V], torch.tensor([0, V]))
+
+
 def test_decode_attention_threads_split_rows_and_heads_exactly():
     """Enough work to wake the OpenMP threads (B * H pairs split between them): the same numbers as one thread."""
     torch.manual_seed(2)
@@ -100,9 +156,10 @@ def test_decode_attention_threads_split_rows_and_heads_exactly():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("B,shared", [(1, True), (3, True), (3, False)])
+@pytest.mark.parametrize("B,shared", [(1, True), (3, True), (3, False), (200, False)])
 def test_rope_is_apply_rope_bit_for_bit(B, shared):
-    """On the q/k heads of a fused q/k/v row (a strided view), with one position for all rows or one per row."""
+    """On the q/k heads of a fused q/k/v row (a strided view), with one position for all rows or one per row (200
+    rows: split over threads, the scorer's batches)."""
     torch.manual_seed(B)
     h = torch.randn(B, 9 + 2 * 3, 64)
     cos, sin = torch.randn(1 if shared else B, 1, 64), torch.randn(1 if shared else B, 1, 64)

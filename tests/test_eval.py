@@ -50,16 +50,22 @@ def test_scoring_shares_the_prompt_and_equals_scoring_each_choice_in_full(model_
 
 @pytest.mark.parametrize("pos", ["rope", "alibi", "learned"])
 @pytest.mark.parametrize("pack,split", [(256, 1024), (12, 12)])
-def test_batched_groups_equal_scoring_each_pair_in_full(pos, pack, split, monkeypatch):
-    """Many questions in one forward (each packed as context + its continuations, several to a row, rows of
-    different lengths right-padded; continuations of 1..7 tokens, several batches under a small budget; with
-    split 12 a question's choices split over several rows; a group too long for max_seq_len) give score_pair's
-    numbers."""
-    from lmforge.eval import mc
-    from lmforge.eval.mc import score_groups, score_pair
+@pytest.mark.parametrize("way", ["flat", "rows"])
+def test_batched_groups_equal_scoring_each_pair_in_full(pos, pack, split, way, monkeypatch):
+    """Many questions in one forward (each packed as context + its continuations; the rows way several to a row,
+    rows of different lengths right-padded; the flat way all in one sequence; continuations of 1..7 tokens, several
+    batches under a small budget; with split 12 a question's choices split over several pieces; a group too long
+    for max_seq_len) give score_pair's numbers."""
+    from lmforge.eval import scoring
+    from lmforge.eval.scoring import score_groups, score_pair
+    from lmforge.model import cpu_kernels
 
-    monkeypatch.setattr(mc, "PACK_TOKENS", pack)
-    monkeypatch.setattr(mc, "SPLIT_TOKENS", split)
+    if way == "flat" and (pos == "alibi" or cpu_kernels.loaded() is None):
+        pytest.skip("the flat way needs the C kernels and no ALiBi (score_groups takes the rows way there)")
+    real, used = scoring._flat_decoder, []
+    monkeypatch.setattr(scoring, "_flat_decoder", lambda m: used.append(way) or (real(m) if way == "flat" else None))
+    monkeypatch.setattr(scoring, "PACK_TOKENS", pack)
+    monkeypatch.setattr(scoring, "SPLIT_TOKENS", split)
     from lmforge.model.transformer import ModelConfig, Transformer
 
     torch.manual_seed(0)
@@ -77,6 +83,7 @@ def test_batched_groups_equal_scoring_each_pair_in_full(pos, pack, split, monkey
     groups.append((ids(38), [ids(5), ids(2)]))  # 38 + 5 - 1 > 40: scored pair by pair, truncated from the left
     groups.append((ids(30), [ids(9), ids(8), ids(7)]))  # packed: 30 + 8 + 7 + 6 > 40 slots, positions all < 40
     got = score_groups(model, groups, budget=120)
+    assert used == [way] and (way == "rows" or real(model) is not None)
     for (ctx, conts), scores in zip(groups, got, strict=True):
         for c, (ll, greedy) in zip(conts, scores, strict=True):
             ref_ll, ref_greedy = score_pair(model, ctx, c)
@@ -86,7 +93,7 @@ def test_batched_groups_equal_scoring_each_pair_in_full(pos, pack, split, monkey
 def test_a_float64_model_scores_in_float64():
     """Shared-prompt scoring of a float64 model keeps float64 through the log-softmax (the parity runs against
     transformers in float64 rely on it): equal to a plain float64 forward to 1e-10."""
-    from lmforge.eval.mc import score_groups
+    from lmforge.eval.scoring import score_groups
     from lmforge.model.transformer import ModelConfig, Transformer
 
     torch.manual_seed(0)
@@ -269,7 +276,7 @@ def test_text_the_tokenizer_cannot_encode_is_a_one_line_error_naming_the_item():
 
 
 def test_pack_rows_fills_rows_best_fit_and_keeps_every_piece():
-    from lmforge.eval.mc import pack_rows
+    from lmforge.eval.scoring import pack_rows
 
     pieces = [(n, i) for i, n in enumerate([90, 10, 60, 40, 300, 30, 70, 5, 100, 95])]
     rows = pack_rows(pieces, 100)

@@ -11,7 +11,7 @@
 
 `LmforgeLM` implements the harness's three requests on an lmforge model (any run, checkpoint or imported
 model): `loglikelihood` (requests that share a context, as the choices of one question do, run the context
-once, packed with all its continuations in one row: lmforge/eval/mc.py, score_pairs), `loglikelihood_rolling`
+once for all its continuations: lmforge/eval/scoring.py, score_pairs), `loglikelihood_rolling`
 (the harness's disjoint rolling windows, each token predicted once) and `generate_until` (batched KV-cache
 decoding that ends a row at the first stop string). Tokenization is the harness's own (TemplateLM: trailing
 context spaces move to the continuation; no special tokens added; an empty context is the BOS token if the tokenizer names one, else
@@ -32,7 +32,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.mc import score_pair, score_pairs, unknown_token_id
+from lmforge.eval.mc import unknown_token_id
+from lmforge.eval.scoring import score_pair, score_pairs
 from lmforge.tokenizer.special import EOT, load_tokenizer
 
 

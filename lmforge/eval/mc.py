@@ -18,15 +18,14 @@ Two prompt forms:
 - cloze: the question, then `Answer:` (`答案：`), and each choice's own text is scored, which small
   models can do.
 
-Scoring shares the prompt across the choices of one question: the prompt and every choice are packed into
-one row, the prompt run once, each choice attending to the prompt and to itself (a test holds it equal to
-scoring each prompt + choice in full). Items come from a file reader by layout; a row with a missing column, an answer outside
-the choices, or no choices is a one-line error naming the file and row.
+Scoring shares the prompt across the choices of one question: the prompt runs once, each choice attending to
+the prompt and to itself (lmforge/eval/scoring.py; a test holds it equal to scoring each prompt + choice in full).
+Items come from a file reader by layout; a row with a missing column, an answer outside the choices, or no choices
+is a one-line error naming the file and row.
 """
 
 from __future__ import annotations
 
-import bisect
 import csv
 import random
 import unicodedata
@@ -38,18 +37,10 @@ import torch
 
 from lmforge.data.readers import JSONL_SUFFIXES
 from lmforge.errors import LmforgeError
+from lmforge.eval.scoring import score_groups, score_pair, score_pairs
 from lmforge.eval.stats import wilson_interval
-from lmforge.model import cpu_kernels
 
 LETTERS = "ABCDEFGHIJ"
-PACK_TOKENS = 256  # score_groups fills rows with groups up to this (attention runs over whole rows: keep them short)
-SPLIT_TOKENS = 1024  # a group longer than this is split over rows (many choices), unless one continuation needs more
-HEAD_ROWS = 1024  # scored positions per output-head product: the (rows x vocabulary) log-probabilities at once
-# Tokens (rows x longest row) of one scoring forward. On a CPU the activations of 2,048 tokens stay in cache between the
-# norms, RoPE, SwiGLU and attention: 600 demo-model items scored 1.30x faster than with 8,192, SmolLM2's 1.15x
-# (benchmarks/score_batch.py, BENCHMARKS.md); an accelerator wants the larger batches.
-CPU_BATCH_TOKENS = 2048
-BATCH_TOKENS = 8192
 
 
 @dataclass
@@ -297,181 +288,6 @@ def score_request(model, tokenizer, req: Request, share_prompt: bool = True) -> 
     if share_prompt and len({tuple(ctx) for ctx, _ in pairs}) == 1:
         return score_groups(model, [(pairs[0][0], [c for _, c in pairs])])[0]
     return [score_pair(model, ctx, cont) for ctx, cont in pairs]
-
-
-def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
-    """Logits in fp32 for the log-softmax (bf16/fp16 models), a float64 model's kept in float64."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-@torch.no_grad()
-def score_pair(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
-    """(log P(cont | ctx), whether cont is the greedy continuation), from one forward pass over the last
-    max_seq_len tokens of ctx + cont (the harness's truncation: the oldest context goes first)."""
-    device = next(model.parameters()).device
-    ids = (ctx + cont)[-(model.cfg.max_seq_len + 1) :][:-1]
-    logits, _ = model(torch.tensor([ids], device=device))
-    return _sum_logp(torch.log_softmax(_at_least_fp32(logits[0, -len(cont) :]), -1), cont)
-
-
-def _sum_logp(logp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
-    """(sum of log P of `cont`'s tokens, whether each is the argmax) from their rows of log-probabilities."""
-    target = torch.tensor(cont, device=logp.device)
-    ll = float(logp.gather(1, target[:, None]).double().sum())  # a float32 sum of ~1,000 nats is off by 1e-4
-    return ll, bool((cpu_kernels.greedy(logp) == target).all())
-
-
-@torch.no_grad()
-def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], budget: int | None = None,
-                 done=None) -> list[list[tuple[float, bool]]]:  # fmt: skip
-    """score_pair for every continuation of every (context, continuations) group, batched: each context runs
-    once for all its continuations, and many groups run in one forward.
-
-    A group is packed as its context followed by every continuation but its last token, with an attention mask
-    that lets each continuation see its context and itself and nothing else (_score_packed). Groups are packed
-    into rows of PACK_TOKENS (best fit, longest first; a longer group has a row of its own), so rows carry
-    little padding, and rows are batched while rows x longest row stays under `budget` tokens (None: CPU_BATCH_TOKENS on
-    a CPU, BATCH_TOKENS elsewhere). A group with
-    many choices is split over pieces of at most SPLIT_TOKENS, each with its own copy of the context. A group
-    whose context + continuation do not fit max_seq_len is scored pair by pair with score_pair's truncation,
-    as the harness does. `done(n)` is called with the number of continuations scored.
-    """
-    max_len = model.cfg.max_seq_len
-    budget = budget or (CPU_BATCH_TOKENS if next(model.parameters()).device.type == "cpu" else BATCH_TOKENS)
-    out: list[list] = [[None] * len(conts) for _, conts in groups]
-    pieces: list[tuple[int, int, list[int]]] = []  # (tokens, group, the continuations packed with its context)
-    for g, (ctx, conts) in enumerate(groups):
-        if not ctx or len(ctx) + max(len(c) for c in conts) - 1 > max_len:
-            out[g] = [score_pair(model, ctx, c) for c in conts]
-            if done is not None:
-                done(len(conts))
-            continue
-        piece, length = [], len(ctx)
-        for k, c in enumerate(conts):
-            if piece and length + len(c) - 1 > SPLIT_TOKENS:
-                pieces.append((length, g, piece))
-                piece, length = [], len(ctx)
-            piece.append(k)
-            length += len(c) - 1
-        pieces.append((length, g, piece))
-    rows = pack_rows(pieces, PACK_TOKENS)
-    i = 0
-    while i < len(rows):
-        j = i + 1  # rows sorted by length: the last of a batch is its longest
-        while j < len(rows) and (j + 1 - i) * sum(p[0] for p in rows[j]) <= budget:
-            j += 1
-        batch = [[(groups[g][0], [groups[g][1][k] for k in ks]) for _, g, ks in row] for row in rows[i:j]]
-        for row, row_scores in zip(rows[i:j], _score_packed(model, batch), strict=True):
-            for (_, g, ks), scores in zip(row, row_scores, strict=True):
-                for k, score in zip(ks, scores, strict=True):
-                    out[g][k] = score
-        if done is not None:
-            done(sum(len(ks) for row in rows[i:j] for _, _, ks in row))
-        i = j
-    return out
-
-
-def pack_rows(pieces: list[tuple], capacity: int) -> list[list[tuple]]:
-    """Pieces (length, ...) packed into rows of at most `capacity` tokens, best fit (the fullest row it fits),
-    longest first; a piece longer than capacity gets a row of its own. Rows come sorted by their length."""
-    rows: list[list[tuple]] = []
-    free: list[tuple[int, int]] = []  # (room left, row), sorted
-    for piece in sorted(pieces, key=lambda p: -p[0]):
-        at = bisect.bisect_left(free, (piece[0], -1))
-        if at < len(free):
-            room, r = free.pop(at)
-            rows[r].append(piece)
-            bisect.insort(free, (room - piece[0], r))
-        else:
-            rows.append([piece])
-            if piece[0] < capacity:
-                bisect.insort(free, (capacity - piece[0], len(rows) - 1))
-    return sorted(rows, key=lambda row: sum(p[0] for p in row))
-
-
-def score_pairs(model, pairs: list[tuple[list[int], list[int]]], budget: int | None = None,
-                done=None) -> list[tuple[float, bool]]:  # fmt: skip
-    """score_pair for each (context, continuation), through score_groups: pairs with the same context tokens
-    (the choices of one question) share one run of it. `done(n)`: pairs finished, for a progress bar."""
-    by_ctx: dict[tuple, list[int]] = {}
-    for i, (ctx, _) in enumerate(pairs):
-        by_ctx.setdefault(tuple(ctx), []).append(i)
-    groups = [(list(ctx), [pairs[i][1] for i in idx]) for ctx, idx in by_ctx.items()]
-    out: list[tuple[float, bool] | None] = [None] * len(pairs)
-    for idx, scores in zip(by_ctx.values(), score_groups(model, groups, budget, done), strict=True):
-        for i, score in zip(idx, scores, strict=True):
-            out[i] = score
-    return out
-
-
-def _score_packed(model, rows) -> list[list[list[tuple[float, bool]]]]:
-    """score_groups' forward over one batch: each row a list of (context, continuations) groups, each group laid
-    out as [context | c1[:-1] | c2[:-1] | ...], rows right-padded.
-
-    Each continuation's tokens sit at the positions that follow its context (as if it were the only one) and
-    attend to that context and to their own earlier tokens only, so every hidden state is the one of context +
-    that continuation run alone. The context's last token predicts each continuation's first token; a
-    continuation's token i predicts its token i + 1 (its last token predicts nothing, so it is not run). Only
-    those scored positions go through the output head, in blocks of HEAD_ROWS.
-    """
-    device = next(model.parameters()).device
-    T = max(sum(len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts in row) for row in rows)
-    # per row and slot: token, position, segment (a context or one continuation) and the segment of its context
-    tokens, positions, segment, context = [], [], [], []
-    at, slots, targets, owners = [], [], [], []  # per scored token: its row and slot, what it scores, whose it is
-    n_conts = 0
-    for r, row in enumerate(rows):
-        tok, pos, seg, ctx_seg = [], [], [], []
-        for ctx, conts in row:
-            P, s0, start = len(ctx), len(seg), len(tok)
-            tok += ctx
-            pos += range(P)
-            seg += [s0] * P
-            ctx_seg += [s0] * P
-            for k, c in enumerate(conts, 1):
-                n = len(c) - 1
-                at += [r] * (n + 1)
-                slots += [start + P - 1] + list(range(len(tok), len(tok) + n))
-                targets += c
-                owners += [n_conts] * (n + 1)
-                n_conts += 1
-                tok += c[:-1]
-                pos += range(P, P + n)
-                seg += [s0 + k] * n
-                ctx_seg += [s0] * n
-        pad = T - len(tok)  # padding comes after every real token and sees only padding
-        tokens.append(tok + [0] * pad)
-        positions.append(pos + [0] * pad)
-        segment.append(seg + [-1] * pad)
-        context.append(ctx_seg + [-1] * pad)
-    seg_t, ctx_t = torch.tensor(segment, device=device), torch.tensor(context, device=device)
-    slot = torch.arange(T, device=device)
-    mask = (slot[None, None, :] <= slot[None, :, None]) & (
-        (seg_t[:, None, :] == seg_t[:, :, None]) | (seg_t[:, None, :] == ctx_t[:, :, None])
-    )  # (rows, query, key)
-    idx, pos_t = torch.tensor(tokens, device=device), torch.tensor(positions, device=device)
-    hidden, _ = model(idx, positions=pos_t, attn_mask=mask, return_hidden=True)
-    hidden = hidden[torch.tensor(at, device=device), torch.tensor(slots, device=device)]
-    target = torch.tensor(targets, device=device)
-    token_ll, token_greedy = [], []
-    for s in range(0, len(target), HEAD_ROWS):
-        logp = torch.log_softmax(_at_least_fp32(model.lm_head(hidden[s : s + HEAD_ROWS])), -1)
-        token_ll.append(logp.gather(1, target[s : s + HEAD_ROWS, None])[:, 0].double())
-        token_greedy.append(cpu_kernels.greedy(logp) == target[s : s + HEAD_ROWS])
-    owner = torch.tensor(owners, device=device)
-    # a float32 sum of ~1,000 nats is off by 1e-4: sum in float64
-    ll = torch.zeros(n_conts, dtype=torch.float64, device=device).index_add_(0, owner, torch.cat(token_ll))
-    misses = torch.zeros(n_conts, dtype=torch.long, device=device).index_add_(
-        0, owner, (~torch.cat(token_greedy)).long()
-    )
-    ll, misses = ll.tolist(), misses.tolist()
-    out, n = [], 0
-    for row in rows:
-        out.append([])
-        for _, conts in row:
-            out[-1].append([(ll[n + k], misses[n + k] == 0) for k in range(len(conts))])
-            n += len(conts)
-    return out
 
 
 def score_items(model, tokenizer, requests: list[Request], progress: bool = False) -> list[dict]:

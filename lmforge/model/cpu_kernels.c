@@ -1,10 +1,14 @@
-/* lmforge's C kernels for the CPU decode step, built and loaded by lmforge/model/cpu_kernels.py (compiled once per
- * machine with -march=native; no torch headers), each replacing torch calls that cost more in a
- * one-token step than their arithmetic (BENCHMARKS.md, "Compression and portability"). Four functions:
+/* lmforge's C kernels for the CPU decode step and the scorer, built and loaded by lmforge/model/cpu_kernels.py (compiled
+ * once per machine with -march=native; no torch headers), each replacing torch calls that cost more than their
+ * arithmetic (BENCHMARKS.md, "Compression and portability", "lm-evaluation-harness"). For the decode step:
  *   lmf_int8_gemm        the int8 weight-only matrix product of `lmforge quantize`d models;
  *   lmf_rms_norm         RMSNorm of a few rows (torch's F.rms_norm took ~25 us a call inside a decode step);
  *   lmf_decode_attention one query per head against the KV cache (SDPA took ~60 us a call there);
- *   lmf_rope             rotary positions on the query and key heads of one token per row (four torch ops).
+ *   lmf_rope             rotary positions on the query and key heads of one token per row (four torch ops);
+ *   lmf_argmax           torch.argmax over rows of logits (greedy decoding);
+ * and for `lmforge eval`'s scorer (lmforge/eval/scoring.py):
+ *   lmf_span_attention   each query over the two spans of keys it sees in a flat batch of packed questions;
+ *   lmf_target_logprob   a target token's log-probability and whether it is the argmax, per row of logits.
  * Built with -ffp-contract=off: no multiply-add is fused unless written as one, so lmf_rope rounds as torch does.
  *
  * lmf_int8_gemm: y = bf16(scale[n] * sum_k bf16(x[m, k]) * w[n, k]), the function QuantLinear computes on every
@@ -40,6 +44,11 @@ static inline vf wload(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vset1(float a) { return _mm512_set1_ps(a); }
+static inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
 #define ISA 512
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VW 8
@@ -56,6 +65,11 @@ static inline float vsum(vf v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vset1(float a) { return _mm256_set1_ps(a); }
+static inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a); }
 #define ISA 256
 #else
 #define ISA 0
@@ -167,9 +181,11 @@ static inline float dot(const float* a, const float* b, int64_t n) {
 }
 #endif
 
-/* y[m] = x[m] * (1 / sqrt(mean(x[m]^2) + eps)) * w, for M rows of K floats (torch's RMSNorm, fp32). */
-int lmf_rms_norm(const float* x, int64_t M, int64_t K, const float* w, float eps, float* y) {
+/* y[m] = x[m] * (1 / sqrt(mean(x[m]^2) + eps)) * w, for M rows of K floats (torch's RMSNorm, fp32); rows split over
+ * `threads` OpenMP threads when there are enough of them (the scorer's batches of ~2,000 tokens, not a decode step). */
+int lmf_rms_norm(const float* x, int64_t M, int64_t K, const float* w, float eps, float* y, int threads) {
 #if ISA
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M * K >= (1 << 16))
   for (int64_t m = 0; m < M; m++) {
     const float* xr = x + m * K;
     float r = 1.0f / sqrtf(dot(xr, xr, K) / (float)K + eps);
@@ -177,10 +193,122 @@ int lmf_rms_norm(const float* x, int64_t M, int64_t K, const float* w, float eps
   }
   return 0;
 #else
-  (void)x; (void)M; (void)K; (void)w; (void)eps; (void)y;
+  (void)x; (void)M; (void)K; (void)w; (void)eps; (void)y; (void)threads;
   return 2;
 #endif
 }
+
+#if ISA
+/* e^x on a vector (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial for e^r, times 2^n; within 2
+ * ulp of expf for x in [-87.3, 88.3], x clamped to that range, NaN kept). The attention's softmax takes one
+ * per key; glibc's scalar expf was ~20% of the kernel's time. */
+static inline vf vexp(vf x) {
+#if ISA == 512
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);  /* the second operand is returned for a NaN: x, kept */
+  x = _mm512_min_ps(_mm512_set1_ps(88.3f), x);
+  vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  vf y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, n);
+#else
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);
+  x = _mm256_min_ps(_mm256_set1_ps(88.3f), x);
+  vf n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  vf y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+#endif
+}
+
+/* The sum of e^(x[i] - mx) for i < n, each term also stored to dst[i] unless dst is NULL (x and dst may be one). */
+static inline float exp_sum(const float* x, float* dst, int64_t n, float mx) {
+  vf acc = vzero(), m = vset1(mx);
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) {
+    vf e = vexp(vsub(vload(x + i), m));
+    if (dst) vstore(dst + i, e);
+    acc = vadd(acc, e);
+  }
+  float sum = vsum(acc);
+  for (; i < n; i++) {
+    float e = expf(x[i] - mx);
+    if (dst) dst[i] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+/* o = softmax(scale * q.k) v over the keys of `nspans` spans (start, length) of one head's keys: key t at k + t * ks,
+ * its value at v + t * vs; p holds the scores (the spans' total length). NV = D / VW vectors a head (0: any D), the
+ * query and the output kept in registers. */
+static inline __attribute__((always_inline)) void attend_nv(const float* qh, int64_t D, const float* k, int64_t ks,
+                                                            const float* v, int64_t vs, const int64_t* spans,
+                                                            int nspans, float scale, float* p, float* o, int NV) {
+  float mx = -INFINITY;
+  int64_t n = 0;
+  vf qv[8], acc[8];
+  for (int i = 0; i < NV; i++) qv[i] = vload(qh + i * VW);
+  for (int s = 0; s < nspans; s++)
+    for (int64_t t = spans[2 * s]; t < spans[2 * s] + spans[2 * s + 1]; t++, n++) {
+      if (NV) {
+        const float* kt = k + t * ks;
+        vf a = vmul(qv[0], vload(kt));
+        for (int i = 1; i < NV; i++) a = vfma(qv[i], vload(kt + i * VW), a);
+        p[n] = scale * vsum(a);
+      } else {
+        p[n] = scale * dot(qh, k + t * ks, D);
+      }
+      if (p[n] > mx) mx = p[n];
+    }
+  float inv = 1.f / exp_sum(p, p, n, mx);
+  if (NV) {
+    for (int i = 0; i < NV; i++) acc[i] = vzero();
+    n = 0;
+    for (int s = 0; s < nspans; s++)
+      for (int64_t t = spans[2 * s]; t < spans[2 * s] + spans[2 * s + 1]; t++, n++) {
+        vf pt = vset1(p[n] * inv);
+        const float* vt = v + t * vs;
+        for (int i = 0; i < NV; i++) acc[i] = vfma(pt, vload(vt + i * VW), acc[i]);
+      }
+    for (int i = 0; i < NV; i++) vstore(o + i * VW, acc[i]);
+    return;
+  }
+  for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+  n = 0;
+  for (int s = 0; s < nspans; s++)
+    for (int64_t t = spans[2 * s]; t < spans[2 * s] + spans[2 * s + 1]; t++, n++) {
+      const float* vt = v + t * vs;
+      float pt = p[n] * inv;
+      for (int64_t d = 0; d < D; d++) o[d] += pt * vt[d];
+    }
+}
+
+static void attend(const float* qh, int64_t D, const float* k, int64_t ks, const float* v, int64_t vs,
+                   const int64_t* spans, int nspans, float scale, float* p, float* o) {
+  switch (D % VW ? 0 : D / VW) {  /* a constant NV: the loops over a head's vectors unrolled */
+    case 1: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 1); break;
+    case 2: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 2); break;
+    case 4: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 4); break;
+    case 8: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 8); break;
+    default: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 0);
+  }
+}
+#endif
 
 /* Softmax attention of one query per head over the first L cached positions (or lens[b] of row b's, where lens is
  * given: the serving engine's rows, each at its own length), for B rows: q (B, H, D) contiguous; k, v (*, Hk, *, D)
@@ -214,35 +342,9 @@ int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64
     for (int64_t bh = 0; bh < B * H; bh++) {
       if (!p) continue;
       int64_t b = bh / H, h = bh % H;
-      int64_t n = lens ? lens[b] : L, row = slots ? slots[b] : b;
-      const float* qh = q + bh * D;
-      const float* kh0 = k + row * kb + (h / group) * kh;
-      const float* vh0 = v + row * kb + (h / group) * kh;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < n; t++) {
-        p[t] = scale * dot(qh, kh0 + t * D, D);
-        if (p[t] > mx) mx = p[t];
-      }
-      float sum = 0.f;
-      for (int64_t t = 0; t < n; t++) {
-        p[t] = expf(p[t] - mx);
-        sum += p[t];
-      }
-      float* o = out + bh * D;
-      for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-      for (int64_t t = 0; t < n; t++) {
-        const float* vt = vh0 + t * D;
-        float pt = p[t] / sum;
-        int64_t dv = D / VW * VW;
-        for (int64_t d = 0; d < dv; d += VW) {
-#if ISA == 512
-          _mm512_storeu_ps(o + d, vfma(_mm512_set1_ps(pt), vload(vt + d), vload(o + d)));
-#else
-          _mm256_storeu_ps(o + d, vfma(_mm256_set1_ps(pt), vload(vt + d), vload(o + d)));
-#endif
-        }
-        for (int64_t d = dv; d < D; d++) o[d] += pt * vt[d];
-      }
+      int64_t span[2] = {0, lens ? lens[b] : L}, row = slots ? slots[b] : b;
+      const float* base = k + row * kb + (h / group) * kh;
+      attend(q + bh * D, D, base, D, v + row * kb + (h / group) * kh, D, span, 1, scale, p, out + bh * D);
     }
     free(p);
   }
@@ -254,12 +356,59 @@ int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64
 #endif
 }
 
+/* Softmax attention of N queries, each over two spans of a flat sequence of T tokens' keys: query n attends to tokens
+ * spans[4n] .. spans[4n] + spans[4n+1] - 1 and spans[4n+2] .. spans[4n+2] + spans[4n+3] - 1 (the scorer's packed
+ * questions: a choice's tokens see their question's context and their own earlier tokens, and nothing of the other
+ * choices; a context token's second span is empty). q (N, H, D) contiguous; the key of token t, kv head j at
+ * k + t * ks + j * D, its value at v + t * vs + j * D (views of the fused q/k/v product); head h reads kv head
+ * h / (H / Hk); out (N, H, D). Returns 3, before reading any key, for a span outside 0..T, two that overlap, or a
+ * query with no key.
+ * Only the keys a query sees are read: a dense (T, T) mask would multiply them all. */
+int lmf_span_attention(const float* q, int64_t N, int64_t H, int64_t Hk, int64_t D, const float* k, int64_t ks,
+                       const float* v, int64_t vs, int64_t T, const int64_t* spans, float scale, float* out,
+                       int threads) {
+#if ISA
+  int64_t group = H / Hk, most = 1, keys = 0;
+  for (int64_t n = 0; n < N; n++) {
+    const int64_t* s = spans + 4 * n;
+    if (s[0] < 0 || s[1] < 0 || s[0] + s[1] > T || s[2] < 0 || s[3] < 0 || s[2] + s[3] > T || s[1] + s[3] < 1)
+      return 3;
+    if (s[1] && s[3] && s[0] < s[2] + s[3] && s[2] < s[0] + s[1]) return 3; /* overlapping: a key would count twice */
+    if (s[1] + s[3] > most) most = s[1] + s[3];
+    keys += s[1] + s[3];
+  }
+  int fail = 0;
+  int par = threads > 1 && keys * H * D >= (1 << 16);
+#pragma omp parallel num_threads(threads) if (par)
+  {
+    float* p = (float*)malloc((size_t)most * sizeof(float));
+    if (!p) {
+#pragma omp atomic write
+      fail = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t nh = 0; nh < N * H; nh++) {
+      if (!p) continue;
+      int64_t n = nh / H, j = (nh % H) / group;
+      attend(q + nh * D, D, k + j * D, ks, v + j * D, vs, spans + 4 * n, 2, scale, p, out + nh * D);
+    }
+    free(p);
+  }
+  return fail;
+#else
+  (void)q; (void)N; (void)H; (void)Hk; (void)D; (void)k; (void)ks; (void)v; (void)vs; (void)T; (void)spans;
+  (void)scale; (void)out; (void)threads;
+  return 2;
+#endif
+}
+
 /* out[b, r] = x[b, r] * cos[b] + roll(x[b, r], D / 2) * sin[b] for R heads of D floats per row (lmforge's apply_rope:
  * `sin` carries the rotate-half sign); x rows at stride xb (heads contiguous within a row), out (B, R, D) contiguous;
- * cos/sin (B or 1, D): cs_stride D or 0. */
+ * cos/sin (B or 1, D): cs_stride D or 0. Rows split over `threads` OpenMP threads when there are enough of them. */
 int lmf_rope(const float* x, int64_t B, int64_t R, int64_t D, int64_t xb, const float* cos, const float* sin,
-             int64_t cs_stride, float* out) {
+             int64_t cs_stride, float* out, int threads) {
   int64_t half = D / 2;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && B * R * D >= (1 << 16))
   for (int64_t b = 0; b < B; b++) {
     const float* c = cos + b * cs_stride;
     const float* s = sin + b * cs_stride;
@@ -276,72 +425,104 @@ int lmf_rope(const float* x, int64_t B, int64_t R, int64_t D, int64_t xb, const 
   return 0;
 }
 
-/* out[m] = the index of the largest of x[m, 0..N-1] (rows at stride xs), the first one where several are equal, or of
- * the first NaN where there is one: torch.argmax's answer. Two passes over a row that stays in cache (the maximum, then
- * where it first is); torch's CPU argmax took ~2.6 ns an element, a greedy step's (16, 49152) logits ~2 ms. */
+#if ISA
+/* The index of the largest of r[0..N-1], the first one where several are equal, or of the first NaN where there is one:
+ * torch.argmax's answer; *best = that largest value, or NaN. Two passes over a row that stays in cache (the maximum,
+ * then where it first is); torch's CPU argmax took ~2.6 ns an element, a greedy step's (16, 49152) logits ~2 ms. */
+static int64_t row_argmax(const float* r, int64_t N, float* best_out) {
+  int64_t nv = N / VW * VW, i, at = -1;
+  float best = -INFINITY;
+#if ISA == 512
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  __mmask16 nan = 0;
+  for (i = 0; i < nv; i += VW) {
+    __m512 v = _mm512_loadu_ps(r + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(mx, v);
+  }
+  if (!nan) best = _mm512_reduce_max_ps(mx);
+  else at = -2;
+#else
+  __m256 mx = _mm256_set1_ps(-INFINITY), nanv = _mm256_setzero_ps();
+  for (i = 0; i < nv; i += VW) {
+    __m256 v = _mm256_loadu_ps(r + i);
+    nanv = _mm256_or_ps(nanv, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    mx = _mm256_max_ps(mx, v);
+  }
+  if (!_mm256_movemask_ps(nanv)) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mx);
+    for (int j = 0; j < 8; j++) best = lanes[j] > best ? lanes[j] : best;
+  } else {
+    at = -2;
+  }
+#endif
+  for (i = nv; i < N && at != -2; i++) {
+    if (r[i] != r[i]) at = -2;
+    else if (r[i] > best) best = r[i];
+  }
+  if (at == -2) { /* a NaN: torch returns the first one */
+    for (i = 0; i < N; i++)
+      if (r[i] != r[i]) break;
+    *best_out = NAN;
+    return i;
+  }
+  *best_out = best;
+  i = 0;
+#if ISA == 512
+  __m512 b = _mm512_set1_ps(best);
+  for (; i < nv; i += VW) {
+    __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + i), b, _CMP_EQ_OQ);
+    if (eq) { i += __builtin_ctz(eq); break; }
+  }
+#else
+  __m256 b = _mm256_set1_ps(best);
+  for (; i < nv; i += VW) {
+    int eq = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(r + i), b, _CMP_EQ_OQ));
+    if (eq) { i += __builtin_ctz(eq); break; }
+  }
+#endif
+  if (i >= nv)
+    for (i = nv; i < N; i++)
+      if (r[i] == best) break;
+  return i < N ? i : 0;
+}
+
+#endif
+
+/* out[m] = row_argmax of x[m, 0..N-1] (rows at stride xs). */
 int lmf_argmax(const float* x, int64_t M, int64_t N, int64_t xs, int64_t* out) {
 #if ISA
-  for (int64_t m = 0; m < M; m++) {
-    const float* r = x + m * xs;
-    int64_t nv = N / VW * VW, i, at = -1;
-    float best = -INFINITY;
-#if ISA == 512
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    __mmask16 nan = 0;
-    for (i = 0; i < nv; i += VW) {
-      __m512 v = _mm512_loadu_ps(r + i);
-      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      mx = _mm512_max_ps(mx, v);
-    }
-    if (!nan) best = _mm512_reduce_max_ps(mx);
-    else at = -2;
-#else
-    __m256 mx = _mm256_set1_ps(-INFINITY), nanv = _mm256_setzero_ps();
-    for (i = 0; i < nv; i += VW) {
-      __m256 v = _mm256_loadu_ps(r + i);
-      nanv = _mm256_or_ps(nanv, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      mx = _mm256_max_ps(mx, v);
-    }
-    if (!_mm256_movemask_ps(nanv)) {
-      float lanes[8];
-      _mm256_storeu_ps(lanes, mx);
-      for (int j = 0; j < 8; j++) best = lanes[j] > best ? lanes[j] : best;
-    } else {
-      at = -2;
-    }
-#endif
-    for (i = nv; i < N && at != -2; i++) {
-      if (r[i] != r[i]) at = -2;
-      else if (r[i] > best) best = r[i];
-    }
-    if (at == -2) { /* a NaN: torch returns the first one */
-      for (i = 0; i < N; i++)
-        if (r[i] != r[i]) break;
-      out[m] = i;
-      continue;
-    }
-    i = 0;
-#if ISA == 512
-    __m512 b = _mm512_set1_ps(best);
-    for (; i < nv; i += VW) {
-      __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + i), b, _CMP_EQ_OQ);
-      if (eq) { i += __builtin_ctz(eq); break; }
-    }
-#else
-    __m256 b = _mm256_set1_ps(best);
-    for (; i < nv; i += VW) {
-      int eq = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(r + i), b, _CMP_EQ_OQ));
-      if (eq) { i += __builtin_ctz(eq); break; }
-    }
-#endif
-    if (i >= nv)
-      for (i = nv; i < N; i++)
-        if (r[i] == best) break;
-    out[m] = i < N ? i : 0;
-  }
+  float best;
+  for (int64_t m = 0; m < M; m++) out[m] = row_argmax(x + m * xs, N, &best);
   return 0;
 #else
   (void)x; (void)M; (void)N; (void)xs; (void)out;
+  return 2;
+#endif
+}
+
+/* The scorer's per-token numbers from M rows of N logits (rows at stride xs): ll[m] = log_softmax(x[m])[target[m]] and
+ * hit[m] = whether target[m] is torch.argmax(x[m]) (NaN logits: ll NaN, the first NaN the argmax). One read of the row
+ * for the maximum and where it is, one for the sum of e^(x - max): torch's log_softmax wrote the whole (M, N) result
+ * and the argmax and the gather read it again. Rows split over `threads` OpenMP threads. Returns 5 for a target
+ * outside 0..N-1, before reading any row. */
+int lmf_target_logprob(const float* x, int64_t M, int64_t N, int64_t xs, const int64_t* target, float* ll,
+                       uint8_t* hit, int threads) {
+#if ISA
+  for (int64_t m = 0; m < M; m++)
+    if (target[m] < 0 || target[m] >= N) return 5;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M * N >= (1 << 18))
+  for (int64_t m = 0; m < M; m++) {
+    const float* r = x + m * xs;
+    float best;
+    int64_t at = row_argmax(r, N, &best);
+    hit[m] = at == target[m];
+    ll[m] = best != best ? NAN : (r[target[m]] - best) - logf(exp_sum(r, NULL, N, best));
+  }
+  return 0;
+#else
+  (void)x; (void)M; (void)N; (void)xs; (void)target; (void)ll; (void)hit; (void)threads;
   return 2;
 #endif
 }

@@ -86,10 +86,12 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     signatures = {
         "lmf_int8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
-        "lmf_rms_norm": [ptr, i64, i64, ptr, f32, ptr],
+        "lmf_rms_norm": [ptr, i64, i64, ptr, f32, ptr, i32],
         "lmf_decode_attention": [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, i64, f32, ptr, i32],
-        "lmf_rope": [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr],
+        "lmf_span_attention": [ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr, f32, ptr, i32],
+        "lmf_rope": [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i32],
         "lmf_argmax": [ptr, i64, i64, i64, ptr],
+        "lmf_target_logprob": [ptr, i64, i64, i64, ptr, ptr, ptr, i32],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)
@@ -133,9 +135,11 @@ def _lib():
 
 def _check(code: int, what: str) -> None:
     if code == 3:
-        raise ValueError(f"{what}: a row length outside 1..the keys given")
+        raise ValueError(f"{what}: a row length or span outside the keys given, spans that overlap, or no key")
     if code == 4:
         raise ValueError(f"{what}: a slot outside the cache's rows")
+    if code == 5:
+        raise ValueError(f"{what}: a target outside the vocabulary")
     if code:  # 1: malloc failed; 2: built without a vector path (loaded() refuses those)
         raise MemoryError(f"{what} failed with code {code} (1: out of memory for its scratch buffer)")
 
@@ -157,7 +161,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """F.rms_norm over the last dim of a float32 (M, K) x with a float32 weight, in one call."""
     x = x.contiguous()
     y = torch.empty_like(x)
-    _check(_lib().lmf_rms_norm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, y.data_ptr()), "rms_norm")
+    code = _lib().lmf_rms_norm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, y.data_ptr(),
+                               torch.get_num_threads())  # fmt: skip
+    _check(code, "rms_norm")
     return y
 
 
@@ -195,6 +201,24 @@ def decode_attention(
     return out
 
 
+def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+    """q (N, H, D), k and v (T, Hk, D) float32 (rows may be strided, each row's heads contiguous) -> (N, H, D): query n
+    attends, per head (head h reading kv head h // (H // Hk)), to the keys of tokens spans[n, 0] .. spans[n, 0] +
+    spans[n, 1] - 1 and spans[n, 2] .. spans[n, 2] + spans[n, 3] - 1 (int64 (N, 4); either length may be 0, not
+    both; the two may not overlap): softmax(q k^T / sqrt(D)) v over those keys, what SDPA gives with a mask showing only them. The scorer's
+    packed questions (lmforge/eval/scoring.py): a choice's tokens see their context and their own earlier tokens."""
+    N, H, D = q.shape
+    T, Hk = k.shape[0], k.shape[1]
+    assert k.stride()[1:] == (D, 1) and v.stride()[1:] == (D, 1) and v.shape == k.shape, "heads contiguous in a row"
+    q, spans = q.contiguous(), spans.to(torch.int64).contiguous()
+    assert spans.shape == (N, 4)
+    out = torch.empty_like(q)
+    code = _lib().lmf_span_attention(q.data_ptr(), N, H, Hk, D, k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                                     T, spans.data_ptr(), D**-0.5, out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    _check(code, "span_attention")
+    return out
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """apply_rope (lmforge/model/transformer.py) on x (B, R, D) float32 (rows may be strided, heads contiguous within a
     row) with cos / signed sin (D,), (1, D) or (B, D) -> (B, R, D) contiguous; the same numbers bit for bit."""
@@ -203,7 +227,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos.reshape(-1, D).contiguous(), sin.reshape(-1, D).contiguous()
     out = torch.empty(B, R, D)
     step = D if cos.shape[0] > 1 else 0
-    _lib().lmf_rope(x.data_ptr(), B, R, D, x.stride(0), cos.data_ptr(), sin.data_ptr(), step, out.data_ptr())
+    _lib().lmf_rope(x.data_ptr(), B, R, D, x.stride(0), cos.data_ptr(), sin.data_ptr(), step, out.data_ptr(),
+                    torch.get_num_threads())  # fmt: skip
     return out
 
 
@@ -214,6 +239,21 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], dtype=torch.int64)
     _check(_lib().lmf_argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr()), "argmax")
     return out
+
+
+def target_logprob(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For float32 (M, N) logits (rows may be strided, each contiguous) and int64 (M,) targets: (log_softmax(logits)
+    [m, target[m]] float32 (M,), whether target[m] is logits[m].argmax() (M,) bool), without writing the (M, N)
+    log-probabilities (the scorer's per-token numbers)."""
+    assert logits.dim() == 2 and logits.dtype == torch.float32 and logits.stride(1) == 1
+    M, N = logits.shape
+    target = target.to(torch.int64).contiguous()
+    assert target.shape == (M,)
+    ll, hit = torch.empty(M), torch.empty(M, dtype=torch.bool)
+    code = _lib().lmf_target_logprob(logits.data_ptr(), M, N, logits.stride(0), target.data_ptr(), ll.data_ptr(),
+                                     hit.data_ptr(), torch.get_num_threads())  # fmt: skip
+    _check(code, "target_logprob")
+    return ll, hit
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

@@ -501,7 +501,7 @@ class Transformer(nn.Module):
         inside its blank, and the length of part A, which every token attends to both ways.
         attn_mask (B, T, T) bool, without a cache: which tokens each token attends to, in place of the causal mask;
         with `positions` the row may be longer than max_seq_len (several continuations packed after one context
-        each at its own positions: lmforge/eval/mc.py).
+        each at its own positions: lmforge/eval/scoring.py).
         """
         if prefix is not None:
             cache, positions, key_mask = self._run_prefix(idx, *prefix)

@@ -27,7 +27,7 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.model import cpu_kernels
 from lmforge.model.lora import LoraLinear
-from lmforge.model.matmul import Linear, cpu_matmul
+from lmforge.model.matmul import Linear, cpu_matmul, linear
 from lmforge.model.quant import QuantLinear
 from lmforge.model.transformer import KVCache, Transformer, apply_rope
 from lmforge.serve.kv_slots import flat_rows, write_kv
@@ -62,11 +62,13 @@ class _Proj:
     lmforge/model/matmul.py) only weights of `PACK_MIN` elements or more are packed: oneDNN's call costs
     25-40 us whatever the shape, so a small model's 16-row step ran 1.2-1.5x faster through MKL on a 2-core
     Xeon (the demo model), while SmolLM2-sized weights stream as fast or faster packed
-    (benchmarks/decode_products.py).
+    (benchmarks/decode_products.py). Batch 0 is for thousands of rows at once (the scorer's flat batches,
+    lmforge/eval/scoring.py): the weight as stored (no copy but the concatenation of fused ones) and the model's
+    own product (matmul.linear), which reads either layout as fast at that size.
     """
 
     def __init__(self, linears: list[nn.Linear], batch: int):
-        self.quant = self.kernel = None
+        self.quant = self.kernel = self.w = None
         if isinstance(linears[0], QuantLinear):  # weight-only quantized: its own kernels, the rows side by side
             self.quant = QuantLinear.cat(linears)
             # The bare kernel skips QuantLinear.forward's reshape, checks and casts (a SmolLM2 int8 decode step 1.03-1.15x
@@ -80,7 +82,9 @@ class _Proj:
             self.b = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
         self.packed = self.wt = None
         big = cpu_matmul() == "onednn" or w.numel() >= PACK_MIN
-        if _ONEDNN and batch > 1 and big and w.device.type == "cpu" and w.dtype == torch.float32:
+        if batch == 0:  # thousands of rows (the scorer): the weight as stored, the model's own product (matmul.linear)
+            self.w = w
+        elif _ONEDNN and batch > 1 and big and w.device.type == "cpu" and w.dtype == torch.float32:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch)
         else:
             self.wt = w.t().contiguous()
@@ -93,6 +97,9 @@ class _Proj:
         if self.quant is not None:
             y = self.quant(x)
             return y if residual is None else residual + y
+        if self.w is not None:
+            y = linear(x, self.w, self.b)
+            return y if residual is None else y.add_(residual)
         if self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "none", [], "")
             return y if residual is None else residual + y
