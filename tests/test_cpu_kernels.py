@@ -156,6 +156,17 @@ def test_decode_attention_threads_split_rows_and_heads_exactly():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("M,width", [(1, 1536), (4, 704), (3, 20), (300, 704)])  # 300 rows: split over threads
+def test_silu_mul_is_swiglu(M, width):
+    """SwiGLU on a fused [gate | up] product (strided rows): F.silu(gate) * up within float32 rounding, saturated
+    gates included."""
+    torch.manual_seed(width)
+    h = torch.randn(M, 2 * width + 6)[:, 3 : 2 * width + 3] * 4
+    h[0, :4] = torch.tensor([-100.0, 100.0, -90.0, 0.0])
+    gate, up = h.chunk(2, dim=-1)
+    assert torch.allclose(cpu_kernels.silu_mul(h), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("B,shared", [(1, True), (3, True), (3, False), (200, False)])
 def test_rope_is_apply_rope_bit_for_bit(B, shared):
     """On the q/k heads of a fused q/k/v row (a strided view), with one position for all rows or one per row (200

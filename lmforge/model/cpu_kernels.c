@@ -6,6 +6,7 @@
  *   lmf_decode_attention one query per head against the KV cache (SDPA took ~60 us a call there);
  *   lmf_rope             rotary positions on the query and key heads of one token per row (four torch ops);
  *   lmf_argmax           torch.argmax over rows of logits (greedy decoding);
+ *   lmf_silu_mul         SwiGLU's silu(gate) * up on the fused gate/up product (also the scorer's);
  * and for `lmforge eval`'s scorer (lmforge/eval/scoring.py):
  *   lmf_span_attention   each query over the two spans of keys it sees in a flat batch of packed questions;
  *   lmf_target_logprob   a target token's log-probability and whether it is the argmax, per row of logits.
@@ -48,6 +49,7 @@ static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 static inline vf vset1(float a) { return _mm512_set1_ps(a); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
 static inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
 #define ISA 512
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -69,6 +71,7 @@ static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 static inline vf vset1(float a) { return _mm256_set1_ps(a); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
 static inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a); }
 #define ISA 256
 #else
@@ -398,6 +401,31 @@ int lmf_span_attention(const float* q, int64_t N, int64_t H, int64_t Hk, int64_t
 #else
   (void)q; (void)N; (void)H; (void)Hk; (void)D; (void)k; (void)ks; (void)v; (void)vs; (void)T; (void)spans;
   (void)scale; (void)out; (void)threads;
+  return 2;
+#endif
+}
+
+/* out[m, f] = silu(g) * u = g / (1 + e^-g) * u with g = h[m, f], u = h[m, F + f]: SwiGLU on M rows of the fused
+ * [gate | up] product (row stride hs) in one pass, where torch's F.silu and the product take two and a temporary.
+ * Rows split over `threads` OpenMP threads when there are enough of them. */
+int lmf_silu_mul(const float* h, int64_t M, int64_t F, int64_t hs, float* out, int threads) {
+#if ISA
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M * F >= (1 << 16))
+  for (int64_t m = 0; m < M; m++) {
+    const float* g = h + m * hs;
+    const float* u = g + F;
+    float* o = out + m * F;
+    int64_t f = 0;
+    for (; f + VW <= F; f += VW) {
+      vf x = vload(g + f);
+      vf silu = vdiv(x, vadd(vset1(1.f), vexp(vsub(vzero(), x))));
+      vstore(o + f, vmul(silu, vload(u + f)));
+    }
+    for (; f < F; f++) o[f] = g[f] / (1.f + expf(-g[f])) * u[f];
+  }
+  return 0;
+#else
+  (void)h; (void)M; (void)F; (void)hs; (void)out; (void)threads;
   return 2;
 #endif
 }

@@ -91,6 +91,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         "lmf_span_attention": [ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr, f32, ptr, i32],
         "lmf_rope": [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i32],
         "lmf_argmax": [ptr, i64, i64, i64, ptr],
+        "lmf_silu_mul": [ptr, i64, i64, i64, ptr, i32],
         "lmf_target_logprob": [ptr, i64, i64, i64, ptr, ptr, ptr, i32],
     }
     for name, args in signatures.items():
@@ -229,6 +230,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     step = D if cos.shape[0] > 1 else 0
     _lib().lmf_rope(x.data_ptr(), B, R, D, x.stride(0), cos.data_ptr(), sin.data_ptr(), step, out.data_ptr(),
                     torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's F.silu(gate) * up for a float32 (M, 2F) h = [gate | up] (rows may be strided, each contiguous), the
+    fused gate/up product -> (M, F), in one pass."""
+    assert h.dim() == 2 and h.dtype == torch.float32 and h.stride(1) == 1 and h.shape[1] % 2 == 0
+    M, F = h.shape[0], h.shape[1] // 2
+    out = torch.empty(M, F)
+    _check(_lib().lmf_silu_mul(h.data_ptr(), M, F, h.stride(0), out.data_ptr(), torch.get_num_threads()), "silu_mul")
     return out
 
 

@@ -166,6 +166,7 @@ class FusedDecoder:
         # SDPA costs ~60 us a call at one query per row inside the step, the C kernel a few; RoPE likewise (BENCHMARKS.md)
         self.c_kernels = _c_kernels(next(model.parameters(), None))
         self.rope = cpu_kernels.rope if self.c_kernels else apply_rope
+        self.silu_mul = self.c_kernels and self.cfg.mlp == "swiglu"  # SwiGLU in one C pass over [gate | up]
 
     @staticmethod
     def supports(model) -> bool:
@@ -259,6 +260,9 @@ class FusedDecoder:
             y = attend(layer, q, k, h[:, H + Hk :])
             x = o_proj(y.reshape(B, H * D), residual=x)
             h = up_proj(norm2(x))
+            if self.silu_mul and h.dtype == torch.float32:
+                x = down_proj(cpu_kernels.silu_mul(h), residual=x)
+                continue
             gate, up = h.chunk(2, dim=-1) if gated else (None, h)
             x = down_proj(block.mlp.act(gate, up), residual=x)
         return x
