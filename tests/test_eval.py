@@ -54,8 +54,8 @@ def test_scoring_shares_the_prompt_and_equals_scoring_each_choice_in_full(model_
 def test_batched_groups_equal_scoring_each_pair_in_full(pos, pack, split, way, monkeypatch):
     """Many questions in one forward (each packed as context + its continuations; the rows way several to a row,
     rows of different lengths right-padded; the flat way all in one sequence; continuations of 1..7 tokens, several
-    batches under a small budget; with split 12 a question's choices split over several pieces; a group too long
-    for max_seq_len) give score_pair's numbers."""
+    batches under a small budget; with split 12 a question's choices split over several pieces; continuations that
+    do not fit max_seq_len after their context, left-truncated as score_pair does) give score_pair's numbers."""
     from lmforge.eval import scoring
     from lmforge.eval.scoring import score_groups, score_pair
     from lmforge.model import cpu_kernels
@@ -80,7 +80,7 @@ def test_batched_groups_equal_scoring_each_pair_in_full(pos, pack, split, way, m
         return torch.randint(0, 97, (n,), generator=g).tolist()
 
     groups = [(ids(n), [ids(1 + (n + j) % 7) for j in range(1 + n % 4)]) for n in (1, 3, 9, 17, 4, 30, 9)]
-    groups.append((ids(38), [ids(5), ids(2)]))  # 38 + 5 - 1 > 40: scored pair by pair, truncated from the left
+    groups.append((ids(38), [ids(5), ids(2), ids(9)]))  # 38 + 5 - 1 > 40: those two truncated from the left, batched
     groups.append((ids(30), [ids(9), ids(8), ids(7)]))  # packed: 30 + 8 + 7 + 6 > 40 slots, positions all < 40
     got = score_groups(model, groups, budget=120)
     assert used == [way] and (way == "rows" or real(model) is not None)

@@ -79,37 +79,44 @@ def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], budget:
     CPU_BATCH_TOKENS on a CPU, BATCH_TOKENS elsewhere; the rows way counts rows x longest row).
 
     A group with many choices is split into pieces of at most SPLIT_TOKENS, each with its own copy of the context.
-    A group whose context + continuation do not fit max_seq_len is scored pair by pair with score_pair's
-    truncation, as the harness does. `done(n)` is called with the number of continuations scored.
+    A continuation that does not fit max_seq_len after its context gets score_pair's truncation (the harness's: the
+    oldest context goes first, max_seq_len tokens run) as a piece of its own whose context is the part of the
+    context that is kept, so long few-shot prompts are batched too; one longer than max_seq_len runs alone
+    (score_pair). `done(n)` is called with the number of continuations scored.
     """
     max_len = model.cfg.max_seq_len
     budget = budget or (CPU_BATCH_TOKENS if next(model.parameters()).device.type == "cpu" else BATCH_TOKENS)
     out: list[list] = [[None] * len(conts) for _, conts in groups]
-    pieces: list[tuple[int, int, list[int]]] = []  # (tokens, group, the continuations packed with its context)
+    # (tokens, group, the continuations packed with the context, the context: the group's, or its kept part)
+    pieces: list[tuple[int, int, list[int], list[int]]] = []
     for g, (ctx, conts) in enumerate(groups):
-        if not ctx or len(ctx) + max(len(c) for c in conts) - 1 > max_len:
-            out[g] = [score_pair(model, ctx, c) for c in conts]
-            if done is not None:
-                done(len(conts))
-            continue
         piece, length = [], len(ctx)
         for k, c in enumerate(conts):
-            if piece and length + len(c) - 1 > SPLIT_TOKENS:
-                pieces.append((length, g, piece))
-                piece, length = [], len(ctx)
-            piece.append(k)
-            length += len(c) - 1
-        pieces.append((length, g, piece))
+            if not ctx or len(c) > max_len:  # nothing to condition on, or no context kept at all
+                out[g][k] = score_pair(model, ctx, c)
+                if done is not None:
+                    done(1)
+            elif len(ctx) + len(c) - 1 > max_len:  # what score_pair runs: the last max_len tokens of ctx + c[:-1]
+                kept = ctx[len(ctx) + len(c) - 1 - max_len :]
+                pieces.append((max_len, g, [k], kept))
+            else:
+                if piece and length + len(c) - 1 > SPLIT_TOKENS:
+                    pieces.append((length, g, piece, ctx))
+                    piece, length = [], len(ctx)
+                piece.append(k)
+                length += len(c) - 1
+        if piece:
+            pieces.append((length, g, piece, ctx))
     fused = _flat_decoder(model)
     for batch in _flat_batches(pieces, budget) if fused is not None else _row_batches(pieces, budget):
-        rows = [[(groups[g][0], [groups[g][1][k] for k in ks]) for _, g, ks in row] for row in batch]
+        rows = [[(ctx, [groups[g][1][k] for k in ks]) for _, g, ks, ctx in row] for row in batch]
         scored = [_score_flat(fused, rows[0])] if fused is not None else _score_packed(model, rows)
         for row, row_scores in zip(batch, scored, strict=True):
-            for (_, g, ks), scores in zip(row, row_scores, strict=True):
+            for (_, g, ks, _), scores in zip(row, row_scores, strict=True):
                 for k, score in zip(ks, scores, strict=True):
                     out[g][k] = score
         if done is not None:
-            done(sum(len(ks) for row in batch for _, _, ks in row))
+            done(sum(len(piece[2]) for row in batch for piece in row))
     return out
 
 
