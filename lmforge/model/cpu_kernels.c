@@ -50,6 +50,10 @@ static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 static inline vf vset1(float a) { return _mm512_set1_ps(a); }
 static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+static inline vf vround(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT); }
+static inline vf vscale2(vf y, vf n) { return _mm512_scalef_ps(y, n); } /* y * 2^n, n integral */
 static inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
 #define ISA 512
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -72,6 +76,13 @@ static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 static inline vf vset1(float a) { return _mm256_set1_ps(a); }
 static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+static inline vf vround(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT); }
+static inline vf vscale2(vf y, vf n) { /* y * 2^n, n integral and in -126..127 (vexp's clamp keeps it there) */
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
 static inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a); }
 #define ISA 256
 #else
@@ -206,36 +217,17 @@ int lmf_rms_norm(const float* x, int64_t M, int64_t K, const float* w, float eps
  * ulp of expf for x in [-87.3, 88.3], x clamped to that range, NaN kept). The attention's softmax takes one
  * per key; glibc's scalar expf was ~20% of the kernel's time. */
 static inline vf vexp(vf x) {
-#if ISA == 512
-  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);  /* the second operand is returned for a NaN: x, kept */
-  x = _mm512_min_ps(_mm512_set1_ps(88.3f), x);
-  vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-  vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  vf y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(y, n);
-#else
-  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);
-  x = _mm256_min_ps(_mm256_set1_ps(88.3f), x);
-  vf n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-  vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  vf y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-#endif
+  x = vmin(vset1(88.3f), vmax(vset1(-87.3f), x)); /* the second operand is returned for a NaN: x, kept */
+  vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+  vf r = vfma(n, vset1(-0.693359375f), x); /* x - n ln2, ln2 in two parts */
+  r = vfma(n, vset1(2.12194440e-4f), r);
+  vf y = vset1(1.9875691500e-4f);
+  y = vfma(y, r, vset1(1.3981999507e-3f));
+  y = vfma(y, r, vset1(8.3334519073e-3f));
+  y = vfma(y, r, vset1(4.1665795894e-2f));
+  y = vfma(y, r, vset1(1.6666665459e-1f));
+  y = vfma(y, r, vset1(5.0000001201e-1f));
+  return vscale2(vfma(y, vmul(r, r), vadd(r, vset1(1.f))), n);
 }
 
 /* The sum of e^(x[i] - mx) for i < n, each term also stored to dst[i] unless dst is NULL (x and dst may be one). */
@@ -313,6 +305,36 @@ static void attend(const float* qh, int64_t D, const float* k, int64_t ks, const
 }
 #endif
 
+#if ISA
+/* The OpenMP loop both attentions share: for each (query n, head h) pair, attend() over query n's `nspans` spans
+ * (spans + 2 * nspans * n), its keys at k + off[n] + (h / group) * kh + t * ks (off NULL: 0), its values at the same
+ * offsets from v with token stride vs; each thread's scratch holds `most` scores. The pairs are split over `threads`
+ * threads when there is enough work (`keys` scores in all) to pay for waking them; each pair's arithmetic is the same
+ * either way. Returns 1 where a scratch buffer cannot be allocated. */
+static int attend_pairs(const float* q, int64_t N, int64_t H, int64_t group, int64_t D, const float* k, const float* v,
+                        const int64_t* off, int64_t kh, int64_t ks, int64_t vs, const int64_t* spans, int nspans,
+                        int64_t most, int64_t keys, float scale, float* out, int threads) {
+  int fail = 0;
+  int par = threads > 1 && keys * H * D >= (1 << 16);
+#pragma omp parallel num_threads(threads) if (par)
+  {
+    float* p = (float*)malloc((size_t)most * sizeof(float));
+    if (!p) {
+#pragma omp atomic write
+      fail = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t nh = 0; nh < N * H; nh++) {
+      if (!p) continue;
+      int64_t n = nh / H, at = (off ? off[n] : 0) + (nh % H) / group * kh;
+      attend(q + nh * D, D, k + at, ks, v + at, vs, spans + 2 * nspans * n, nspans, scale, p, out + nh * D);
+    }
+    free(p);
+  }
+  return fail;
+}
+#endif
+
 /* Softmax attention of one query per head over the first L cached positions (or lens[b] of row b's, where lens is
  * given: the serving engine's rows, each at its own length), for B rows: q (B, H, D) contiguous; k, v (*, Hk, *, D)
  * with strides (kb, kh, D, 1) in elements (the KV cache's layout); query row b reads cache row b, or slots[b] where
@@ -325,32 +347,23 @@ int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64
                          int64_t kb, int64_t kh, int64_t L, const int64_t* lens, const int64_t* slots, int64_t S,
                          float scale, float* out, int threads) {
 #if ISA
-  int64_t group = H / Hk, keys = 0;
+  int64_t keys = 0;
+  int64_t* spans = (int64_t*)malloc((size_t)B * 3 * sizeof(int64_t)); /* (0, length) per row, then its offset */
+  if (!spans) return 1;
+  int64_t* off = spans + 2 * B;
   for (int64_t b = 0; b < B; b++) {
     int64_t n = lens ? lens[b] : L;
-    if (n < 1 || n > L) return 3;
-    if (slots && (slots[b] < 0 || slots[b] >= S)) return 4;
+    if (n < 1 || n > L || (slots && (slots[b] < 0 || slots[b] >= S))) {
+      free(spans);
+      return n < 1 || n > L ? 3 : 4;
+    }
+    spans[2 * b] = 0;
+    spans[2 * b + 1] = n;
+    off[b] = (slots ? slots[b] : b) * kb;
     keys += n;
   }
-  int fail = 0;
-  int par = threads > 1 && keys * H * D >= (1 << 16);
-#pragma omp parallel num_threads(threads) if (par)
-  {
-    float* p = (float*)malloc((size_t)L * sizeof(float));
-    if (!p) {
-#pragma omp atomic write
-      fail = 1;
-    }
-#pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-      if (!p) continue;
-      int64_t b = bh / H, h = bh % H;
-      int64_t span[2] = {0, lens ? lens[b] : L}, row = slots ? slots[b] : b;
-      const float* base = k + row * kb + (h / group) * kh;
-      attend(q + bh * D, D, base, D, v + row * kb + (h / group) * kh, D, span, 1, scale, p, out + bh * D);
-    }
-    free(p);
-  }
+  int fail = attend_pairs(q, B, H, H / Hk, D, k, v, off, kh, D, D, spans, 1, L, keys, scale, out, threads);
+  free(spans);
   return fail;
 #else
   (void)q; (void)B; (void)H; (void)Hk; (void)D; (void)k; (void)v; (void)kb; (void)kh; (void)L; (void)lens;
@@ -371,7 +384,7 @@ int lmf_span_attention(const float* q, int64_t N, int64_t H, int64_t Hk, int64_t
                        const float* v, int64_t vs, int64_t T, const int64_t* spans, float scale, float* out,
                        int threads) {
 #if ISA
-  int64_t group = H / Hk, most = 1, keys = 0;
+  int64_t most = 1, keys = 0;
   for (int64_t n = 0; n < N; n++) {
     const int64_t* s = spans + 4 * n;
     if (s[0] < 0 || s[1] < 0 || s[0] + s[1] > T || s[2] < 0 || s[3] < 0 || s[2] + s[3] > T || s[1] + s[3] < 1)
@@ -380,24 +393,7 @@ int lmf_span_attention(const float* q, int64_t N, int64_t H, int64_t Hk, int64_t
     if (s[1] + s[3] > most) most = s[1] + s[3];
     keys += s[1] + s[3];
   }
-  int fail = 0;
-  int par = threads > 1 && keys * H * D >= (1 << 16);
-#pragma omp parallel num_threads(threads) if (par)
-  {
-    float* p = (float*)malloc((size_t)most * sizeof(float));
-    if (!p) {
-#pragma omp atomic write
-      fail = 1;
-    }
-#pragma omp for schedule(static)
-    for (int64_t nh = 0; nh < N * H; nh++) {
-      if (!p) continue;
-      int64_t n = nh / H, j = (nh % H) / group;
-      attend(q + nh * D, D, k + j * D, ks, v + j * D, vs, spans + 4 * n, 2, scale, p, out + nh * D);
-    }
-    free(p);
-  }
-  return fail;
+  return attend_pairs(q, N, H, H / Hk, D, k, v, NULL, D, ks, vs, spans, 2, most, keys, scale, out, threads);
 #else
   (void)q; (void)N; (void)H; (void)Hk; (void)D; (void)k; (void)ks; (void)v; (void)vs; (void)T; (void)spans;
   (void)scale; (void)out; (void)threads;
