@@ -213,9 +213,9 @@ int lmf_rms_norm(const float* x, int64_t M, int64_t K, const float* w, float eps
 }
 
 #if ISA
-/* e^x on a vector (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial for e^r, times 2^n; within 2
- * ulp of expf for x in [-87.3, 88.3], x clamped to that range, NaN kept). The attention's softmax takes one
- * per key; glibc's scalar expf was ~20% of the kernel's time. */
+/* e^x on a vector (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial for e^r, times 2^n; within 1
+ * ulp of glibc's expf over [-87.3, 88.3] on both vector paths (checked in steps of 7e-4), x clamped to that range, NaN
+ * kept). The attention's softmax takes one per key; glibc's scalar expf was ~20% of the kernel's time. */
 static inline vf vexp(vf x) {
   x = vmin(vset1(88.3f), vmax(vset1(-87.3f), x)); /* the second operand is returned for a NaN: x, kept */
   vf n = vround(vmul(x, vset1(1.44269504088896341f)));
