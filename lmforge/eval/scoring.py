@@ -70,7 +70,7 @@ def _flat_decoder(model):
     the C kernels built, or ALiBi, whose biases the span kernel does not add)."""
     from lmforge.serve.generate import FusedDecoder
 
-    if not FusedDecoder.supports(model) or not hasattr(model, "cfg") or model.cfg.pos_encoding == "alibi":
+    if not FusedDecoder.supports(model) or model.cfg.pos_encoding == "alibi":
         return None
     weight = next(model.parameters())
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or cpu_kernels.loaded() is None:
@@ -198,7 +198,7 @@ class _Layout:
 
     def add(self, start: int, ctx: list[int], conts: list[list[int]]) -> list[tuple[int, int, list[int]]]:
         """The group laid out from slot `start` as [context | c1[:-1] | c2[:-1] | ...]: records its scored tokens
-        and returns each continuation's (first slot, first position, tokens run)."""
+        and returns each continuation's (first slot, tokens run); its first position is len(ctx)."""
         P, at, out = len(ctx), start + len(ctx), []
         for c in conts:
             n = len(c) - 1
@@ -206,7 +206,7 @@ class _Layout:
             self.targets += c
             self.owners += [self.n_conts] * (n + 1)
             self.n_conts += 1
-            out.append((at, P, c[:-1]))
+            out.append((at, c[:-1]))
             at += n
         return out
 
@@ -223,7 +223,7 @@ def _score_flat(fused, groups: list[tuple[list[int], list[list[int]]]]) -> list[
         positions += range(P)
         for i in range(P):
             spans += (g0, i + 1, 0, 0)
-        for c0, _, run in layout.add(g0, ctx, conts):
+        for c0, run in layout.add(g0, ctx, conts):
             tokens += run
             positions += range(P, P + len(run))
             for j in range(len(run)):
@@ -256,7 +256,7 @@ def _score_packed(model, rows) -> list[list[list[tuple[float, bool]]]]:
             pos += range(P)
             seg += [s0] * P
             ctx_seg += [s0] * P
-            for k, (_, _, run) in enumerate(layout.add(len(tok) - P, ctx, conts), 1):
+            for k, (_, run) in enumerate(layout.add(len(tok) - P, ctx, conts), 1):
                 tok += run
                 pos += range(P, P + len(run))
                 seg += [s0 + k] * len(run)
