@@ -55,7 +55,8 @@ def test_batched_groups_equal_scoring_each_pair_in_full(pos, way, pack, split, m
     """Many questions in one forward (each packed as context + its continuations; the rows way several to a row,
     rows of different lengths right-padded; the flat way all in one sequence; continuations of 1..7 tokens, several
     batches under a small budget; with split 12 a question's choices split over several pieces; continuations that
-    do not fit max_seq_len after their context, left-truncated as score_pair does) give score_pair's numbers."""
+    do not fit max_seq_len after their context, left-truncated as score_pair does; with pack 12 the flat way's long
+    pieces run the rows way) give score_pair's numbers."""
     from lmforge.eval import scoring
     from lmforge.eval.scoring import score_groups, score_pair
     from lmforge.model import cpu_kernels
@@ -66,6 +67,8 @@ def test_batched_groups_equal_scoring_each_pair_in_full(pos, way, pack, split, m
     monkeypatch.setattr(scoring, "_flat_decoder", lambda m: used.append(way) or (real(m) if way == "flat" else None))
     monkeypatch.setattr(scoring, "PACK_TOKENS", pack)
     monkeypatch.setattr(scoring, "SPLIT_TOKENS", split)
+    if pack == 12:  # the flat way sends pieces past FLAT_TOKENS the rows way: both in one call
+        monkeypatch.setattr(scoring, "FLAT_TOKENS", 20)
     from lmforge.model.transformer import ModelConfig, Transformer
 
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.mc import unknown_token_id
-from lmforge.eval.scoring import score_pair, score_pairs
+from lmforge.eval.scoring import score_pairs
 from lmforge.tokenizer.special import EOT, load_tokenizer
 
 
@@ -104,17 +104,25 @@ class LmforgeLM(TemplateLM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Sum of log P over the whole string, in the harness's disjoint windows of max_length tokens."""
-        out = []
-        with torch.no_grad():
-            for req in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
-                (string,) = req.args
-                windows = map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1))  # fmt: skip
-                total = sum(score_pair(self.model, list(ctx), list(cont))[0] for ctx, cont in windows if cont)
-                self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
-                out.append(total)
+        """Sum of log P over the whole string, in the harness's disjoint windows of max_length tokens; the windows of
+        all the requests are scored together, batched (score_pairs)."""
+        pairs, owner = [], []
+        for i, req in enumerate(requests):
+            (string,) = req.args
+            windows = map(make_disjoint_window, get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1))  # fmt: skip
+            for ctx, cont in windows:
+                if cont:
+                    pairs.append((list(ctx), list(cont)))
+                    owner.append(i)
+        with torch.no_grad(), tqdm(total=len(pairs), desc="loglikelihood_rolling", disable=disable_tqdm) as bar:
+            scores = score_pairs(self.model, pairs, self.token_budget, bar.update)
+        out = [0.0] * len(requests)
+        for i, (ll, _) in zip(owner, scores, strict=True):
+            out[i] += ll
+        for req, total in zip(requests, out, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
