@@ -65,7 +65,9 @@ def test_decode_attention_reads_each_query_rows_slot():
         cpu_kernels.decode_attention(q, k, v, lengths, torch.tensor([3, 0, 5, 3, 4]))
 
 
-@pytest.mark.parametrize("H,Hk,D", [(9, 3, 64), (4, 4, 16), (4, 2, 32), (2, 1, 128), (3, 3, 20), (6, 2, 24)])
+@pytest.mark.parametrize(
+    "H,Hk,D", [(9, 3, 64), (4, 4, 16), (4, 2, 32), (2, 1, 128), (3, 3, 20), (6, 2, 24), (2, 1, 80), (4, 2, 48)]
+)
 def test_span_attention_is_sdpa_with_the_mask_of_its_spans(H, Hk, D):
     """The scorer's flat batches: each query over two spans of a flat sequence's keys (k and v strided views of one
     q/k/v product, heads grouped), the same as SDPA (in float64) with a mask that shows those keys only; scores far apart (a

@@ -289,7 +289,9 @@ static inline __attribute__((always_inline)) void attend_nv(const float* qh, int
     for (int64_t t = spans[2 * s]; t < spans[2 * s] + spans[2 * s + 1]; t++, n++) {
       const float* vt = v + t * vs;
       float pt = p[n] * inv;
-      for (int64_t d = 0; d < D; d++) o[d] += pt * vt[d];
+      int64_t d = 0;
+      for (; d + VW <= D; d += VW) vstore(o + d, vfma(vset1(pt), vload(vt + d), vload(o + d)));
+      for (; d < D; d++) o[d] += pt * vt[d];
     }
 }
 
@@ -298,9 +300,13 @@ static void attend(const float* qh, int64_t D, const float* k, int64_t ks, const
   switch (D % VW ? 0 : D / VW) {  /* a constant NV: the loops over a head's vectors unrolled */
     case 1: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 1); break;
     case 2: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 2); break;
+    case 3: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 3); break;
     case 4: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 4); break;
+    case 5: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 5); break;
+    case 6: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 6); break;
+    case 7: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 7); break;
     case 8: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 8); break;
-    default: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 0);
+    default: attend_nv(qh, D, k, ks, v, vs, spans, nspans, scale, p, o, 0); /* other widths: vectors and a tail */
   }
 }
 #endif

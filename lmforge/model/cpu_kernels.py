@@ -206,8 +206,9 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: tor
     """q (N, H, D), k and v (T, Hk, D) float32 (rows may be strided, each row's heads contiguous) -> (N, H, D): query n
     attends, per head (head h reading kv head h // (H // Hk)), to the keys of tokens spans[n, 0] .. spans[n, 0] +
     spans[n, 1] - 1 and spans[n, 2] .. spans[n, 2] + spans[n, 3] - 1 (int64 (N, 4); either length may be 0, not
-    both; the two may not overlap): softmax(q k^T / sqrt(D)) v over those keys, what SDPA gives with a mask showing only them. The scorer's
-    packed questions (lmforge/eval/scoring.py): a choice's tokens see their context and their own earlier tokens."""
+    both; the two may not overlap): softmax(q k^T / sqrt(D)) v over those keys, what SDPA gives with a mask showing
+    only them. The scorer's packed questions (lmforge/eval/scoring.py): a choice's tokens see their context and their
+    own earlier tokens."""
     N, H, D = q.shape
     T, Hk = k.shape[0], k.shape[1]
     assert k.stride()[1:] == (D, 1) and v.stride()[1:] == (D, 1) and v.shape == k.shape, "heads contiguous in a row"

@@ -261,10 +261,10 @@ class FusedDecoder:
             x = o_proj(y.reshape(B, H * D), residual=x)
             h = up_proj(norm2(x))
             if self.silu_mul and h.dtype == torch.float32:
-                x = down_proj(cpu_kernels.silu_mul(h), residual=x)
-                continue
-            gate, up = h.chunk(2, dim=-1) if gated else (None, h)
-            x = down_proj(block.mlp.act(gate, up), residual=x)
+                a = cpu_kernels.silu_mul(h)
+            else:
+                a = block.mlp.act(*(h.chunk(2, dim=-1) if gated else (None, h)))
+            x = down_proj(a, residual=x)
         return x
 
 
