@@ -7,6 +7,10 @@
         /tmp/hf-sft" --json /tmp/serve_bench/tf-sft.json             # the same load on transformers serve
     python benchmarks/serve_load.py --report lmforge-sft.json tf-sft.json       # tables (+ ratios) from saved runs
 
+The clients are aiohttp's (vLLM's benchmark_serving.py uses it too): the client shares the machine with the server,
+and httpx (the `openai` client's HTTP library) took 3.2 CPU-ms a request against aiohttp's 0.8, enough to be what
+limited a fast server at 16 clients on 2 cores (BENCHMARKS.md, "Serving", session 22).
+
 Each level runs C clients for `--duration` seconds. A client loops: one streaming POST
 /v1/chat/completions (stream_options.include_usage, temperature 0, max_tokens), read to its end, the
 next. A request started before the deadline runs to its end; `--max-requests` caps a level. Per
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import gc
 import json
 import os
 import platform
@@ -47,7 +52,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx2 as httpx
+import aiohttp
 
 PROMPTS = [
     "What is the capital of France?",
@@ -101,21 +106,23 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict, prompt: int, level_t0: float = 0.0) -> Result:
+async def one_request(
+    client: aiohttp.ClientSession, url: str, body: dict, prompt: int, level_t0: float = 0.0
+) -> Result:
     """One streaming chat completion, read line by line as server-sent events."""
     t0 = time.perf_counter()
     r = Result(prompt=prompt, start=round(t0 - level_t0, 3) if level_t0 else 0.0)
     times, text, done, usage_seen = [], [], False, False
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                r.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
+        async with client.post(url, json=body) as resp:
+            if resp.status != 200:
+                r.error = f"HTTP {resp.status}: {(await resp.read()).decode(errors='replace')[:300]}"
                 return r
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
+            async for line in resp.content:  # aiohttp's reader splits at b"\n"
+                if not line.startswith(b"data:"):
                     continue  # blank separators, comments, `event:` lines
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     done = True
                     break
                 obj = json.loads(data)
@@ -156,7 +163,7 @@ def request_body(args, prompt: str) -> dict:
             "temperature": args.temperature}  # fmt: skip
 
 
-async def run_level(client: httpx.AsyncClient, args, prompts: list[str], concurrency: int) -> Level:
+async def run_level(client: aiohttp.ClientSession, args, prompts: list[str], concurrency: int) -> Level:
     url = args.url + "/v1/chat/completions"
     level = Level(concurrency, load_before=os.getloadavg())
     cap = args.max_requests
@@ -245,16 +252,17 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
-async def wait_ready(client: httpx.AsyncClient, url: str, proc: subprocess.Popen | None, timeout: float) -> float:
+async def wait_ready(client: aiohttp.ClientSession, url: str, proc: subprocess.Popen | None, timeout: float) -> float:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
         if proc is not None and proc.poll() is not None:
             raise SystemExit(f"the server exited with status {proc.returncode} before it was ready (see its log)")
         try:
             for path in ("/health", "/v1/models"):  # not every OpenAI-compatible server has /health
-                if (await client.get(url + path, timeout=5)).status_code == 200:
-                    return time.perf_counter() - t0
-        except httpx.TransportError:
+                async with client.get(url + path, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    if resp.status == 200:
+                        return time.perf_counter() - t0
+        except (aiohttp.ClientError, asyncio.TimeoutError):
             pass
         await asyncio.sleep(0.5)
     raise SystemExit(f"neither {url}/health nor /v1/models answered 200 within {timeout:.0f} s")
@@ -267,16 +275,17 @@ async def bench(args) -> dict:
     prompts = PROMPTS if not args.prompt_set else load_prompts(args.prompt_set)
     conns = max(args.concurrency) + 8
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    timeout = httpx.Timeout(args.request_timeout, connect=10)
-    limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
+    timeout = aiohttp.ClientTimeout(total=args.request_timeout, connect=10)
     proc = launch(args.launch, Path(args.server_log)) if args.launch else None
     out: dict = {}
     try:
-        async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers, trust_env=False) as client:
+        connector = aiohttp.TCPConnector(limit=conns)  # keep-alive connections, as many as the clients
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as client:
             ready = await wait_ready(client, args.url, proc, args.launch_timeout)
             if proc is not None:
                 print(f"server ready after {ready:.1f} s", file=sys.stderr, flush=True)
-            models = (await client.get(args.url + "/v1/models")).json()
+            async with client.get(args.url + "/v1/models") as resp:
+                models = await resp.json()
             args.model = args.model or models["data"][0]["id"]
             out = {"machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
                    "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
@@ -293,6 +302,10 @@ async def bench(args) -> dict:
             out["samples"] = [{"prompt": prompts[w.prompt], "text": w.text, "tokens": w.tokens, "finish": w.finish}
                               for w in warm]  # fmt: skip
             out["levels"], out["requests"] = [], {}
+            # The client's own collector pauses would read as the server's latency: what exists now stays out of
+            # its sight (the results it keeps are not in cycles, so each collection stays small).
+            gc.collect()
+            gc.freeze()
             for c in args.concurrency:
                 level = await run_level(client, args, prompts, c)
                 s = summarize(level)

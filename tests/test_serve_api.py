@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import socket
 import time
 import urllib.error
@@ -33,11 +34,15 @@ def serve(base_run, **kw):
     return create_app(load_served(str(base_run), **opts))
 
 
-@pytest.fixture(scope="module")
-def server(base_run):
-    app = serve(base_run)
-    with ServerThread(app) as url:
-        yield url, app.state.served
+@pytest.fixture(scope="module", params=["thread", "process"])
+def server(base_run, request):
+    """The app with its engine in a thread of the test process, or in a child process (`lmforge serve`'s default)."""
+    app = serve(base_run, engine=request.param)
+    try:
+        with ServerThread(app) as url:
+            yield url, app.state.served
+    finally:
+        app.state.served.engine.stop()
 
 
 @pytest.fixture(scope="module")
@@ -268,12 +273,18 @@ def _drop_streams(url, count):
         s.close()
 
 
-def test_dropped_streams_free_their_slots_and_the_server_goes_on(base_run):
-    import resource
+def peak_rss_kib(pid: int) -> int:
+    """A process's peak resident memory (VmHWM), KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
-    app = serve(base_run, max_batch=4, max_queue=300)
+
+@pytest.mark.parametrize("engine_kind", ["thread", "process"])
+def test_dropped_streams_free_their_slots_and_the_server_goes_on(base_run, engine_kind):
+    app = serve(base_run, max_batch=4, max_queue=300, engine=engine_kind)
     with ServerThread(app) as url:
         engine = app.state.served.engine
+        pids = [os.getpid()] + ([engine.proc.pid] if engine_kind == "process" else [])
         _drop_streams(url, 200)
         rss = []
         for _ in range(2):
@@ -282,12 +293,13 @@ def test_dropped_streams_free_their_slots_and_the_server_goes_on(base_run):
                 time.sleep(0.1)
             assert engine.load() == {"waiting": 0, "running": 0, "free_slots": 4}
             assert engine.stats["generated"] < 200 * 100 // 4  # the dropped ones did not run to the end
-            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            rss.append([peak_rss_kib(pid) for pid in pids])
             _drop_streams(url, 200)
         r = client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
                                                 max_tokens=5)  # fmt: skip
         assert r.choices[0].message.role == "assistant"
-        assert rss[1] - rss[0] < 50 * 1024  # KiB: a second round of 200 leaks nothing measurable
+        for before, after in zip(*rss):
+            assert after - before < 50 * 1024  # KiB: a second round of 200 leaks nothing measurable, in either process
         metrics = get(url, "/metrics")
         assert "lmforge_running_requests 0.0" in metrics
 
@@ -336,12 +348,36 @@ def test_serve_command_binds_loopback_prints_its_url_and_stops_on_sigterm(base_r
             except (urllib.error.URLError, ConnectionError):
                 assert time.time() < deadline
                 time.sleep(0.1)
+        children = [pid for pid in _children(proc.pid) if "engine_process" in _cmdline(pid)]
+        assert len(children) == 1  # the model steps in a process of its own (the default engine)
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal
         assert time.time() - t0 < 10
+        time.sleep(0.5)
+        assert not os.path.exists(f"/proc/{children[0]}") or "engine_process" not in _cmdline(children[0])
     finally:
         proc.kill()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if d.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d))
+        except OSError:
+            continue
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_serve_command_refuses_bad_settings_in_one_line(base_run, capsys):
@@ -361,7 +397,7 @@ def test_serve_command_refuses_bad_settings_in_one_line(base_run, capsys):
 
 
 def test_auto_threads_gives_big_models_every_core():
-    from lmforge.serve.serve_cmd import auto_threads
+    from lmforge.serve.engine_process import auto_threads
 
     assert auto_threads(2, 135_000_000) == 2  # SmolLM2-135M: the products decide a step
     assert auto_threads(2, 4_300_000) == 1  # the demo model: the HTTP side needs the other core

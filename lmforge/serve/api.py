@@ -13,8 +13,10 @@ strings (in the engine thread, so a stop string frees the slot at once). A clien
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,13 +24,15 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.agent.protocol import chat_messages, renders_tools, split_tool_calls
 from lmforge.errors import LmforgeError
 from lmforge.serve.engine import Engine, QueueFull, Sampling
 from lmforge.serve.engine import Request as EngineRequest
+from lmforge.serve.engine_process import EngineProcess
+from lmforge.serve.event_stream import EventStream
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.openai_schema import ApiError, ChatRequest, CompletionRequest, parse
 from lmforge.serve.text_stream import TextStream, token_bytes
@@ -38,7 +42,7 @@ from lmforge.serve.text_stream import TextStream, token_bytes
 class Served:
     """What the app serves: the engine, its tokenizer and chat format, the name clients use, the limits."""
 
-    engine: Engine
+    engine: Engine | EngineProcess
     tokenizer: object
     chat: object | None  # ChatFormat, or None for a model without a chat template (completions only)
     name: str
@@ -48,6 +52,7 @@ class Served:
     created: int = field(default_factory=lambda: int(time.time()))
     rag: object | None = None  # a RagIndex: each chat request's last user turn gets its top `rag_k` passages
     rag_k: int = 4
+    info: dict = field(default_factory=dict)  # the engine's: KV-cache MiB, threads, parameters (engine_process.py)
 
 
 class Dispatcher:
@@ -59,12 +64,16 @@ class Dispatcher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.pending, self.scheduled = loop, [], False
+        self.loop_thread = threading.get_ident()
 
     def post(self, queue: asyncio.Queue, item) -> None:
         self.pending.append((queue, item))  # list.append is atomic under the GIL
         if not self.scheduled:
             self.scheduled = True
-            self.loop.call_soon_threadsafe(self._drain)
+            if threading.get_ident() == self.loop_thread:  # an engine in another process: its events come in here
+                self.loop.call_soon(self._drain)
+            else:
+                self.loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
         self.scheduled = False  # before the swap: an item appended after it schedules another drain
@@ -82,7 +91,13 @@ def create_app(served: Served) -> FastAPI:
         app.state.dispatcher = Dispatcher(asyncio.get_running_loop())
         if engine.thread is None:
             engine.start()
+        # What exists now (torch, FastAPI, the tokenizer: ~10^6 objects) lives as long as the server: out of the
+        # collector's sight, or each full collection walks it all (125-170 ms stalls at 64 clients, every few
+        # seconds: the p99 time to first token). transformers serve does the same.
+        gc.collect()
+        gc.freeze()
         yield
+        gc.unfreeze()
         engine.stop()
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -231,6 +246,10 @@ def completion_prompts(prompt, served: Served) -> list[list[int]]:
     return out
 
 
+def _ignore_event(token, lp, finish) -> None:
+    """A finished job's engine requests' callback (an engine may still report a cancelled one)."""
+
+
 class Job:
     """One HTTP request: its engine requests (prompts x n choices), their events, and the response."""
 
@@ -252,6 +271,7 @@ class Job:
         self.engine_reqs: list[EngineRequest] = []
         self.streams: list[TextStream] = []
         self.logprobs = logprobs
+        self.gone = False  # the client disconnected mid-stream
         for p, prompt in enumerate(prompts):
             room = engine.max_context - len(prompt)
             if room < 1:
@@ -311,6 +331,12 @@ class Job:
         for er in self.engine_reqs:
             self.served.engine.cancel(er)
 
+    def _client_gone(self) -> None:
+        """A streaming client disconnected: its requests are cancelled; their ends finish the stream (status 499)."""
+        if not all(er.finished for er in self.engine_reqs):
+            self.gone = True
+            self._cancel()
+
     def _token_logprob(self, token: int, lp: tuple, chat: bool):
         tok = self.served.tokenizer
         text = tok.decode([token], skip_special_tokens=False)
@@ -332,8 +358,7 @@ class Job:
         self._submit()
         self.metrics.prompt_tokens(sum(len(p) for p in self.prompts))
         if self.req.stream:
-            return StreamingResponse(self._stream(chat), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+            return EventStream(self._stream(chat), on_disconnect=self._client_gone)
         return JSONResponse(await self._whole(chat))
 
     async def _events(self):
@@ -432,6 +457,10 @@ class Job:
 
     def _done(self, status: int) -> None:
         self.metrics.request_done(self.endpoint, status, time.perf_counter() - self.t0)
+        # Each engine request's callbacks hold this job, which holds them: a reference cycle that only the garbage
+        # collector would free, with the request's queue, streams and parsed body. Cut, they go when the job does.
+        for er in self.engine_reqs:
+            er.on_event, er.stop_check = _ignore_event, None
 
     async def _stream_tool_calls(self):
         """Streaming when the request offered tools: the reply is gathered first (a `<tool_call>` is only known to be
@@ -505,8 +534,9 @@ class Job:
                 usage = {**base, "choices": [], "usage": self._usage(completion)}
                 yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
+            status = 499 if self.gone else status
         except (asyncio.CancelledError, GeneratorExit):
-            status = 499  # the client went away mid-stream; _events has cancelled its requests
+            status = 499  # cancelled (the server is stopping); _events has cancelled its requests
             raise
         finally:
             self._done(status)
@@ -514,16 +544,22 @@ class Job:
 
 def load_served(model_path: str, *, name: str | None, device: str, max_batch: int, max_context: int | None,
                 prefill_chunk: int, max_queue: int, api_key: str | None, max_body: int,
-                prefix_cache: int = 4096, rag: str = "", rag_k: int = 4) -> Served:  # fmt: skip
-    """Load a run, checkpoint or imported model and build the engine and what the app needs."""
+                prefix_cache: int = 4096, rag: str = "", rag_k: int = 4, engine: str = "thread",
+                threads: int | None = None) -> Served:  # fmt: skip
+    """The engine and what the app needs for a run, checkpoint or imported model. `engine="process"` loads the model
+    and steps it in a child process (lmforge/serve/engine_process.py; `lmforge serve`'s default), "thread" here.
+    `threads`: torch's threads for the model (0: auto, None: as they are)."""
     from lmforge.chat.template import ChatFormat
+    from lmforge.serve.engine_process import EngineSpec, build_engine
     from lmforge.tokenizer import load_tokenizer
-    from lmforge.train.checkpoint import load_for_inference
-    from lmforge.train.common import pick_device
 
-    model, tok_dir, _ = load_for_inference(model_path, device=pick_device(device))
-    # Every slot holds max_context positions from the start: 2048 keeps 16 slots of a 135M model near 1.5 GB.
-    max_context = max_context or min(model.cfg.max_seq_len, 2048)
+    spec = EngineSpec(model_path, device=device, max_batch=max_batch, max_context=max_context,
+                      prefill_chunk=prefill_chunk, max_queue=max_queue, prefix_cache=prefix_cache, threads=threads)  # fmt: skip
+    if engine == "process":
+        eng = EngineProcess.launch(spec)
+        tok_dir, info = Path(eng.info["tok_dir"]), eng.info
+    else:
+        eng, tok_dir, info = build_engine(spec)
     tok = load_tokenizer(tok_dir)
     try:
         chat = ChatFormat(tok_dir)
@@ -534,8 +570,6 @@ def load_served(model_path: str, *, name: str | None, device: str, max_batch: in
         tid = tok.token_to_id(text) if text else None
         if tid is not None and tid not in eos:
             eos.append(tid)
-    engine = Engine(model, max_batch=max_batch, max_context=max_context, prefill_chunk=prefill_chunk,
-                    max_queue=max_queue, prefix_cache=prefix_cache)  # fmt: skip
     index = None
     if rag:
         from lmforge.rag.index import RagIndex
@@ -543,8 +577,8 @@ def load_served(model_path: str, *, name: str | None, device: str, max_batch: in
         if chat is None:
             raise LmforgeError(f"--rag needs a chat model; {model_path} has no chat template")
         index = RagIndex.load(rag)
-    return Served(engine, tok, chat, name or Path(model_path).resolve().name, api_key, max_body, eos, rag=index,
-                  rag_k=rag_k)  # fmt: skip
+    return Served(eng, tok, chat, name or Path(model_path).resolve().name, api_key, max_body, eos, rag=index,
+                  rag_k=rag_k, info=info)  # fmt: skip
 
 
 def _eos_text(tok_dir: Path) -> str | None:

@@ -6,7 +6,8 @@
     engine.submit(req)                                # raises QueueFull when the queue is full
     engine.cancel(req)                                # its slot is freed at the next step
 
-The server (`lmforge serve`, lmforge/serve/api.py) is its only user; the tests drive `step()` directly.
+The server (`lmforge serve`, lmforge/serve/api.py) is its only user, by default stepping it in a process of its own
+(lmforge/serve/engine_process.py, which calls `step()` itself); the tests drive `step()` directly.
 
 The KV cache is `max_batch` fixed slots of `max_context` positions each (`SlotCache`), allocated once.
 Running requests always hold slots 0..n-1: a finished request's slot is filled by the last one's (its
@@ -99,6 +100,18 @@ class Request:
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None  # token counts for presence/frequency penalties (output only)
     seen: torch.Tensor | None = None  # prompt + output tokens, for repetition_penalty (HF counts the prompt)
+    rid: int = -1  # its id between the server and an engine in another process (lmforge/serve/engine_process.py)
+
+
+def check_request(req: Request, max_context: int, vocab_size: int) -> None:
+    """LmforgeError for a request no engine of this context and vocabulary can run."""
+    if not req.prompt:
+        raise LmforgeError("the prompt is empty")
+    if len(req.prompt) + req.sampling.max_tokens > max_context:
+        raise LmforgeError(f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.sampling.max_tokens}) exceeds the "
+                           f"context ({max_context})")  # fmt: skip
+    if min(req.prompt) < 0 or max(req.prompt) >= vocab_size:
+        raise LmforgeError(f"prompt token ids must be in 0..{vocab_size - 1}")
 
 
 class Engine:
@@ -144,15 +157,8 @@ class Engine:
     def submit(self, req: Request) -> None:
         if self.error is not None or self.stopping:
             raise LmforgeError("the engine is not running")
+        check_request(req, self.max_context, self.model.cfg.vocab_size)
         s = req.sampling
-        if not req.prompt:
-            raise LmforgeError("the prompt is empty")
-        if len(req.prompt) + s.max_tokens > self.max_context:
-            raise LmforgeError(f"prompt ({len(req.prompt)} tokens) + max_tokens ({s.max_tokens}) exceeds the context "
-                               f"({self.max_context})")  # fmt: skip
-        vocab = self.model.cfg.vocab_size
-        if min(req.prompt) < 0 or max(req.prompt) >= vocab:
-            raise LmforgeError(f"prompt token ids must be in 0..{vocab - 1}")
         req.generator = torch.Generator(device=self.device)
         req.generator.manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
         with self.lock:
@@ -165,6 +171,11 @@ class Engine:
         """Stop a request (its client went away); the engine frees its slot at the next step."""
         req.cancelled = True
         self.wake.set()
+
+    @property
+    def prefix_hit_tokens(self) -> int | None:
+        """Prompt tokens copied from the prefix cache so far (None: no prefix cache), for /metrics."""
+        return self.prefixes.hit_tokens if self.prefixes is not None else None
 
     def load(self) -> dict:
         """Queue depth, running rows and free slots, for /metrics and /health."""

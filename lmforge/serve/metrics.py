@@ -24,9 +24,9 @@ class Metrics:
                                ("lmforge_running_requests", "running", "requests holding a slot"),
                                ("lmforge_free_slots", "free_slots", "free KV-cache slots")):  # fmt: skip
             Gauge(name, doc, registry=r).set_function(lambda key=key: engine.load()[key])
-        if engine.prefixes is not None:
+        if engine.prefix_hit_tokens is not None:
             Gauge("lmforge_prefix_cache_hit_tokens", "prompt tokens copied from the prefix cache since the start",
-                  registry=r).set_function(lambda: engine.prefixes.hit_tokens)  # fmt: skip
+                  registry=r).set_function(lambda: engine.prefix_hit_tokens)  # fmt: skip
         self.ttft = Histogram("lmforge_time_to_first_token_seconds", "request start to its first token",
                               buckets=_LATENCY, registry=r)  # fmt: skip
         self.itl = Histogram("lmforge_inter_token_latency_seconds", "time between a request's tokens",

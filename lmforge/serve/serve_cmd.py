@@ -50,6 +50,9 @@ class ServeConfig:
     # CPU threads for the model's math (0 = auto: all cores for a model of 32M+ parameters, all but one below)
     threads: int = 0
     log_level: str = "info"  # uvicorn's: critical, error, warning, info, debug
+    # process: the model steps in a child process, so the HTTP side's Python never waits for the GIL behind it (1.4-2x
+    # the requests/s at 16 clients on 2 cores); thread: in this process
+    engine: str = "process"
     # a retrieval index (lmforge rag index): each chat request's last user turn gets its top passages, numbered for
     # citing; the response lists them in a "sources" field
     rag: str = ""
@@ -67,6 +70,7 @@ class ServeConfig:
             (self.max_body >= 1024, "max_body must be >= 1024"),
             (self.threads >= 0, "threads must be >= 0"),
             (self.rag_k >= 1, "rag_k must be >= 1"),
+            (self.engine in ("process", "thread"), "engine must be process or thread"),
         ])  # fmt: skip
         return self
 
@@ -79,44 +83,36 @@ def register(subparsers) -> None:
 def serve(cfg: ServeConfig) -> int:
     import socket
 
-    import torch
     import uvicorn
 
     from lmforge.serve.api import create_app, load_served
 
     cfg = cfg.validate()
+    engine = cfg.engine if os.name != "nt" else "thread"  # the child gets its socket through pass_fds (POSIX)
     key = cfg.api_key or os.environ.get("LMFORGE_API_KEY") or None
     served = load_served(cfg.model, name=cfg.name or None, device=cfg.device, max_batch=cfg.max_batch,
                          max_context=cfg.max_context or None, prefill_chunk=cfg.prefill_chunk,
                          max_queue=cfg.max_queue, prefix_cache=cfg.prefix_cache, api_key=key,
-                         max_body=cfg.max_body, rag=cfg.rag, rag_k=cfg.rag_k)  # fmt: skip
-    eng = served.engine
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    torch.set_num_threads(cfg.threads or auto_threads(cores, sum(p.numel() for p in eng.model.parameters())))
-    mib = 2 * eng.cache.k.numel() * eng.cache.k.element_size() / 2**20
+                         max_body=cfg.max_body, rag=cfg.rag, rag_k=cfg.rag_k, engine=engine,
+                         threads=cfg.threads)  # fmt: skip
+    eng, info = served.engine, served.info
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((cfg.host, cfg.port))  # bound here so port 0 can be printed before uvicorn starts
     except OSError as e:
         sock.close()
+        eng.stop()
         raise LmforgeError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     print(f"lmforge serve: '{served.name}' at {url} (chat page {url}/, API {url}/v1); KV cache {eng.max_batch} "
-          f"slots x {eng.max_context} tokens = {mib:.0f} MiB; {'API key required' if key else 'no API key'}",
+          f"slots x {eng.max_context} tokens = {info['kv_mib']:.0f} MiB; engine in a {engine} with "
+          f"{info['threads']} thread(s); {'API key required' if key else 'no API key'}",
           file=sys.stderr, flush=True)  # fmt: skip
     config = uvicorn.Config(create_app(served), log_level=cfg.log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        eng.stop()  # uvicorn ends without the app's shutdown when it never started (a port taken): the child too
     return 0
-
-
-def auto_threads(cores: int, params: int) -> int:
-    """The model's thread count for `--threads 0`: all cores when its matrix products decide a step, all but one when
-    the per-token work of the HTTP side and of local clients does.
-
-    Measured on a 2-core Xeon at 16 streaming clients (BENCHMARKS.md, "Serving"): SmolLM2-135M served 1.36-1.41x
-    more tokens/s with 2 threads than with 1 (a 16-row step is ~4 GFLOP of products); the 4.3M-parameter demo model
-    5% fewer (its step is ~1 ms, and the spare core runs the HTTP loop and the clients).
-    """
-    return cores if params >= 32_000_000 else max(1, cores - 1)
