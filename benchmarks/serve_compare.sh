@@ -3,11 +3,13 @@
 #
 #   bash benchmarks/serve_compare.sh                         # the demo chat model and SmolLM2-135M-Instruct
 #   SFT=runs/demo/sft SMOL=models/smollm2 OUT=/tmp/serve_bench DURATION=20 bash benchmarks/serve_compare.sh
+#   MODELS=sft ROUNDS=2 LEVELS=1,16 bash benchmarks/serve_compare.sh  # one model, two rounds
 #
+# Rounds alternate which server goes first (the machine's speed drifts: compare within a round).
 # SFT and SMOL are lmforge runs or checkpoints; each is exported to Hugging Face format (`lmforge export`)
 # for transformers serve (needs `pip install "transformers[serving]"`), which runs with --continuous-batching
-# on the CPU. Results: $OUT/{lmforge,transformers}-{sft,smol}.json and the servers' logs next to them; the
-# tables (and lmforge / transformers ratios) are printed at the end.
+# on the CPU. Results: $OUT/{lmforge,transformers}-{sft,smol}-r{round}.json and the servers' logs next to them;
+# the tables (and lmforge / transformers ratios) are printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,8 @@ SMOL=${SMOL:-/tmp/smol}
 OUT=${OUT:-/tmp/serve_bench}
 DURATION=${DURATION:-30}
 LEVELS=${LEVELS:-1,4,16,64}
+ROUNDS=${ROUNDS:-1}
+MODELS=${MODELS:-sft smol}
 PORT=${PORT:-8101}
 mkdir -p "$OUT"
 
@@ -25,14 +29,24 @@ run() {  # NAME SERVER_COMMAND
         --server-log "$OUT/$1.log" --json "$OUT/$1.json"
 }
 
-for pair in "sft:$SFT:" "smol:$SMOL:--max-context 1024"; do
-    IFS=: read -r name model extra <<<"$pair"
-    [ -f "$OUT/hf-$name/config.json" ] || lmforge export "$model" --out "$OUT/hf-$name"
-    run "lmforge-$name" "lmforge serve $model --name $name --port $PORT --max-batch 64 $extra"
-    run "transformers-$name" "transformers serve --continuous-batching --device cpu --host 127.0.0.1 --port $PORT \
---log-level info $OUT/hf-$name"
+for round in $(seq 1 "$ROUNDS"); do
+    for pair in "sft:$SFT:" "smol:$SMOL:--max-context 1024"; do
+        IFS=: read -r name model extra <<<"$pair"
+        [[ " $MODELS " == *" $name "* ]] || continue
+        [ -f "$OUT/hf-$name/config.json" ] || lmforge export "$model" --out "$OUT/hf-$name"
+        lm="lmforge serve $model --name $name --port $PORT --max-batch 64 $extra"
+        tf="transformers serve --continuous-batching --device cpu --host 127.0.0.1 --port $PORT --log-level info \
+$OUT/hf-$name"
+        if (( round % 2 )); then
+            run "lmforge-$name-r$round" "$lm" && run "transformers-$name-r$round" "$tf"
+        else
+            run "transformers-$name-r$round" "$tf" && run "lmforge-$name-r$round" "$lm"
+        fi
+    done
 done
 
-for name in sft smol; do
-    python benchmarks/serve_load.py --report "$OUT/lmforge-$name.json" "$OUT/transformers-$name.json"
+for round in $(seq 1 "$ROUNDS"); do
+    for name in $MODELS; do
+        python benchmarks/serve_load.py --report "$OUT/lmforge-$name-r$round.json" "$OUT/transformers-$name-r$round.json"
+    done
 done

@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--prompt-set", default="", help="a JSON list or a file of one prompt per line (default: 8 here)")
-    p.add_argument("--max-requests", type=int, default=2000, help="cap on requests per level")
+    p.add_argument("--max-requests", type=int, default=100_000, help="cap on requests per level")
     p.add_argument("--request-timeout", type=float, default=300, help="seconds before a request counts as an error")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests before the first level (texts kept)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))

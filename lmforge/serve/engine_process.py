@@ -12,9 +12,10 @@ parsing, chat template, JSON chunks). At 16 streaming clients on 2 cores a demo-
 apart from its API server for the same reason.
 
 The two talk over a socket pair: each message is a 4-byte length and a `marshal`ed tuple (plain values only: nothing
-is unpickled). Here -> child: ("submit", id, prompt, sampling fields), ("cancel", id), ("stop",). Child -> here:
-("ready", info) or ("failed", message) once, then after every step ("step", rows, seconds, waiting, running,
-generated, prefix hit tokens, events), each event (id, token, logprobs, finish) as `Request.on_event` takes them.
+is unpickled). Here -> child: ("submit", id, prompt, sampling fields), ("cancel", id), ("ack", steps handled),
+("stop",). Child -> here: ("ready", info) or ("failed", message) once, then after every step ("step", rows, seconds,
+waiting, running, generated, prefix hit tokens, events), each event (id, token, logprobs, finish) as
+`Request.on_event` takes them; the child runs at most `AHEAD` steps past the last one acknowledged.
 Stop strings are watched here (the text is here): a request whose text hit one ends at once and the child is told to
 cancel it, so it may decode a token or two more that nobody sees (as vLLM's detokenizer does). The child exits when
 its socket closes, so it never outlives the server; if it dies, every pending request ends with "error" and /health
@@ -42,9 +43,14 @@ import time
 from dataclasses import dataclass
 
 from lmforge.errors import LmforgeError
-from lmforge.serve.engine import Request, Sampling, check_request
+from lmforge.serve.engine import QueueFull, Request, Sampling, check_request
 
 _HEADER = struct.Struct("<I")
+# Steps the child may run ahead of the server's handling of their events (each step message is acknowledged).
+# Unbounded, the engine (a core to itself) out-ran a busy event loop at 64 clients on 2 cores: the loop fell behind on
+# everything, new requests' first tokens included (time-to-first-token p99 260 and 332 ms against 181 and 194 ms at 2;
+# BENCHMARKS.md, "Serving", session 22). 2 rather than 1 lets a step overlap the loop's work where cores are spare.
+AHEAD = 2
 _SAMPLING = [f.name for f in dataclasses.fields(Sampling)]
 
 
@@ -174,8 +180,6 @@ class EngineProcess:
         if self.error is not None:  # set as soon as the child's socket closes (`_died`)
             raise LmforgeError("the engine is not running")
         check_request(req, self.max_context, self.vocab_size)
-        from lmforge.serve.engine import QueueFull
-
         if len(self.pending) >= self.max_queue + self.max_batch:  # waiting + running: as Engine.submit counts
             raise QueueFull(f"{len(self.pending) - self.max_batch} requests are waiting (--max-queue {self.max_queue})")
         req.rid = rid = next(self.ids)
@@ -243,11 +247,15 @@ class EngineProcess:
             self._died()
             return
         self.inbox += data
+        steps = 0
         for msg in _unframe(self.inbox):
             if msg[0] == "step":
                 self._step(*msg[1:])
+                steps += 1
             elif msg[0] == "failed":
                 self.error = LmforgeError(msg[1])
+        if steps:
+            self._send(("ack", steps))
 
     def _step(self, rows, seconds, waiting, running, generated, hits, events) -> None:
         self.waiting, self.running, self.stats["generated"] = waiting, running, generated
@@ -276,9 +284,9 @@ class EngineProcess:
     def _died(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
         self.loop.remove_writer(self.sock.fileno())
-        code = self.proc.poll()
+        code = self.proc.poll()  # None when its socket closed a moment before it exited
         if self.error is None:
-            self.error = LmforgeError(f"the engine process exited (status {code})")
+            self.error = LmforgeError("the engine process exited" + (f" (status {code})" if code is not None else ""))
         self.waiting = self.running = 0
         self._fail_all("error")
 
@@ -323,10 +331,10 @@ def child(fd: int, spec: EngineSpec) -> int:
 
         return record
 
-    stepped = False
+    stepped, unacked = False, 0
     while True:
-        # between steps: whatever arrived; with nothing running, wait for it
-        if select.select([sock], [], [], 0 if stepped else None)[0]:
+        # between steps: whatever arrived; with nothing running, or AHEAD steps the server has not handled yet, wait
+        if select.select([sock], [], [], 0 if stepped and unacked < AHEAD else None)[0]:
             data = sock.recv(1 << 20)
             if not data:
                 return 0  # the server is gone
@@ -341,6 +349,8 @@ def child(fd: int, spec: EngineSpec) -> int:
                         print(f"lmforge engine: request refused: {e}", file=sys.stderr)
                         reqs.pop(rid)
                         events.append((rid, None, None, "error"))
+                elif msg[0] == "ack":
+                    unacked -= msg[1]
                 elif msg[0] == "cancel" and msg[1] in reqs:
                     engine.cancel(reqs[msg[1]])
                 elif msg[0] == "stop":
@@ -358,6 +368,7 @@ def child(fd: int, spec: EngineSpec) -> int:
                   engine.prefix_hit_tokens, events[:]))  # fmt: skip
             events.clear()
             steps.clear()
+            unacked += 1
 
 
 if __name__ == "__main__":

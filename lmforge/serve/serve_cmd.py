@@ -50,8 +50,8 @@ class ServeConfig:
     # CPU threads for the model's math (0 = auto: all cores for a model of 32M+ parameters, all but one below)
     threads: int = 0
     log_level: str = "info"  # uvicorn's: critical, error, warning, info, debug
-    # process: the model steps in a child process, so the HTTP side's Python never waits for the GIL behind it (1.4-2x
-    # the requests/s at 16 clients on 2 cores); thread: in this process
+    # process: the model steps in a child process, so the HTTP side's Python never waits for the GIL behind it (the
+    # demo model: 1.6-1.8x the requests/s at 16 clients on 2 cores); thread: in this process
     engine: str = "process"
     # a retrieval index (lmforge rag index): each chat request's last user turn gets its top passages, numbered for
     # citing; the response lists them in a "sources" field
