@@ -1,13 +1,14 @@
 """The OpenAI-compatible HTTP API over the continuous-batching engine (FastAPI); `lmforge serve` runs it.
 
-    app = create_app(Served(model, tok_dir, engine, name="demo"))    # then: uvicorn.run(app, ...)
+    app = create_app(load_served("runs/demo/sft", name="demo", ..., engine="process"))   # then: uvicorn.run(app)
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream`), `GET /v1/models`,
 `GET /health`, `GET /metrics` (Prometheus text) and `GET /` (the chat page, lmforge/serve/static/).
-Each request becomes one engine request per choice (`n`); the engine thread hands tokens to the
-request's asyncio queue, and a `TextStream` per choice turns them into text and watches the stop
-strings (in the engine thread, so a stop string frees the slot at once). A client that goes away
-(a closed stream, or a dropped connection while waiting for a whole answer) cancels its requests.
+Each request becomes one engine request per choice (`n`); the engine (in a child process,
+engine_process.py, or a thread of this one) hands tokens to the request's asyncio queue, and a
+`TextStream` per choice turns them into text and watches the stop strings (where the tokens arrive,
+so a stop string ends the request at once). A client that goes away (a closed stream, or a dropped
+connection while waiting for a whole answer) cancels its requests.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ MODEL is any lmforge run, checkpoint or imported model; its name for clients is 
 (or the LMFORGE_API_KEY environment variable) every /v1 request needs `Authorization: Bearer KEY`.
 The KV cache is `--max-batch` slots of `--max-context` tokens, allocated at start (its size is printed);
 requests beyond the slots wait in a queue of `--max-queue`, and past that get 429 at once.
-The engine: lmforge/serve/engine.py; the HTTP API: lmforge/serve/api.py; the page: lmforge/serve/static/.
+The engine: lmforge/serve/engine.py, stepped in a child process (lmforge/serve/engine_process.py; `--engine thread`
+keeps it in this one); the HTTP API: lmforge/serve/api.py; the page: lmforge/serve/static/.
 """
 
 from __future__ import annotations
