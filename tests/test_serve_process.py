@@ -122,9 +122,10 @@ def test_a_dead_child_fails_the_pending_requests_and_health_says_so(base_run):
         body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 100, "stream": True}
         req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})  # fmt: skip
-        with urllib.request.urlopen(req, timeout=30) as stream:
-            stream.readline()  # it is running
-            os.kill(served.engine.proc.pid, signal.SIGKILL)
+        pid = served.engine.proc.pid
+        os.kill(pid, signal.SIGSTOP)  # a stopped child: the request is in, no token can come (nor an early end)
+        with urllib.request.urlopen(req, timeout=30) as stream:  # the stream's headers come at once
+            os.kill(pid, signal.SIGKILL)
             rest = stream.read().decode()  # the stream ends instead of hanging
         assert '"engine_failed"' in rest or "the engine" in rest
         with pytest.raises(urllib.error.HTTPError) as e:
