@@ -124,7 +124,7 @@ class EngineProcess:
     """The parent's side: the `Engine` API the HTTP app uses (submit, cancel, load, error, stop), over the socket."""
 
     def __init__(self, spec: EngineSpec, proc: subprocess.Popen, sock: socket.socket, info: dict):
-        self.spec, self.proc, self.sock, self.info = spec, proc, sock, info
+        self.proc, self.sock, self.info = proc, sock, info
         self.max_batch, self.max_queue = spec.max_batch, spec.max_queue
         self.max_context, self.vocab_size = info["max_context"], info["vocab_size"]
         self.thread = None  # the app's lifespan starts an engine whose thread is None

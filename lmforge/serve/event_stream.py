@@ -1,6 +1,6 @@
 """`EventStream`: a streamed `text/event-stream` response for the server's token streams (lmforge/serve/api.py).
 
-    return EventStream(job.chunks(), on_disconnect=job.cancel)   # from a FastAPI route
+    return EventStream(self._stream(chat), on_disconnect=self._client_gone)   # Job.respond, a FastAPI route's answer
 
 What Starlette's StreamingResponse does for them, at less cost per response. Under uvicorn (which speaks ASGI 2.3:
 a send to a client that has gone returns without an error) StreamingResponse runs the body and a listener for
