@@ -19,13 +19,14 @@ OUT=${OUT:-/tmp/serve_bench}
 DURATION=${DURATION:-30}
 LEVELS=${LEVELS:-1,4,16,64}
 ROUNDS=${ROUNDS:-1}
+LEVEL_ROUNDS=${LEVEL_ROUNDS:-1}  # serve_load.py --rounds: the levels in turn, this many times
 MODELS=${MODELS:-sft smol}
 PORT=${PORT:-8101}
 mkdir -p "$OUT"
 
 run() {  # NAME SERVER_COMMAND
     python benchmarks/serve_load.py --launch "$2" --url "http://127.0.0.1:$PORT" --label "${1%%-*}" \
-        --concurrency "$LEVELS" --duration "$DURATION" --max-tokens 64 --temperature 0 \
+        --concurrency "$LEVELS" --duration "$DURATION" --rounds "$LEVEL_ROUNDS" --max-tokens 64 --temperature 0 \
         --server-log "$OUT/$1.log" --json "$OUT/$1.json"
 }
 

@@ -9,7 +9,13 @@
 
 The clients are aiohttp's (vLLM's benchmark_serving.py uses it too): the client shares the machine with the server,
 and httpx (the `openai` client's HTTP library) took 3.2 CPU-ms a request against aiohttp's 0.8, enough to be what
-limited a fast server at 16 clients on 2 cores (BENCHMARKS.md, "Serving", session 22).
+limited a fast server at 16 clients on 2 cores (BENCHMARKS.md, "Serving", session 22). They run on uvloop where it is
+installed (the loop uvicorn runs servers on): 0.70 CPU-ms a request against asyncio's 0.87-0.97 at 16 clients on 2
+cores, where the client's CPU was taken from the server's (session 23).
+
+`--rounds R` runs the levels in turn R times (1, 16, 1, 16, ...), each round `--duration` seconds per level, and
+gives each level's figures over all its rounds, plus each round's ratio to 1 client: on a machine whose speed drifts
+from minute to minute (a shared VM), levels run minutes apart compare the machine's moods as much as the server.
 
 Each level runs C clients for `--duration` seconds. A client loops: one streaming POST
 /v1/chat/completions (stream_options.include_usage, temperature 0, max_tokens), read to its end, the
@@ -53,6 +59,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
+
+try:  # the client on uvloop where installed (uvicorn[standard] brings it; lmforge serve runs on it): see the docstring
+    import uvloop
+
+    RUN, LOOP = uvloop.run, "uvloop"
+except ImportError:
+    RUN, LOOP = asyncio.run, "asyncio"
 
 PROMPTS = [
     "What is the capital of France?",
@@ -195,23 +208,28 @@ def per_token(span: float, tokens: int, chunks: int) -> float | None:
     return span / (n - 1) if n > 1 and chunks > 1 else None
 
 
-def summarize(level: Level) -> dict:
-    ok = [r for r in level.results if r.ok]
+def summarize(rounds: list[Level]) -> dict:
+    """One level's figures over its rounds (`--rounds`): every request of every round, the wall times added."""
+    level = rounds[0]
+    results = [r for lv in rounds for r in lv.results]
+    ok = [r for r in results if r.ok]
     ttft = [r.ttft for r in ok if r.ttft is not None]
-    # the first request of every client arrives at once: a burst; the rest arrive as slots free up
-    first = sorted(r.start for r in level.results)[: level.concurrency]
-    cut = first[-1] if first else 0.0
-    ttft_after = [r.ttft for r in ok if r.ttft is not None and r.start > cut]
+    ttft_after = []
+    for lv in rounds:  # the first request of every client arrives at once: a burst; the rest as slots free up
+        first = sorted(r.start for r in lv.results)[: lv.concurrency]
+        cut = first[-1] if first else 0.0
+        ttft_after += [r.ttft for r in lv.results if r.ok and r.ttft is not None and r.start > cut]
     itl = [r.per_token for r in ok if r.per_token is not None]
     tokens = sum(r.tokens for r in ok)
-    errors = [r.error for r in level.results if not r.ok]
+    wall = sum(lv.wall_s for lv in rounds)
+    errors = [r.error for r in results if not r.ok]
 
     def ms(x):
         return None if x is None else round(1000 * x, 1)
 
     return {
-        "concurrency": level.concurrency, "requests": len(level.results), "errors": len(errors),
-        "error_messages": list(dict.fromkeys(errors))[:KEEP_ERRORS], "wall_s": round(level.wall_s, 2),
+        "concurrency": level.concurrency, "requests": len(results), "errors": len(errors),
+        "error_messages": list(dict.fromkeys(errors))[:KEEP_ERRORS], "wall_s": round(wall, 2),
         "completion_tokens": tokens, "tokens_per_request": round(tokens / len(ok), 1) if ok else None,
         "chunks_per_request": round(sum(r.chunks for r in ok) / len(ok), 1) if ok else None,
         "without_done_marker": sum(not r.done_marker for r in ok),
@@ -220,9 +238,12 @@ def summarize(level: Level) -> dict:
         "ttft_p99_after_burst_ms": ms(percentile(ttft_after, 99)), "requests_after_burst": len(ttft_after),
         "per_token_p50_ms": ms(percentile(itl, 50)), "per_token_p99_ms": ms(percentile(itl, 99)),
         "request_p50_s": round(percentile([r.total for r in ok], 50) or 0, 2),
-        "tokens_per_s": round(tokens / level.wall_s, 1) if level.wall_s else 0.0,
-        "client_cpu_s": round(level.client_cpu_s, 1),
-        "load_before": [round(x, 2) for x in level.load_before], "load_after": [round(x, 2) for x in level.load_after],
+        "tokens_per_s": round(tokens / wall, 1) if wall else 0.0,
+        "tokens_per_s_rounds": [round(sum(r.tokens for r in lv.results if r.ok) / lv.wall_s, 1) if lv.wall_s else 0.0
+                                for lv in rounds],
+        "client_cpu_s": round(sum(lv.client_cpu_s for lv in rounds), 1),
+        "load_before": [round(x, 2) for x in level.load_before],
+        "load_after": [round(x, 2) for x in rounds[-1].load_after],
     }  # fmt: skip
 
 
@@ -291,8 +312,10 @@ async def bench(args) -> dict:
                    "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
                    "label": args.label or args.launch or args.url,
                    "launch": args.launch, "url": args.url, "model": args.model, "models_endpoint": models,
-                   "settings": {k: getattr(args, k) for k in ("duration", "max_tokens", "temperature", "max_requests",
-                                                              "request_timeout", "warmup", "concurrency")},
+                   "settings": {k: getattr(args, k) for k in ("duration", "rounds", "max_tokens", "temperature",
+                                                              "max_requests", "request_timeout", "warmup",
+                                                              "concurrency")},
+                   "client_loop": LOOP,
                    "prompts": prompts, "server_ready_s": round(ready, 1) if proc else None}  # fmt: skip
             warm = [await one_request(client, args.url + "/v1/chat/completions", request_body(args, prompts[i]), i)
                     for i in range(min(args.warmup, len(prompts)))]  # fmt: skip
@@ -306,17 +329,27 @@ async def bench(args) -> dict:
             # its sight (the results it keeps are not in cycles, so each collection stays small).
             gc.collect()
             gc.freeze()
+            rounds: dict[int, list[Level]] = {c: [] for c in args.concurrency}
+            for r in range(args.rounds):  # the levels in turn, `rounds` times: each level sees the machine's drift
+                for c in args.concurrency:
+                    rounds[c].append(await run_level(client, args, prompts, c))
+                    s = summarize(rounds[c][-1:])
+                    s["round"] = r + 1
+                    print(json.dumps({k: v for k, v in s.items() if k != "error_messages"}), file=sys.stderr,
+                          flush=True)  # fmt: skip
+                    for m in s["error_messages"]:
+                        print(f"  error: {m}", file=sys.stderr, flush=True)
             for c in args.concurrency:
-                level = await run_level(client, args, prompts, c)
-                s = summarize(level)
+                s = summarize(rounds[c])
                 first = out["levels"][0] if out["levels"] else s
                 base = first["tokens_per_s"] if first["concurrency"] == 1 else None
                 s["vs_c1"] = round(s["tokens_per_s"] / base, 2) if base else None
+                if base and args.rounds > 1:  # the ratio within each round (levels minutes apart drift less)
+                    s["vs_c1_rounds"] = [round(x / b, 2) if b else None
+                                         for x, b in zip(s["tokens_per_s_rounds"], first["tokens_per_s_rounds"])]  # fmt: skip
                 out["levels"].append(s)
-                out["requests"][str(c)] = [{k: v for k, v in asdict(r).items() if k != "text"} for r in level.results]
-                print(json.dumps({k: v for k, v in s.items() if k != "error_messages"}), file=sys.stderr, flush=True)
-                for m in s["error_messages"]:
-                    print(f"  error: {m}", file=sys.stderr, flush=True)
+                out["requests"][str(c)] = [{k: v for k, v in asdict(r).items() if k != "text"}
+                                           for lv in rounds[c] for r in lv.results]  # fmt: skip
             if proc is not None and proc.poll() is not None:
                 out["server_exit"] = proc.returncode
     finally:
@@ -344,10 +377,11 @@ def fmt(x, unit: str = "") -> str:
 
 def table(run: dict) -> str:
     m, s = run["machine"], run["settings"]
+    rounds = f" x {s['rounds']} rounds (levels in turn)" if s.get("rounds", 1) > 1 else ""
     lines = [
         (
             f"**{run['label']}**, model `{run['model']}`: {m['cpus']} CPUs ({m['processor'] or m['platform']}), "
-            f"{run['date'][:10]}; {s['duration']} s per level, max_tokens {s['max_tokens']}, temperature "
+            f"{run['date'][:10]}; {s['duration']} s per level{rounds}, max_tokens {s['max_tokens']}, temperature "
             f"{s['temperature']}, {len(run['prompts'])} prompts, streaming chat"
         ),
         "",
@@ -364,10 +398,16 @@ def table(run: dict) -> str:
             f"| {lv['concurrency']} | {lv['requests']} | {lv['errors']} | {fmt(lv['tokens_per_request'])} | "
             f"{fmt(lv['ttft_p50_ms'], ' ms')} | {fmt(lv['ttft_p99_ms'], ' ms')} | "
             f"{fmt(lv['per_token_p50_ms'], ' ms')} | "
-            f"{fmt(lv['per_token_p99_ms'], ' ms')} | {lv['tokens_per_s']:.1f} | {fmt(lv['vs_c1'], 'x')} | "
+            f"{fmt(lv['per_token_p99_ms'], ' ms')} | {lv['tokens_per_s']:.1f} | {fmt(lv['vs_c1'], 'x')}{spread(lv)} | "
             f"{lv['client_cpu_s']} | {lv['load_before'][0]:.2f} → {lv['load_after'][0]:.2f} |"
         )  # fmt: skip
     return "\n".join(lines)
+
+
+def spread(level: dict) -> str:
+    """' (lowest-highest round)' of a level's ratio to 1 client, where it ran in rounds."""
+    xs = [x for x in level.get("vs_c1_rounds") or [] if x is not None]
+    return f" ({min(xs)}-{max(xs)}x)" if len(xs) > 1 and set(xs) != {1.0} else ""
 
 
 def ratio_table(a: dict, b: dict) -> str:
@@ -396,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4,16,64", type=lambda s: [int(x) for x in s.split(",")],
                    help="client counts, one level each (comma-separated)")  # fmt: skip
     p.add_argument("--duration", type=float, default=30, help="seconds per level in which requests are started")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the levels in turn this many times (each round --duration per level); a level's figures "
+                        "are over all its rounds")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--prompt-set", default="", help="a JSON list or a file of one prompt per line (default: 8 here)")
@@ -420,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n\n".join([table(r) for r in runs] + [ratio_table(runs[0], r) for r in runs[1:]]))
         return 0
     args.url = args.url.rstrip("/")
-    out = asyncio.run(bench(args))
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+    out = RUN(bench(args))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))

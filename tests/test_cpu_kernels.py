@@ -65,6 +65,27 @@ def test_decode_attention_reads_each_query_rows_slot():
         cpu_kernels.decode_attention(q, k, v, lengths, torch.tensor([3, 0, 5, 3, 4]))
 
 
+def test_decode_attention_stores_the_new_keys_first():
+    """`new`: each row's key and value (strided views of a fused q/k/v product, as the packed step passes them, q too) land at
+    its slot and position lengths - 1 before any row attends, so a prompt token sees its chunk's earlier tokens: the
+    same cache and output as writing them by index, then attending. A bad slot is refused before anything is written."""
+    torch.manual_seed(4)
+    S, H, Hk, D, L = 5, 6, 2, 32, 24
+    k, v = torch.randn(S, Hk, L, D), torch.randn(S, Hk, L, D)
+    slots, lengths = torch.tensor([3, 0, 3, 3, 4]), torch.tensor([9, 24, 10, 11, 1])
+    fused = torch.randn(len(slots), H + 2 * Hk, D)  # rows of [q heads | k heads | v heads]
+    q, kn, vn = fused[:, :H], fused[:, H : H + Hk], fused[:, H + Hk :]
+    k_ref, v_ref = k.clone(), v.clone()
+    k_ref[slots, :, lengths - 1], v_ref[slots, :, lengths - 1] = kn, vn
+    ref = cpu_kernels.decode_attention(q, k_ref, v_ref, lengths, slots)
+    assert torch.equal(cpu_kernels.decode_attention(q, k, v, lengths, slots, new=(kn, vn)), ref)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    before = k.clone()
+    with pytest.raises(ValueError, match="slot"):
+        cpu_kernels.decode_attention(q, k, v, lengths, torch.tensor([3, 0, 5, 3, 4]), new=(kn * 2, vn))
+    assert torch.equal(k, before)
+
+
 @pytest.mark.parametrize(
     "H,Hk,D", [(9, 3, 64), (4, 4, 16), (4, 2, 32), (2, 1, 128), (3, 3, 20), (6, 2, 24), (2, 1, 80), (4, 2, 48)]
 )

@@ -312,12 +312,14 @@ static void attend(const float* qh, int64_t D, const float* k, int64_t ks, const
 #endif
 
 #if ISA
-/* The OpenMP loop both attentions share: for each (query n, head h) pair, attend() over query n's `nspans` spans
+/* The OpenMP loop both attentions share: for each (query n, head h) pair (its query at q + n * qs + h * D), attend()
+ * over query n's `nspans` spans
  * (spans + 2 * nspans * n), its keys at k + off[n] + (h / group) * kh + t * ks (off NULL: 0), its values at the same
  * offsets from v with token stride vs; each thread's scratch holds `most` scores. The pairs are split over `threads`
  * threads when there is enough work (`keys` scores in all) to pay for waking them; each pair's arithmetic is the same
  * either way. Returns 1 where a scratch buffer cannot be allocated. */
-static int attend_pairs(const float* q, int64_t N, int64_t H, int64_t group, int64_t D, const float* k, const float* v,
+static int attend_pairs(const float* q, int64_t qs, int64_t N, int64_t H, int64_t group, int64_t D, const float* k,
+                        const float* v,
                         const int64_t* off, int64_t kh, int64_t ks, int64_t vs, const int64_t* spans, int nspans,
                         int64_t most, int64_t keys, float scale, float* out, int threads) {
   int fail = 0;
@@ -333,7 +335,8 @@ static int attend_pairs(const float* q, int64_t N, int64_t H, int64_t group, int
     for (int64_t nh = 0; nh < N * H; nh++) {
       if (!p) continue;
       int64_t n = nh / H, at = (off ? off[n] : 0) + (nh % H) / group * kh;
-      attend(q + nh * D, D, k + at, ks, v + at, vs, spans + 2 * nspans * n, nspans, scale, p, out + nh * D);
+      attend(q + n * qs + (nh % H) * D, D, k + at, ks, v + at, vs, spans + 2 * nspans * n, nspans, scale, p,
+             out + nh * D);
     }
     free(p);
   }
@@ -348,10 +351,14 @@ static int attend_pairs(const float* q, int64_t N, int64_t H, int64_t group, int
  * token at its own length); head h reads kv head h / (H / Hk) (grouped-query attention); out (B, H, D). scale
  * multiplies q.k. Returns 3, before reading any key, for a length outside 1..L, 4 for a slot outside 0..S-1.
  * The B * H (row, head) pairs are split over `threads` OpenMP threads when there is enough work to pay for waking
- * them (a SmolLM2 16-row step: 144 pairs over ~100 keys each); each pair's arithmetic is the same either way. */
-int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64_t D, const float* k, const float* v,
+ * them (a SmolLM2 16-row step: 144 pairs over ~100 keys each); each pair's arithmetic is the same either way.
+ * kn, vn (given with lens): each row's new key and value, (B, Hk, D) with row strides kns, vns and heads contiguous,
+ * stored at its slot and position lens[b] - 1 before any row attends (so a prompt token sees its chunk's earlier
+ * tokens): the packed step's two index_copy_ calls a layer, and their index arithmetic, done here. */
+int lmf_decode_attention(const float* q, int64_t qs, int64_t B, int64_t H, int64_t Hk, int64_t D, float* k, float* v,
                          int64_t kb, int64_t kh, int64_t L, const int64_t* lens, const int64_t* slots, int64_t S,
-                         float scale, float* out, int threads) {
+                         const float* kn, const float* vn, int64_t kns, int64_t vns, float scale, float* out,
+                         int threads) {
 #if ISA
   int64_t keys = 0;
   int64_t* spans = (int64_t*)malloc((size_t)B * 3 * sizeof(int64_t)); /* (0, length) per row, then its offset */
@@ -368,12 +375,19 @@ int lmf_decode_attention(const float* q, int64_t B, int64_t H, int64_t Hk, int64
     off[b] = (slots ? slots[b] : b) * kb;
     keys += n;
   }
-  int fail = attend_pairs(q, B, H, H / Hk, D, k, v, off, kh, D, D, spans, 1, L, keys, scale, out, threads);
+  if (kn && lens) /* every key in place before any query reads */
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t j = 0; j < Hk; j++) {
+        int64_t at = off[b] + j * kh + (lens[b] - 1) * D;
+        memcpy(k + at, kn + b * kns + j * D, (size_t)D * sizeof(float));
+        memcpy(v + at, vn + b * vns + j * D, (size_t)D * sizeof(float));
+      }
+  int fail = attend_pairs(q, qs, B, H, H / Hk, D, k, v, off, kh, D, D, spans, 1, L, keys, scale, out, threads);
   free(spans);
   return fail;
 #else
-  (void)q; (void)B; (void)H; (void)Hk; (void)D; (void)k; (void)v; (void)kb; (void)kh; (void)L; (void)lens;
-  (void)slots; (void)S; (void)scale; (void)out; (void)threads;
+  (void)q; (void)qs; (void)B; (void)H; (void)Hk; (void)D; (void)k; (void)v; (void)kb; (void)kh; (void)L; (void)lens;
+  (void)slots; (void)S; (void)kn; (void)vn; (void)kns; (void)vns; (void)scale; (void)out; (void)threads;
   return 2;
 #endif
 }
@@ -399,7 +413,7 @@ int lmf_span_attention(const float* q, int64_t N, int64_t H, int64_t Hk, int64_t
     if (s[1] + s[3] > most) most = s[1] + s[3];
     keys += s[1] + s[3];
   }
-  return attend_pairs(q, N, H, H / Hk, D, k, v, NULL, D, ks, vs, spans, 2, most, keys, scale, out, threads);
+  return attend_pairs(q, H * D, N, H, H / Hk, D, k, v, NULL, D, ks, vs, spans, 2, most, keys, scale, out, threads);
 #else
   (void)q; (void)N; (void)H; (void)Hk; (void)D; (void)k; (void)ks; (void)v; (void)vs; (void)T; (void)spans;
   (void)scale; (void)out; (void)threads;

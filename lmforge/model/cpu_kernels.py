@@ -87,7 +87,29 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     signatures = {
         "lmf_int8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
         "lmf_rms_norm": [ptr, i64, i64, ptr, f32, ptr, i32],
-        "lmf_decode_attention": [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, i64, f32, ptr, i32],
+        "lmf_decode_attention": [
+            ptr,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            ptr,
+            ptr,
+            i64,
+            i64,
+            i64,
+            ptr,
+            ptr,
+            i64,
+            ptr,
+            ptr,
+            i64,
+            i64,
+            f32,
+            ptr,
+            i32,
+        ],
         "lmf_span_attention": [ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr, f32, ptr, i32],
         "lmf_rope": [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i32],
         "lmf_argmax": [ptr, i64, i64, i64, ptr],
@@ -174,16 +196,20 @@ def decode_attention(
     v: torch.Tensor,
     lengths: torch.Tensor | None = None,
     slots: torch.Tensor | None = None,
+    new: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """q (B, H, D) float32 against k, v (B, Hk, L, D) float32 (views of a KV cache: their last dim contiguous, the
+    """q (B, H, D) float32 (rows may be strided, heads contiguous) against k, v (B, Hk, L, D) float32 (views of a KV cache: their last dim contiguous, the
     same strides) -> (B, H, D): softmax(q k^T / sqrt(D)) v per head, head h reading kv head h // (H // Hk); what
     F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True) gives with no mask. `lengths` (B,) int64:
     row b sees its first lengths[b] keys only (as a mask hiding the rest would). `slots` (B,) int64: query row b reads
-    cache row slots[b] of k, v (S, Hk, L, D) instead of row b (the serving engine's packed step)."""
+    cache row slots[b] of k, v (S, Hk, L, D) instead of row b (the serving engine's packed step). `new` (with
+    lengths): each row's own key and value (B, Hk, D), heads contiguous, written into k and v at its slot and position
+    lengths[b] - 1 before any row attends."""
     B, H, D = q.shape
     S, Hk, L = k.shape[0], k.shape[1], k.shape[2]
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    if q.stride()[1:] != (D, 1):  # rows may be strided (a view of the fused q/k/v product), heads contiguous
+        q = q.contiguous()
+    out = torch.empty(B, H, D, dtype=q.dtype)
     kb, kh, kt, kd = k.stride()
     assert kd == 1 and kt == D and v.stride() == k.stride(), "k and v must be KV-cache views"
     if lengths is not None:  # each in 1..L: checked by the kernel (code 3), without a sync per layer here
@@ -194,10 +220,17 @@ def decode_attention(
         assert slots.shape == (B,)
     else:
         assert S == B, "one cache row per query row, or slots"
-    code = _lib().lmf_decode_attention(q.data_ptr(), B, H, Hk, D, k.data_ptr(), v.data_ptr(), kb, kh, L,
+    kn = vn = None
+    kns = vns = 0
+    if new is not None:
+        assert lengths is not None and new[0].shape == new[1].shape == (B, Hk, D), "a key and value per row, lengths"
+        kn, vn = (t if t.stride()[1:] == (D, 1) else t.contiguous() for t in new)  # rows may be strided (q/k/v views)
+        assert kn.dtype == vn.dtype == k.dtype
+        kns, vns, kn, vn = kn.stride(0), vn.stride(0), kn.data_ptr(), vn.data_ptr()
+    code = _lib().lmf_decode_attention(q.data_ptr(), q.stride(0), B, H, Hk, D, k.data_ptr(), v.data_ptr(), kb, kh, L,
                                        None if lengths is None else lengths.data_ptr(),
-                                       None if slots is None else slots.data_ptr(), S, D**-0.5, out.data_ptr(),
-                                       torch.get_num_threads())  # fmt: skip
+                                       None if slots is None else slots.data_ptr(), S, kn, vn, kns, vns, D**-0.5,
+                                       out.data_ptr(), torch.get_num_threads())  # fmt: skip
     _check(code, "decode_attention")
     return out
 

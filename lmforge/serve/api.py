@@ -33,7 +33,7 @@ from lmforge.errors import LmforgeError
 from lmforge.serve.engine import Engine, QueueFull, Sampling
 from lmforge.serve.engine import Request as EngineRequest
 from lmforge.serve.engine_process import EngineProcess
-from lmforge.serve.event_stream import EventStream
+from lmforge.serve.event_stream import DONE, EventStream
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.openai_schema import ApiError, ChatRequest, CompletionRequest, parse
 from lmforge.serve.text_stream import TextStream, token_bytes
@@ -486,7 +486,7 @@ class Job:
             yield chunk([{"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]}])
         if self.req.stream_options and self.req.stream_options.include_usage:
             yield chunk([], usage=whole["usage"])
-        yield "data: [DONE]\n\n"
+        yield DONE
 
     async def _stream(self, chat: bool):
         if chat and self.tool_calls:
@@ -502,17 +502,18 @@ class Job:
         def chunk(choices: list[dict]) -> str:
             return f'data: {head}, "choices": {json.dumps(choices, ensure_ascii=False)}{tail}\n\n'
 
-        status = 200
+        status, first, ended = 200, "", 0
         try:
-            if chat:
+            if chat:  # the role chunk goes with the first text (one write: see EventStream)
                 first = chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None} for i in range(len(self.engine_reqs))])  # fmt: skip
                 if self.extra:  # --rag's sources, once
                     first = first[: -len("}\n\n")] + ", " + json.dumps(self.extra, ensure_ascii=False)[1:] + "\n\n"
-                yield first
             async for items in self._events():
-                out = []
+                out = [first] if first else []
+                first = ""
                 for index, text, lp, finish in items:
+                    ended += finish is not None
                     if finish == "error":
                         status = 503
                         err = ApiError(503, f"the engine failed: {self.served.engine.error}", type="server_error")
@@ -528,14 +529,16 @@ class Job:
                     else:
                         out.append(chunk([{"index": index, "text": text, "logprobs": self._legacy(lp),
                                            "finish_reason": reason}]))  # fmt: skip
-                if out:
+                if ended == len(self.engine_reqs):  # the last events: with the usage and [DONE], below
+                    first = "".join(out)
+                elif out:
                     yield "".join(out)
             if include_usage:
                 completion = sum(len(er.output) for er in self.engine_reqs)
                 usage = {**base, "choices": [], "usage": self._usage(completion)}
-                yield f"data: {json.dumps(usage)}\n\n"
-            yield "data: [DONE]\n\n"
+                first += f"data: {json.dumps(usage)}\n\n"
             status = 499 if self.gone else status
+            yield first + DONE
         except (asyncio.CancelledError, GeneratorExit):
             status = 499  # cancelled (the server is stopping); _events has cancelled its requests
             raise

@@ -10,7 +10,8 @@ The server (`lmforge serve`, lmforge/serve/api.py) is its only user, by default 
 (lmforge/serve/engine_process.py, which calls `step()` itself); the tests drive `step()` directly.
 
 The KV cache is `max_batch` fixed slots of `max_context` positions each (`SlotCache`), allocated once.
-Running requests always hold slots 0..n-1: a finished request's slot is filled by the last one's (its
+The packed step (below) names each token's slot, so a request takes any free slot and leaves it as it is. Elsewhere
+running requests always hold slots 0..n-1: a finished request's slot is filled by the last one's (its
 keys and values copied, only as far as it has them), so a decode step is one forward over rows 0..n-1
 with each row's own length (`Transformer._attn_mask` with a per-row start: a row sees only its own
 keys, at its own positions). Each step:
@@ -38,6 +39,7 @@ identical tokens, tests/test_serve_engine.py), batched or not, up to float round
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import secrets
 import threading
@@ -76,7 +78,7 @@ class Sampling:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared (list.remove, `in`) by identity
 class Request:
     """A prompt and its settings; `on_event(token_id, logprobs, finish_reason)` is called from the engine thread.
 
@@ -142,7 +144,8 @@ class Engine:
         # a prefill forward, then a decode step)
         self.packed = packed and self.decoder is not None and self.decoder.supports_packed()
         self.waiting: collections.deque[Request] = collections.deque()
-        self.running: list[Request] = []  # running[i] holds slot i
+        self.running: list[Request] = []  # running[i] holds slot i (packed: any slot, from `free`)
+        self.free = list(range(max_batch))  # the packed step's free slots, a heap (lowest first)
         self.admitted = itertools.count()
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -239,7 +242,8 @@ class Engine:
                     break
                 self.waiting.popleft()
                 budget -= todo
-                req.slot, req.prefilled, req.seq = len(self.running), 0, next(self.admitted)
+                req.slot = heapq.heappop(self.free) if self.packed else len(self.running)
+                req.prefilled, req.seq = 0, next(self.admitted)
                 self.cache.lengths[req.slot] = 0
                 if cached is not None:
                     k, v, n = cached
@@ -266,10 +270,12 @@ class Engine:
         step is bound by that) and ran the prefill through the model's unfused forward (most of a tiny model's step)."""
         ready = [r for r in self.running if r.next_token is not None]
         work = self._prefill_work()
-        lengths = self.cache.lengths.tolist()
+        lengths = self.cache.lengths
         tok = [r.next_token for r in ready]
         slots = [r.slot for r in ready]
-        pos = [lengths[r.slot] for r in ready]
+        pos = [lengths[s] for s in slots]
+        for s in slots:
+            lengths[s] += 1
         logits_at, finished = list(range(len(ready))), []
         for req, chunk in work:
             tok += chunk
@@ -282,10 +288,10 @@ class Engine:
                 finished.append(req)
         dev = self.device
         decoder = self.decoder1 if len(tok) == 1 and self.decoder1 is not None else self.decoder
-        slots_t = torch.tensor(slots, device=dev)
-        logits = decoder.packed(torch.tensor(tok, device=dev), slots_t, torch.tensor(pos, device=dev), self.cache.k,
-                                self.cache.v, torch.tensor(logits_at, dtype=torch.long, device=dev))  # fmt: skip
-        self.cache.lengths[slots_t[: len(ready)]] += 1  # the ready rows' slots are distinct
+        rows = torch.tensor([tok, slots, pos], device=dev)  # one conversion for the three
+        # every token's logits (a step of decode rows and finished prompts only): no gather of them
+        at = None if len(logits_at) == len(tok) else torch.tensor(logits_at, dtype=torch.long, device=dev)
+        logits = decoder.packed(rows[0], rows[1], rows[2], self.cache.k, self.cache.v, at)
         for r in ready:
             r.next_token = None
         self.stats["decode_rows"] += len(ready)
@@ -336,7 +342,7 @@ class Engine:
         """Last-position logits (len(run), V) of each chunk; writes their keys/values and advances the lengths."""
         first, n, T = run[0][0].slot, len(run), max(len(c) for _, c in run)
         starts = self.cache.lengths[first : first + n]
-        if n == 1 or int(starts.max()) + T > self.max_context:  # alone (a padded row must not pass its slot's end)
+        if n == 1 or max(starts) + T > self.max_context:  # alone (a padded row must not pass its slot's end)
             out = []
             for req, chunk in run:
                 view = self.cache.slot(req.slot)
@@ -347,10 +353,13 @@ class Engine:
         for i, (_, chunk) in enumerate(run):
             ids[i, : len(chunk)] = torch.tensor(chunk)
         lens = torch.tensor([len(c) for _, c in run], device=self.device)
-        positions = (starts[:, None] + torch.arange(T, device=self.device)).clamp(max=self.model.cfg.max_seq_len - 1)
         view = self.cache.rows(n, first, T)
+        positions = (view.length[:, None] + torch.arange(T, device=self.device)).clamp(
+            max=self.model.cfg.max_seq_len - 1
+        )
         hidden = self.model(ids, cache=view, positions=positions, return_hidden=True)[0]
-        self.cache.lengths[first : first + n] += lens
+        for i, (_, chunk) in enumerate(run):
+            self.cache.lengths[first + i] += len(chunk)
         return self.model.lm_head(hidden[torch.arange(n, device=self.device), lens - 1])
 
     def _decode(self) -> None:
@@ -409,11 +418,15 @@ class Engine:
         for req in reqs:
             if req.slot < 0:
                 continue
-            last = self.running[-1]
-            if last is not req:
-                self.cache.move(last.slot, req.slot)
-                self.running[req.slot], last.slot = last, req.slot
-            self.running.pop()
+            if self.packed:  # the packed step names each token's slot: any free one will do, nothing moves
+                self.running.remove(req)
+                heapq.heappush(self.free, req.slot)
+            else:
+                last = self.running[-1]
+                if last is not req:
+                    self.cache.move(last.slot, req.slot)
+                    self.running[req.slot], last.slot = last, req.slot
+                self.running.pop()
             req.slot = -1
             self._finish(req, reason)
 
@@ -446,10 +459,14 @@ def sample_rows(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], l
     for i, r in enumerate(reqs):
         s = r.sampling
         groups[(s.temperature, s.top_k, s.top_p)].append(i)
-    rows = [_penalized(logits[i], r) if (r.seen is not None or r.counts is not None) else logits[i]
-            for i, r in enumerate(reqs)]  # fmt: skip
+    penalized = [r.seen is not None or r.counts is not None for r in reqs]
+    # One setting for every row and no penalty (the common case: a step's rows all greedy): the logits as they are
+    whole = len(groups) == 1 and not any(penalized)
+    rows = (
+        [] if whole else [_penalized(logits[i], r) if p else logits[i] for i, (r, p) in enumerate(zip(reqs, penalized))]
+    )
     for (temperature, top_k, top_p), idx in groups.items():
-        lg = torch.stack([rows[i] for i in idx])
+        lg = logits if whole else torch.stack([rows[i] for i in idx])
         if temperature == 0:
             picked = cpu_kernels.greedy(lg).tolist()
         else:

@@ -30,7 +30,6 @@ from lmforge.model.lora import LoraLinear
 from lmforge.model.matmul import Linear, cpu_matmul, linear
 from lmforge.model.quant import QuantLinear
 from lmforge.model.transformer import KVCache, Transformer, apply_rope
-from lmforge.serve.kv_slots import flat_rows, write_kv
 from lmforge.serve.sampling import apply_repetition_penalty, pick
 
 # oneDNN's prepacked linear (what inductor's freezing pass uses on CPU); a private op, so only used when present.
@@ -209,26 +208,25 @@ class FusedDecoder:
         positions: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        logits_at: torch.Tensor,
+        logits_at: torch.Tensor | None,
     ) -> torch.Tensor:
         """Tokens of several KV-cache slots in one pass, each at its own position: the serving engine's step, where
         the decode rows' next tokens and the chunks of prompts being prefilled share every matrix product.
 
         tok, slots, positions (N,); k_cache, v_cache (n_layer, slots, Hk, L, D), written at (slot, position) for
         every token before the layer's attention, so a prompt token sees its slot's earlier keys, its own chunk's
-        included (causal), and no other slot's. Returns the logits (len(logits_at), V) of the rows `logits_at`.
+        included (causal), and no other slot's. Returns the logits (len(logits_at), V) of the rows `logits_at` (None:
+        every row's).
         Needs the C attention kernel and no ALiBi (`supports_packed`).
         """
         x, rope = self._embed(tok, positions)
-        at = flat_rows(slots, positions[:, None], k_cache.shape[2], k_cache.shape[3])
         lengths = positions + 1
 
-        def attend(layer, q, k, v):
-            write_kv(k_cache, v_cache, layer, at, k, v)
-            return cpu_kernels.decode_attention(q, k_cache[layer], v_cache[layer], lengths, slots)
+        def attend(layer, q, k, v):  # the kernel stores each token's key and value before attending
+            return cpu_kernels.decode_attention(q, k_cache[layer], v_cache[layer], lengths, slots, new=(k, v))
 
         x = self._layers(x, rope, attend)
-        return self.head(self.norm(x[logits_at]))
+        return self.head(self.norm(x if logits_at is None else x[logits_at]))
 
     def supports_packed(self) -> bool:
         return self.c_kernels and self.cfg.pos_encoding != "alibi"

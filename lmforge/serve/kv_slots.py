@@ -44,12 +44,12 @@ class SlotCache:
         shape = (cfg.n_layer, slots, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=p.device, dtype=p.dtype)
         self.v = torch.zeros(shape, device=p.device, dtype=p.dtype)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=p.device)
+        self.lengths = [0] * slots  # plain ints: the engine reads and bumps them every step, a tensor's setitem costs
 
     def slot(self, i: int) -> KVCache:
         """A KVCache over slot i alone (views: what the model writes lands in the slot), for prefill."""
         view = KVCache.__new__(KVCache)
-        view.k, view.v, view.length = self.k[:, i : i + 1], self.v[:, i : i + 1], int(self.lengths[i])
+        view.k, view.v, view.length = self.k[:, i : i + 1], self.v[:, i : i + 1], self.lengths[i]
         return view
 
     def rows(self, n: int, first: int = 0, T: int = 1) -> _Rows:
@@ -57,7 +57,7 @@ class SlotCache:
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot src's filled positions into slot dst (retiring dst)."""
-        n = int(self.lengths[src])
+        n = self.lengths[src]
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
@@ -69,11 +69,12 @@ class _Rows:
 
     def __init__(self, cache: SlotCache, n: int, first: int = 0, T: int = 1):
         self.cache, self.first, self.n = cache, first, n
-        self.length = cache.lengths[first : first + n].clone()  # the model reads it as `start`, adds T after
-        dev, (_, _, Hk, L, _) = self.length.device, cache.k.shape
+        dev, (_, _, Hk, L, _) = cache.k.device, cache.k.shape
+        starts = cache.lengths[first : first + n]
+        self.length = torch.tensor(starts, device=dev)  # the model reads it as `start`, adds T after
         cols = self.length[:, None] + torch.arange(T, device=dev)  # (n, T)
         self._at = flat_rows(torch.arange(first, first + n, device=dev), cols, Hk, L)
-        self._end = int(self.length.max()) + T
+        self._end = max(starts) + T
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (n, kv heads, T, head dim) -> the rows' keys and values so far (views of the cache)."""
