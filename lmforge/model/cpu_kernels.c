@@ -313,15 +313,13 @@ static void attend(const float* qh, int64_t D, const float* k, int64_t ks, const
 
 #if ISA
 /* The OpenMP loop both attentions share: for each (query n, head h) pair (its query at q + n * qs + h * D), attend()
- * over query n's `nspans` spans
- * (spans + 2 * nspans * n), its keys at k + off[n] + (h / group) * kh + t * ks (off NULL: 0), its values at the same
- * offsets from v with token stride vs; each thread's scratch holds `most` scores. The pairs are split over `threads`
+ * over query n's `nspans` spans (spans + 2 * nspans * n), its keys at k + off[n] + (h / group) * kh + t * ks (off
+ * NULL: 0), its values at the same offsets from v with token stride vs; each thread's scratch holds `most` scores. The pairs are split over `threads`
  * threads when there is enough work (`keys` scores in all) to pay for waking them; each pair's arithmetic is the same
  * either way. Returns 1 where a scratch buffer cannot be allocated. */
 static int attend_pairs(const float* q, int64_t qs, int64_t N, int64_t H, int64_t group, int64_t D, const float* k,
-                        const float* v,
-                        const int64_t* off, int64_t kh, int64_t ks, int64_t vs, const int64_t* spans, int nspans,
-                        int64_t most, int64_t keys, float scale, float* out, int threads) {
+                        const float* v, const int64_t* off, int64_t kh, int64_t ks, int64_t vs, const int64_t* spans,
+                        int nspans, int64_t most, int64_t keys, float scale, float* out, int threads) {
   int fail = 0;
   int par = threads > 1 && keys * H * D >= (1 << 16);
 #pragma omp parallel num_threads(threads) if (par)

@@ -87,35 +87,14 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     signatures = {
         "lmf_int8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
         "lmf_rms_norm": [ptr, i64, i64, ptr, f32, ptr, i32],
-        "lmf_decode_attention": [
-            ptr,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            ptr,
-            ptr,
-            i64,
-            i64,
-            i64,
-            ptr,
-            ptr,
-            i64,
-            ptr,
-            ptr,
-            i64,
-            i64,
-            f32,
-            ptr,
-            i32,
-        ],
+        "lmf_decode_attention": [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64,
+                                 i64, f32, ptr, i32],
         "lmf_span_attention": [ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr, f32, ptr, i32],
         "lmf_rope": [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i32],
         "lmf_argmax": [ptr, i64, i64, i64, ptr],
         "lmf_silu_mul": [ptr, i64, i64, i64, ptr, i32],
         "lmf_target_logprob": [ptr, i64, i64, i64, ptr, ptr, ptr, i32],
-    }
+    }  # fmt: skip
     for name, args in signatures.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = ctypes.c_int, args
@@ -198,8 +177,9 @@ def decode_attention(
     slots: torch.Tensor | None = None,
     new: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """q (B, H, D) float32 (rows may be strided, heads contiguous) against k, v (B, Hk, L, D) float32 (views of a KV cache: their last dim contiguous, the
-    same strides) -> (B, H, D): softmax(q k^T / sqrt(D)) v per head, head h reading kv head h // (H // Hk); what
+    """q (B, H, D) float32 (rows may be strided, heads contiguous) against k, v (B, Hk, L, D) float32 (views of a KV
+    cache: their last dim contiguous, the same strides) -> (B, H, D): softmax(q k^T / sqrt(D)) v per head, head h
+    reading kv head h // (H // Hk); what
     F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True) gives with no mask. `lengths` (B,) int64:
     row b sees its first lengths[b] keys only (as a mask hiding the rest would). `slots` (B,) int64: query row b reads
     cache row slots[b] of k, v (S, Hk, L, D) instead of row b (the serving engine's packed step). `new` (with

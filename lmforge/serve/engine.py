@@ -354,9 +354,8 @@ class Engine:
             ids[i, : len(chunk)] = torch.tensor(chunk)
         lens = torch.tensor([len(c) for _, c in run], device=self.device)
         view = self.cache.rows(n, first, T)
-        positions = (view.length[:, None] + torch.arange(T, device=self.device)).clamp(
-            max=self.model.cfg.max_seq_len - 1
-        )
+        last = self.model.cfg.max_seq_len - 1
+        positions = (view.length[:, None] + torch.arange(T, device=self.device)).clamp(max=last)
         hidden = self.model(ids, cache=view, positions=positions, return_hidden=True)[0]
         for i, (_, chunk) in enumerate(run):
             self.cache.lengths[first + i] += len(chunk)
@@ -462,9 +461,7 @@ def sample_rows(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], l
     penalized = [r.seen is not None or r.counts is not None for r in reqs]
     # One setting for every row and no penalty (the common case: a step's rows all greedy): the logits as they are
     whole = len(groups) == 1 and not any(penalized)
-    rows = (
-        [] if whole else [_penalized(logits[i], r) if p else logits[i] for i, (r, p) in enumerate(zip(reqs, penalized))]
-    )
+    rows = [] if whole else [_penalized(lg, r) if p else lg for lg, r, p in zip(logits, reqs, penalized)]
     for (temperature, top_k, top_p), idx in groups.items():
         lg = logits if whole else torch.stack([rows[i] for i in idx])
         if temperature == 0:
