@@ -502,16 +502,15 @@ class Job:
         def chunk(choices: list[dict]) -> str:
             return f'data: {head}, "choices": {json.dumps(choices, ensure_ascii=False)}{tail}\n\n'
 
-        status, first, ended = 200, "", 0
+        status, held, ended = 200, "", 0  # held: text that goes out with the next write (one write: see EventStream)
         try:
-            if chat:  # the role chunk goes with the first text (one write: see EventStream)
-                first = chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            if chat:  # the role chunk, with the first text
+                held = chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None} for i in range(len(self.engine_reqs))])  # fmt: skip
                 if self.extra:  # --rag's sources, once
-                    first = first[: -len("}\n\n")] + ", " + json.dumps(self.extra, ensure_ascii=False)[1:] + "\n\n"
+                    held = held[: -len("}\n\n")] + ", " + json.dumps(self.extra, ensure_ascii=False)[1:] + "\n\n"
             async for items in self._events():
-                out = [first] if first else []
-                first = ""
+                out = [held]
                 for index, text, lp, finish in items:
                     ended += finish is not None
                     if finish == "error":
@@ -529,16 +528,16 @@ class Job:
                     else:
                         out.append(chunk([{"index": index, "text": text, "logprobs": self._legacy(lp),
                                            "finish_reason": reason}]))  # fmt: skip
-                if ended == len(self.engine_reqs):  # the last events: with the usage and [DONE], below
-                    first = "".join(out)
-                elif out:
-                    yield "".join(out)
+                held = "".join(out)
+                if held and ended < len(self.engine_reqs):  # the last events wait for the usage and [DONE], below
+                    yield held
+                    held = ""
             if include_usage:
                 completion = sum(len(er.output) for er in self.engine_reqs)
                 usage = {**base, "choices": [], "usage": self._usage(completion)}
-                first += f"data: {json.dumps(usage)}\n\n"
+                held += f"data: {json.dumps(usage)}\n\n"
             status = 499 if self.gone else status
-            yield first + DONE
+            yield held + DONE
         except (asyncio.CancelledError, GeneratorExit):
             status = 499  # cancelled (the server is stopping); _events has cancelled its requests
             raise
